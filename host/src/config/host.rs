@@ -1,0 +1,353 @@
+//! The keys imgclf itself owns (the reference's `config/defaults.py` minus the sections that
+//! model, augmentation and optimizer plugins declare), with defaults, choices and help lines.
+
+use super::schema::{KeySpec, Schema};
+use super::value::{Value, ValueType};
+
+fn boolean(key: &str, default: bool, help: &str) -> KeySpec {
+    KeySpec::new(key, ValueType::Bool, Value::Bool(default), help)
+}
+
+fn int(key: &str, default: i64, help: &str) -> KeySpec {
+    KeySpec::new(key, ValueType::Int, Value::Int(default), help)
+}
+
+fn float(key: &str, default: f64, help: &str) -> KeySpec {
+    KeySpec::new(key, ValueType::Float, Value::Float(default), help)
+}
+
+fn string(key: &str, default: &str, help: &str) -> KeySpec {
+    KeySpec::new(key, ValueType::Str, Value::Str(default.to_string()), help)
+}
+
+fn int_list(key: &str, default: &[i64], help: &str) -> KeySpec {
+    let default = Value::List(default.iter().map(|&i| Value::Int(i)).collect());
+    KeySpec::new(key, ValueType::list_of(ValueType::Int), default, help)
+}
+
+/// Every host-owned key. Model (`model.<name>.*`), augmentation (`augmentation.<name>.*`)
+/// and optimizer (`optim.*`) keys come from the plugins.
+pub fn host_schema() -> Schema {
+    let specs = vec![
+        // Devices.
+        string("device", "cuda", "Device to train on").with_choices(["cuda", "cpu"]),
+        boolean(
+            "cudnn.benchmark",
+            true,
+            "Let cuDNN pick the fastest convolution algorithms",
+        ),
+        boolean(
+            "cudnn.deterministic",
+            false,
+            "Use only deterministic cuDNN algorithms",
+        ),
+        // Dataset.
+        string(
+            "dataset.name",
+            "CIFAR10",
+            "Dataset to train on (a registered dataset name)",
+        ),
+        string(
+            "dataset.dataset_dir",
+            "",
+            "Dataset directory; empty: derived from dataset.name",
+        ),
+        int(
+            "dataset.image_size",
+            32,
+            "Input image height and width in pixels (derived from dataset.name)",
+        ),
+        int(
+            "dataset.n_channels",
+            3,
+            "Input image channels (derived from dataset.name)",
+        ),
+        int(
+            "dataset.n_classes",
+            10,
+            "Number of classes (derived from dataset.name)",
+        ),
+        // Model (the architecture's own keys live under model.<name>).
+        string(
+            "model.type",
+            "cifar",
+            "Model family: CIFAR-style or ImageNet-style stem",
+        )
+        .with_choices(["cifar", "imagenet"])
+        .unsupported(),
+        string(
+            "model.name",
+            "resnet_preact",
+            "Architecture (a registered model name)",
+        ),
+        string(
+            "model.init_mode",
+            "kaiming_fan_out",
+            "Kaiming initialisation mode of conv weights",
+        )
+        .with_choices(["kaiming_fan_out", "kaiming_fan_in"]),
+        // Training.
+        string(
+            "train.checkpoint",
+            "",
+            "Checkpoint to initialise the model from; empty: none",
+        ),
+        boolean(
+            "train.resume",
+            false,
+            "Resume training from the checkpoint (set internally)",
+        )
+        .unsupported(),
+        boolean(
+            "train.use_apex",
+            true,
+            "Use NVIDIA apex for mixed precision",
+        )
+        .unsupported(),
+        string(
+            "train.precision",
+            "O0",
+            "apex mixed-precision optimisation level",
+        )
+        .with_choices(["O0", "O1", "O2", "O3"])
+        .unsupported(),
+        int(
+            "train.batch_size",
+            128,
+            "Training images per optimiser step",
+        ),
+        int(
+            "train.subdivision",
+            1,
+            "Split each batch into this many sub-batches (gradient accumulation)",
+        ),
+        string(
+            "train.optimizer",
+            "sgd",
+            "Optimiser (a registered optimiser name)",
+        ),
+        float("train.base_lr", 0.1, "Base learning rate"),
+        float("train.momentum", 0.9, "SGD momentum"),
+        boolean("train.nesterov", true, "Use Nesterov momentum"),
+        float("train.weight_decay", 1e-4, "L2 weight decay"),
+        boolean(
+            "train.no_weight_decay_on_bn",
+            false,
+            "Exclude batch-norm parameters from weight decay",
+        ),
+        float(
+            "train.gradient_clip",
+            0.0,
+            "Clip gradient norm to this value; 0: no clipping",
+        ),
+        int("train.start_epoch", 0, "Epoch to start from"),
+        int("train.seed", 0, "Random seed"),
+        boolean("train.val_first", true, "Validate before the first epoch"),
+        int("train.val_period", 1, "Validate every this many epochs"),
+        float(
+            "train.val_ratio",
+            0.0,
+            "Fraction of the training set held out for validation",
+        ),
+        boolean("train.use_test_as_val", true, "Validate on the test set"),
+        string(
+            "train.output_dir",
+            "experiments/exp00",
+            "Directory for checkpoints, logs and the saved config",
+        ),
+        int("train.log_period", 100, "Log every this many iterations"),
+        int(
+            "train.checkpoint_period",
+            10,
+            "Save a checkpoint every this many epochs",
+        ),
+        boolean(
+            "train.use_tensorboard",
+            true,
+            "Write TensorBoard event files",
+        ),
+        int(
+            "train.dataloader.num_workers",
+            2,
+            "Training data-loading worker threads",
+        ),
+        boolean(
+            "train.dataloader.drop_last",
+            true,
+            "Drop the last incomplete training batch",
+        ),
+        boolean(
+            "train.dataloader.pin_memory",
+            false,
+            "Pin host memory of training batches",
+        ),
+        boolean(
+            "train.dataloader.non_blocking",
+            false,
+            "Copy training batches to the device asynchronously",
+        ),
+        boolean(
+            "train.distributed",
+            false,
+            "Distributed data-parallel training",
+        )
+        .unsupported(),
+        string("train.dist.backend", "nccl", "Distributed backend").unsupported(),
+        string(
+            "train.dist.init_method",
+            "env://",
+            "Distributed initialisation URL",
+        )
+        .unsupported(),
+        int(
+            "train.dist.world_size",
+            -1,
+            "Number of distributed processes",
+        )
+        .unsupported(),
+        int("train.dist.node_rank", -1, "Rank of this node").unsupported(),
+        int(
+            "train.dist.local_rank",
+            0,
+            "Rank of this process on its node",
+        )
+        .unsupported(),
+        boolean(
+            "train.dist.use_sync_bn",
+            false,
+            "Synchronise batch norm across processes",
+        )
+        .unsupported(),
+        // TensorBoard extras.
+        boolean(
+            "tensorboard.train_images",
+            false,
+            "Log training images to TensorBoard",
+        )
+        .unsupported(),
+        boolean(
+            "tensorboard.val_images",
+            false,
+            "Log validation images to TensorBoard",
+        )
+        .unsupported(),
+        boolean(
+            "tensorboard.model_params",
+            false,
+            "Log parameter histograms to TensorBoard",
+        )
+        .unsupported(),
+        // Learning-rate schedule.
+        int("scheduler.epochs", 160, "Number of training epochs"),
+        string("scheduler.warmup.type", "none", "Learning-rate warm-up").with_choices([
+            "none",
+            "linear",
+            "exponential",
+        ]),
+        int(
+            "scheduler.warmup.epochs",
+            0,
+            "Warm-up epochs (counted within scheduler.epochs)",
+        ),
+        float(
+            "scheduler.warmup.start_factor",
+            1e-3,
+            "Warm-up starts at this fraction of the base lr",
+        ),
+        int(
+            "scheduler.warmup.exponent",
+            4,
+            "Exponent of the exponential warm-up",
+        ),
+        string(
+            "scheduler.type",
+            "multistep",
+            "Main learning-rate schedule (a registered scheduler name)",
+        ),
+        int_list(
+            "scheduler.milestones",
+            &[80, 120],
+            "Epochs at which multistep decays the lr",
+        ),
+        float("scheduler.lr_decay", 0.1, "Multistep lr decay factor"),
+        float(
+            "scheduler.lr_min_factor",
+            1e-3,
+            "Final lr as a fraction of the base lr (linear, cosine, sgdr)",
+        ),
+        int("scheduler.T0", 10, "SGDR: epochs of the first cycle"),
+        float("scheduler.T_mul", 1.0, "SGDR: cycle length multiplier"),
+        // Validation.
+        int("validation.batch_size", 256, "Validation batch size"),
+        int(
+            "validation.dataloader.num_workers",
+            2,
+            "Validation data-loading worker threads",
+        ),
+        boolean(
+            "validation.dataloader.drop_last",
+            false,
+            "Drop the last incomplete validation batch",
+        ),
+        boolean(
+            "validation.dataloader.pin_memory",
+            false,
+            "Pin host memory of validation batches",
+        ),
+        boolean(
+            "validation.dataloader.non_blocking",
+            false,
+            "Copy validation batches to the device asynchronously",
+        ),
+        // Augmentation switches (each method's parameters live under augmentation.<name>).
+        boolean(
+            "augmentation.use_random_crop",
+            true,
+            "Random crop with padding",
+        ),
+        boolean(
+            "augmentation.use_random_horizontal_flip",
+            true,
+            "Random horizontal flip",
+        ),
+        boolean("augmentation.use_cutout", false, "Cutout"),
+        boolean("augmentation.use_random_erasing", false, "Random erasing"),
+        boolean("augmentation.use_dual_cutout", false, "Dual cutout"),
+        boolean("augmentation.use_mixup", false, "Mixup"),
+        boolean("augmentation.use_ricap", false, "RICAP"),
+        boolean("augmentation.use_cutmix", false, "CutMix"),
+        boolean("augmentation.use_label_smoothing", false, "Label smoothing"),
+        // Test-time augmentation.
+        boolean("tta.use_resize", false, "Test time: resize before cropping").unsupported(),
+        boolean("tta.use_center_crop", false, "Test time: center crop").unsupported(),
+        int(
+            "tta.resize",
+            256,
+            "Test time: resize the shorter side to this size",
+        )
+        .unsupported(),
+        // Evaluation.
+        string("test.checkpoint", "", "Checkpoint to evaluate"),
+        string("test.output_dir", "", "Directory for evaluation outputs"),
+        int("test.batch_size", 256, "Evaluation batch size"),
+        int(
+            "test.dataloader.num_workers",
+            2,
+            "Evaluation data-loading worker threads",
+        ),
+        boolean(
+            "test.dataloader.pin_memory",
+            false,
+            "Pin host memory of evaluation batches",
+        ),
+    ];
+    let mut schema = Schema::new();
+    for spec in specs {
+        let key = spec.key.clone();
+        if let Err(err) = schema.add(spec) {
+            // The list above is fixed at compile time; the unit tests exercise it.
+            panic!("host schema key {key}: {err}");
+        }
+    }
+    schema
+}

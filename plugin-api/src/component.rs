@@ -1,0 +1,287 @@
+//! The four kinds of components a plugin provides, as plain Rust traits.
+//!
+//! A component is a *factory* (a unit struct registered with [`crate::register!`]) that
+//! describes itself ([`ComponentInfo`]) and builds a live object from the frozen config:
+//! a [`Model`], an [`Augmentation`], an [`Optimizer`] or a [`Scheduler`]. The host never sees
+//! these traits directly; [`crate::ffi`] adapts them to the stable ABI and catches panics.
+
+use crate::config::{ConfigView, KeyDecl};
+use crate::error::Result;
+use tch::{Device, Tensor};
+
+/// What a component is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Kind {
+    Model,
+    Augmentation,
+    Optimizer,
+    Scheduler,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 4] = [Kind::Model, Kind::Augmentation, Kind::Optimizer, Kind::Scheduler];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Model => "model",
+            Kind::Augmentation => "augmentation",
+            Kind::Optimizer => "optimizer",
+            Kind::Scheduler => "scheduler",
+        }
+    }
+}
+
+/// Where an augmentation runs in the training input pipeline, in the reference's order:
+/// crop/flip on raw pixels, then the host normalises, then erasing (cutout, random erasing),
+/// then batch mixing (mixup, cutmix, ricap), then target transforms (label smoothing).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Stage {
+    /// Before normalisation: pixel values in [0, 255] as float.
+    Geometric = 0,
+    /// After normalisation, per sample.
+    Erase = 1,
+    /// After normalisation, across the batch (soft targets).
+    Mix = 2,
+    /// Targets only.
+    Target = 3,
+}
+
+impl Stage {
+    pub const ALL: [Stage; 4] = [Stage::Geometric, Stage::Erase, Stage::Mix, Stage::Target];
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stage::Geometric => "geometric",
+            Stage::Erase => "erase",
+            Stage::Mix => "mix",
+            Stage::Target => "target",
+        }
+    }
+    pub fn from_index(i: u32) -> Option<Stage> {
+        Stage::ALL.get(i as usize).copied()
+    }
+}
+
+/// Self-description shown by `imgclf plugins inspect` and used to validate the config.
+#[derive(Clone, Debug)]
+pub struct ComponentInfo {
+    /// Registry name: `resnet_preact` (model.name), `sgd` (train.optimizer), `cosine`
+    /// (scheduler.type), `cutout` (augmentation.use_cutout).
+    pub name: String,
+    pub kind: Kind,
+    /// One line.
+    pub description: String,
+    /// arXiv ids of the papers, e.g. `1603.05027`.
+    pub papers: Vec<String>,
+    /// The config keys this component owns, all under one section.
+    pub keys: Vec<KeyDecl>,
+    /// Augmentations only: the boolean key that switches it on (`augmentation.use_cutout`),
+    /// and its pipeline stage.
+    pub switch: Option<String>,
+    pub stage: Option<Stage>,
+}
+
+impl ComponentInfo {
+    pub fn new(kind: Kind, name: &str, description: &str) -> Self {
+        ComponentInfo {
+            name: name.into(),
+            kind,
+            description: description.into(),
+            papers: Vec::new(),
+            keys: Vec::new(),
+            switch: None,
+            stage: None,
+        }
+    }
+    pub fn papers(mut self, papers: &[&str]) -> Self {
+        self.papers = papers.iter().map(|s| s.to_string()).collect();
+        self
+    }
+    pub fn keys(mut self, keys: Vec<KeyDecl>) -> Self {
+        self.keys = keys;
+        self
+    }
+    pub fn switched_by(mut self, key: &str, stage: Stage) -> Self {
+        self.switch = Some(key.into());
+        self.stage = Some(stage);
+        self
+    }
+}
+
+/// A tensor owned by a model or optimizer, under the name PyTorch gives it in a state dict.
+#[derive(Debug)]
+pub struct NamedTensor {
+    pub name: String,
+    pub tensor: Tensor,
+    /// `true` for parameters the optimizer updates, `false` for buffers (BN running stats).
+    pub trainable: bool,
+}
+
+impl Clone for NamedTensor {
+    fn clone(&self) -> Self {
+        NamedTensor { name: self.name.clone(), tensor: self.tensor.shallow_clone(), trainable: self.trainable }
+    }
+}
+
+// ---------------------------------------------------------------- models
+
+/// What a model is built for: the dataset's geometry and the device.
+#[derive(Clone, Copy, Debug)]
+pub struct ModelContext {
+    pub n_channels: i64,
+    pub image_size: i64,
+    pub n_classes: i64,
+    pub device: Device,
+}
+
+pub trait ModelFactory: Sync + 'static {
+    fn info(&self) -> ComponentInfo;
+    fn build(&self, config: &ConfigView, ctx: &ModelContext) -> Result<Box<dyn Model>>;
+}
+
+/// A network. Its tensors are shared with the host, which updates them in place.
+pub trait Model: Send {
+    /// # Shapes
+    /// `images`: N x C x H x W float; returns logits N x n_classes.
+    fn forward(&mut self, images: &Tensor, train: bool) -> Result<Tensor>;
+    /// Parameters and buffers, in the reference's state-dict order and names.
+    fn tensors(&self) -> Vec<NamedTensor>;
+    /// A few lines for `--dry-run` (architecture, blocks per stage, ...).
+    fn summary(&self) -> String {
+        String::new()
+    }
+}
+
+// ---------------------------------------------------------------- augmentations
+
+/// The dataset's geometry and statistics, for augmentations.
+#[derive(Clone, Debug)]
+pub struct DataContext {
+    pub n_channels: i64,
+    pub image_size: i64,
+    pub n_classes: i64,
+    pub mean: Vec<f64>,
+    pub std: Vec<f64>,
+    pub device: Device,
+}
+
+/// A training batch on the training device.
+#[derive(Debug)]
+pub struct Batch {
+    /// `views * N` x C x H x W float (several views of the same N samples are stacked along
+    /// the batch dimension, view-major, as Dual-Cutout needs).
+    pub images: Tensor,
+    /// N x n_classes soft targets (one-hot before any mixing), float.
+    pub targets: Tensor,
+    pub views: u32,
+}
+
+pub trait AugmentationFactory: Sync + 'static {
+    fn info(&self) -> ComponentInfo;
+    fn build(&self, config: &ConfigView, ctx: &DataContext) -> Result<Box<dyn Augmentation>>;
+}
+
+pub trait Augmentation: Send {
+    /// Transforms a batch. All randomness comes from `seed` (see [`crate::rng::step_rng`]).
+    fn apply(&mut self, batch: Batch, seed: u64) -> Result<Batch>;
+    /// A training loss replacing soft-target cross-entropy (Dual-Cutout's consistency term).
+    /// `logits`: `views * N` x classes.
+    fn loss(&self, _logits: &Tensor, _targets: &Tensor, _views: u32) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
+}
+
+// ---------------------------------------------------------------- optimizers
+
+/// Parameters sharing hyper-parameters (PyTorch's param groups).
+#[derive(Debug)]
+pub struct ParamGroup {
+    pub weight_decay: f64,
+    pub params: Vec<NamedTensor>,
+}
+
+pub trait OptimizerFactory: Sync + 'static {
+    fn info(&self) -> ComponentInfo;
+    fn build(&self, config: &ConfigView, groups: Vec<ParamGroup>) -> Result<Box<dyn Optimizer>>;
+}
+
+pub trait Optimizer: Send {
+    /// Updates every parameter in place from its `.grad()`, with learning rate `lr`.
+    fn step(&mut self, lr: f64) -> Result<()>;
+    /// Everything needed to resume exactly (momentum buffers, step counts), as named tensors.
+    fn state(&self) -> Vec<NamedTensor>;
+    fn load_state(&mut self, state: Vec<NamedTensor>) -> Result<()>;
+}
+
+// ---------------------------------------------------------------- schedulers
+
+#[derive(Clone, Copy, Debug)]
+pub struct ScheduleContext {
+    pub steps_per_epoch: u64,
+    /// Epochs this schedule covers (the main phase, after any warmup).
+    pub epochs: u64,
+}
+
+pub trait SchedulerFactory: Sync + 'static {
+    fn info(&self) -> ComponentInfo;
+    fn build(&self, config: &ConfigView, ctx: &ScheduleContext) -> Result<Box<dyn Scheduler>>;
+}
+
+/// The learning-rate factor (multiplied by `train.base_lr`) as a pure function of the step.
+pub trait Scheduler: Send {
+    /// `step` counts iterations from 0 within this schedule.
+    fn factor(&self, step: u64) -> f64;
+}
+
+/// One registered factory; plugins submit these with [`crate::register!`].
+pub enum Registration {
+    Model(&'static dyn ModelFactory),
+    Augmentation(&'static dyn AugmentationFactory),
+    Optimizer(&'static dyn OptimizerFactory),
+    Scheduler(&'static dyn SchedulerFactory),
+}
+
+impl Registration {
+    pub fn info(&self) -> ComponentInfo {
+        match self {
+            Registration::Model(f) => f.info(),
+            Registration::Augmentation(f) => f.info(),
+            Registration::Optimizer(f) => f.info(),
+            Registration::Scheduler(f) => f.info(),
+        }
+    }
+}
+
+inventory::collect!(Registration);
+
+/// All factories registered in this binary (the plugin's own; each cdylib has its own list),
+/// sorted by kind and name.
+pub fn registrations() -> Vec<&'static Registration> {
+    let mut all: Vec<&'static Registration> = inventory::iter::<Registration>.into_iter().collect();
+    all.sort_by_key(|r| {
+        let i = r.info();
+        (i.kind, i.name)
+    });
+    all
+}
+
+/// Registers a factory (a unit struct value implementing one of the factory traits).
+///
+/// ```ignore
+/// imgclf_plugin_api::register!(model: model::ResNetPreact);
+/// imgclf_plugin_api::register!(optimizer: sgd::Sgd);
+/// ```
+#[macro_export]
+macro_rules! register {
+    (model: $f:expr) => {
+        $crate::inventory::submit! { $crate::Registration::Model(&$f) }
+    };
+    (augmentation: $f:expr) => {
+        $crate::inventory::submit! { $crate::Registration::Augmentation(&$f) }
+    };
+    (optimizer: $f:expr) => {
+        $crate::inventory::submit! { $crate::Registration::Optimizer(&$f) }
+    };
+    (scheduler: $f:expr) => {
+        $crate::inventory::submit! { $crate::Registration::Scheduler(&$f) }
+    };
+}

@@ -1,0 +1,257 @@
+//! Layers models are built from, with the parameter and buffer names PyTorch uses
+//! (`weight`, `bias`, `running_mean`, `running_var`, `num_batches_tracked`), registered in
+//! module order so a model's [`ParamStore::tensors`] is the reference's state dict.
+
+use crate::component::NamedTensor;
+use std::sync::{Arc, Mutex};
+use tch::{Device, Kind, Tensor};
+
+/// The reference's initialisation modes (`model.init_mode`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InitMode {
+    KaimingFanOut,
+    KaimingFanIn,
+}
+
+impl InitMode {
+    pub fn parse(s: &str) -> crate::Result<Self> {
+        match s {
+            "kaiming_fan_out" => Ok(InitMode::KaimingFanOut),
+            "kaiming_fan_in" => Ok(InitMode::KaimingFanIn),
+            other => Err(crate::Error(format!(
+                "model.init_mode `{other}` is not one of 'kaiming_fan_out', 'kaiming_fan_in'"
+            ))),
+        }
+    }
+
+    /// `nn.init.kaiming_normal_(w, mode, nonlinearity='relu')`: N(0, sqrt(2 / fan)).
+    pub fn kaiming_normal(self, shape: &[i64], device: Device) -> Tensor {
+        let receptive: i64 = shape[2..].iter().product();
+        let fan = match self {
+            InitMode::KaimingFanOut => shape[0] * receptive,
+            InitMode::KaimingFanIn => shape[1] * receptive,
+        };
+        let std = (2.0 / fan as f64).sqrt();
+        Tensor::randn(shape, (Kind::Float, device)) * std
+    }
+}
+
+/// Ordered registry of a model's tensors. Cheap to clone (shared).
+#[derive(Clone)]
+pub struct ParamStore {
+    device: Device,
+    entries: Arc<Mutex<Vec<NamedTensor>>>,
+}
+
+impl ParamStore {
+    pub fn new(device: Device) -> Self {
+        ParamStore { device, entries: Arc::new(Mutex::new(Vec::new())) }
+    }
+
+    pub fn root(&self) -> Scope {
+        Scope { store: self.clone(), prefix: String::new() }
+    }
+
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    /// Shallow clones of every tensor, in registration order.
+    pub fn tensors(&self) -> Vec<NamedTensor> {
+        self.entries.lock().expect("param store poisoned").iter().cloned().collect()
+    }
+
+    /// Number of trainable elements (`sum(p.numel() for p in model.parameters())`).
+    pub fn parameter_count(&self) -> i64 {
+        self.entries.lock().expect("param store poisoned").iter().filter(|e| e.trainable).map(|e| e.tensor.numel() as i64).sum()
+    }
+
+    fn add(&self, name: String, tensor: Tensor, trainable: bool) -> Tensor {
+        let tensor = tensor.to_device(self.device).detach().set_requires_grad(trainable);
+        self.entries.lock().expect("param store poisoned").push(NamedTensor { name, tensor: tensor.shallow_clone(), trainable });
+        tensor
+    }
+}
+
+/// A dotted name prefix inside a [`ParamStore`] (`stage1.block1.conv1`).
+#[derive(Clone)]
+pub struct Scope {
+    store: ParamStore,
+    prefix: String,
+}
+
+impl Scope {
+    pub fn sub(&self, name: impl std::fmt::Display) -> Scope {
+        let prefix = if self.prefix.is_empty() { name.to_string() } else { format!("{}.{name}", self.prefix) };
+        Scope { store: self.store.clone(), prefix }
+    }
+    fn full(&self, name: &str) -> String {
+        if self.prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{name}", self.prefix)
+        }
+    }
+    pub fn param(&self, name: &str, init: Tensor) -> Tensor {
+        self.store.add(self.full(name), init, true)
+    }
+    pub fn buffer(&self, name: &str, init: Tensor) -> Tensor {
+        self.store.add(self.full(name), init, false)
+    }
+    pub fn device(&self) -> Device {
+        self.store.device
+    }
+}
+
+/// `nn.Conv2d`.
+pub struct Conv2d {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+    stride: i64,
+    padding: i64,
+    groups: i64,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct ConvConfig {
+    pub stride: i64,
+    pub padding: i64,
+    pub groups: i64,
+    pub bias: bool,
+}
+
+impl Default for ConvConfig {
+    fn default() -> Self {
+        ConvConfig { stride: 1, padding: 0, groups: 1, bias: false }
+    }
+}
+
+impl Conv2d {
+    pub fn new(s: &Scope, c_in: i64, c_out: i64, k: i64, cfg: ConvConfig, init: InitMode) -> Self {
+        let weight = s.param("weight", init.kaiming_normal(&[c_out, c_in / cfg.groups, k, k], s.device()));
+        let bias = cfg.bias.then(|| s.param("bias", Tensor::zeros([c_out], (Kind::Float, s.device()))));
+        Conv2d { weight, bias, stride: cfg.stride, padding: cfg.padding, groups: cfg.groups }
+    }
+    /// # Shapes
+    /// N x C_in x H x W -> N x C_out x H' x W'
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        x.conv2d(&self.weight, self.bias.as_ref(), [self.stride; 2], [self.padding; 2], [1, 1], self.groups)
+    }
+}
+
+impl Conv2d {
+    /// [`Conv2d::forward`] that reports a shape mismatch (wrong channel count, too small an
+    /// image) as an error instead of a panic: use it where user data first meets the model.
+    pub fn f_forward_checked(&self, x: &Tensor) -> crate::Result<Tensor> {
+        Ok(x.f_conv2d(&self.weight, self.bias.as_ref(), [self.stride; 2], [self.padding; 2], [1, 1], self.groups)?)
+    }
+}
+
+/// `nn.BatchNorm2d` (eps 1e-5, momentum 0.1, affine, tracking running stats).
+pub struct BatchNorm2d {
+    pub weight: Tensor,
+    pub bias: Tensor,
+    pub running_mean: Tensor,
+    pub running_var: Tensor,
+    pub num_batches_tracked: Tensor,
+}
+
+impl BatchNorm2d {
+    pub fn new(s: &Scope, c: i64) -> Self {
+        let d = s.device();
+        BatchNorm2d {
+            weight: s.param("weight", Tensor::ones([c], (Kind::Float, d))),
+            bias: s.param("bias", Tensor::zeros([c], (Kind::Float, d))),
+            running_mean: s.buffer("running_mean", Tensor::zeros([c], (Kind::Float, d))),
+            running_var: s.buffer("running_var", Tensor::ones([c], (Kind::Float, d))),
+            num_batches_tracked: s.buffer("num_batches_tracked", Tensor::zeros([], (Kind::Int64, d))),
+        }
+    }
+    /// # Shapes
+    /// N x C x H x W -> same
+    pub fn forward(&self, x: &Tensor, train: bool) -> Tensor {
+        if train {
+            tch::no_grad(|| {
+                let _ = self.num_batches_tracked.shallow_clone().g_add_scalar_(1);
+            });
+        }
+        x.batch_norm(
+            Some(&self.weight),
+            Some(&self.bias),
+            Some(&self.running_mean),
+            Some(&self.running_var),
+            train,
+            0.1,
+            1e-5,
+            true,
+        )
+    }
+}
+
+/// `nn.Linear`, initialised as the reference's initializer does (Kaiming-normal weight, zero bias).
+pub struct Linear {
+    pub weight: Tensor,
+    pub bias: Tensor,
+}
+
+impl Linear {
+    pub fn new(s: &Scope, c_in: i64, c_out: i64, init: InitMode) -> Self {
+        let d = s.device();
+        Linear {
+            weight: s.param("weight", init.kaiming_normal(&[c_out, c_in], d)),
+            bias: s.param("bias", Tensor::zeros([c_out], (Kind::Float, d))),
+        }
+    }
+    /// # Shapes
+    /// N x C_in -> N x C_out
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        x.linear(&self.weight, Some(&self.bias))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_scopes_in_order() {
+        let store = ParamStore::new(Device::Cpu);
+        let root = store.root();
+        let _c = Conv2d::new(&root.sub("stage1").sub("block1").sub("conv1"), 3, 8, 3, ConvConfig::default(), InitMode::KaimingFanOut);
+        let _b = BatchNorm2d::new(&root.sub("bn"), 8);
+        let names: Vec<String> = store.tensors().into_iter().map(|t| t.name).collect();
+        assert_eq!(
+            names,
+            ["stage1.block1.conv1.weight", "bn.weight", "bn.bias", "bn.running_mean", "bn.running_var", "bn.num_batches_tracked"]
+        );
+        assert_eq!(store.parameter_count(), 8 * 3 * 9 + 16);
+    }
+
+    #[test]
+    fn kaiming_std_matches_fan() {
+        tch::manual_seed(0);
+        let w = InitMode::KaimingFanOut.kaiming_normal(&[64, 32, 3, 3], Device::Cpu);
+        let std = w.std(true).double_value(&[]);
+        let expected = (2.0f64 / (64.0 * 9.0)).sqrt();
+        assert!((std - expected).abs() / expected < 0.05, "{std} vs {expected}");
+        let w = InitMode::KaimingFanIn.kaiming_normal(&[64, 32, 3, 3], Device::Cpu);
+        let expected = (2.0f64 / (32.0 * 9.0)).sqrt();
+        assert!((w.std(true).double_value(&[]) - expected).abs() / expected < 0.05);
+    }
+
+    #[test]
+    fn batch_norm_updates_running_stats_and_counter_in_train_mode_only() {
+        let store = ParamStore::new(Device::Cpu);
+        let bn = BatchNorm2d::new(&store.root(), 2);
+        let x = Tensor::randn([4, 2, 3, 3], (Kind::Float, Device::Cpu)) + 5.0;
+        let _ = bn.forward(&x, false);
+        assert_eq!(bn.num_batches_tracked.int64_value(&[]), 0);
+        assert_eq!(bn.running_mean.double_value(&[0]), 0.0);
+        let _ = bn.forward(&x, true);
+        assert_eq!(bn.num_batches_tracked.int64_value(&[]), 1);
+        assert!(bn.running_mean.double_value(&[0]) > 0.4);
+        // The store sees the same storage.
+        let t = store.tensors().into_iter().find(|t| t.name == "num_batches_tracked").unwrap();
+        assert_eq!(t.tensor.int64_value(&[]), 1);
+    }
+}

@@ -1,0 +1,242 @@
+//! The pre-activation ResNet for CIFAR-sized inputs, with the reference's options
+//! (`remove_first_relu`, `add_last_bn`, `preact_stage`) and state-dict names.
+
+use imgclf_plugin_api::nn::{BatchNorm2d, Conv2d, ConvConfig, InitMode, ParamStore, Scope};
+use imgclf_plugin_api::{
+    plugin_bail, ComponentInfo, ConfigView, KeyDecl, Kind, Model, ModelContext, ModelFactory, NamedTensor, Result,
+};
+use tch::Tensor;
+
+const SECTION: &str = "model.resnet_preact";
+
+/// `model.resnet_preact.*`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Config {
+    pub depth: i64,
+    pub block_type: BlockType,
+    pub initial_channels: i64,
+    pub remove_first_relu: bool,
+    pub add_last_bn: bool,
+    pub preact_stage: [bool; 3],
+    pub init_mode: InitMode,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BlockType {
+    Basic,
+    Bottleneck,
+}
+
+impl BlockType {
+    fn expansion(self) -> i64 {
+        match self {
+            BlockType::Basic => 1,
+            BlockType::Bottleneck => 4,
+        }
+    }
+    /// Blocks per stage for a given depth, checking it is a valid depth.
+    fn blocks_per_stage(self, depth: i64) -> Result<i64> {
+        let per_block_layers = match self {
+            BlockType::Basic => 6,
+            BlockType::Bottleneck => 9,
+        };
+        let n = (depth - 2) / per_block_layers;
+        if n < 1 || n * per_block_layers + 2 != depth {
+            plugin_bail!(
+                "{SECTION}.depth {depth} is invalid for {:?} blocks: it must be {per_block_layers}n+2 (e.g. {}, {})",
+                self,
+                per_block_layers + 2,
+                per_block_layers * 18 + 2
+            );
+        }
+        Ok(n)
+    }
+}
+
+impl Config {
+    pub fn keys() -> Vec<KeyDecl> {
+        vec![
+            KeyDecl::int(&format!("{SECTION}.depth"), 110, "network depth: 6n+2 (basic) or 9n+2 (bottleneck)"),
+            KeyDecl::int_list(&format!("{SECTION}.n_blocks"), &[2, 2, 2, 2], "blocks per stage (ImageNet models only; unused here)"),
+            KeyDecl::str(&format!("{SECTION}.block_type"), "basic", "residual block").choices(&["basic", "bottleneck"]),
+            KeyDecl::int(&format!("{SECTION}.initial_channels"), 16, "channels of the first stage"),
+            KeyDecl::bool(&format!("{SECTION}.remove_first_relu"), false, "drop the ReLU after the first BN of each block"),
+            KeyDecl::bool(&format!("{SECTION}.add_last_bn"), false, "add a BN after the last conv of each block"),
+            KeyDecl::bool_list(&format!("{SECTION}.preact_stage"), &[true, true, true], "per stage: first block pre-activates the shortcut too"),
+        ]
+    }
+
+    pub fn from_view(c: &ConfigView) -> Result<Self> {
+        let block_type = match c.str(&format!("{SECTION}.block_type"))?.as_str() {
+            "basic" => BlockType::Basic,
+            "bottleneck" => BlockType::Bottleneck,
+            other => plugin_bail!("{SECTION}.block_type `{other}` is not one of 'basic', 'bottleneck'"),
+        };
+        let stages = c.bool_list(&format!("{SECTION}.preact_stage"))?;
+        let preact_stage: [bool; 3] = stages.as_slice().try_into().map_err(|_| {
+            imgclf_plugin_api::Error(format!("{SECTION}.preact_stage needs 3 values (one per stage), got {stages:?}"))
+        })?;
+        Ok(Config {
+            depth: c.int(&format!("{SECTION}.depth"))?,
+            block_type,
+            initial_channels: c.int(&format!("{SECTION}.initial_channels"))?,
+            remove_first_relu: c.bool(&format!("{SECTION}.remove_first_relu"))?,
+            add_last_bn: c.bool(&format!("{SECTION}.add_last_bn"))?,
+            preact_stage,
+            init_mode: InitMode::parse(&c.str("model.init_mode")?)?,
+        })
+    }
+}
+
+/// One residual block (basic: 3x3-3x3; bottleneck: 1x1-3x3-1x1 with 4x expansion).
+struct Block {
+    /// BN/conv pairs of the residual path, in order (`bn1`/`conv1`, `bn2`/`conv2`, ...).
+    bns: Vec<BatchNorm2d>,
+    convs: Vec<Conv2d>,
+    last_bn: Option<BatchNorm2d>,
+    shortcut: Option<Conv2d>,
+    remove_first_relu: bool,
+    preact: bool,
+}
+
+impl Block {
+    fn new(s: &Scope, c_in: i64, c_out: i64, stride: i64, cfg: &Config, preact: bool) -> Block {
+        let init = cfg.init_mode;
+        let conv = |name: &str, i, o, k, stride| {
+            Conv2d::new(&s.sub(name), i, o, k, ConvConfig { stride, padding: k / 2, ..Default::default() }, init)
+        };
+        let (bns, convs, c_last) = match cfg.block_type {
+            BlockType::Basic => {
+                let bn1 = BatchNorm2d::new(&s.sub("bn1"), c_in);
+                let conv1 = conv("conv1", c_in, c_out, 3, stride);
+                let bn2 = BatchNorm2d::new(&s.sub("bn2"), c_out);
+                let conv2 = conv("conv2", c_out, c_out, 3, 1);
+                (vec![bn1, bn2], vec![conv1, conv2], "bn3")
+            }
+            BlockType::Bottleneck => {
+                let mid = c_out / BlockType::Bottleneck.expansion();
+                let bn1 = BatchNorm2d::new(&s.sub("bn1"), c_in);
+                let conv1 = conv("conv1", c_in, mid, 1, 1);
+                let bn2 = BatchNorm2d::new(&s.sub("bn2"), mid);
+                let conv2 = conv("conv2", mid, mid, 3, stride);
+                let bn3 = BatchNorm2d::new(&s.sub("bn3"), mid);
+                let conv3 = conv("conv3", mid, c_out, 1, 1);
+                (vec![bn1, bn2, bn3], vec![conv1, conv2, conv3], "bn4")
+            }
+        };
+        let last_bn = cfg.add_last_bn.then(|| BatchNorm2d::new(&s.sub(c_last), c_out));
+        let shortcut = (c_in != c_out).then(|| conv("shortcut.conv", c_in, c_out, 1, stride));
+        Block { bns, convs, last_bn, shortcut, remove_first_relu: cfg.remove_first_relu, preact }
+    }
+
+    /// # Shapes
+    /// N x C_in x H x W -> N x C_out x H/stride x W/stride
+    fn forward(&self, x: &Tensor, train: bool) -> Tensor {
+        let (x, mut y) = if self.preact {
+            // The shortcut also sees the pre-activated input.
+            let x = self.bns[0].forward(x, train).relu();
+            let y = self.convs[0].forward(&x);
+            (x, y)
+        } else {
+            let mut y = self.bns[0].forward(x, train);
+            if !self.remove_first_relu {
+                y = y.relu();
+            }
+            (x.shallow_clone(), self.convs[0].forward(&y))
+        };
+        for (bn, conv) in self.bns[1..].iter().zip(&self.convs[1..]) {
+            y = conv.forward(&bn.forward(&y, train).relu());
+        }
+        if let Some(bn) = &self.last_bn {
+            y = bn.forward(&y, train);
+        }
+        match &self.shortcut {
+            Some(conv) => y + conv.forward(&x),
+            None => y + x,
+        }
+    }
+}
+
+pub struct ResNetPreact {
+    store: ParamStore,
+    conv: Conv2d,
+    stages: Vec<Vec<Block>>,
+    bn: BatchNorm2d,
+    fc: imgclf_plugin_api::nn::Linear,
+    description: String,
+}
+
+impl ResNetPreact {
+    pub fn new(cfg: &Config, ctx: &ModelContext) -> Result<Self> {
+        let n_blocks = cfg.block_type.blocks_per_stage(cfg.depth)?;
+        let e = cfg.block_type.expansion();
+        let ch = [cfg.initial_channels, cfg.initial_channels * 2 * e, cfg.initial_channels * 4 * e];
+        let store = ParamStore::new(ctx.device);
+        let root = store.root();
+        let conv = Conv2d::new(
+            &root.sub("conv"),
+            ctx.n_channels,
+            ch[0],
+            3,
+            ConvConfig { padding: 1, ..Default::default() },
+            cfg.init_mode,
+        );
+        let mut stages = Vec::new();
+        let mut c_in = ch[0];
+        for (i, (&c_out, stride)) in ch.iter().zip([1, 2, 2]).enumerate() {
+            let s = root.sub(format!("stage{}", i + 1));
+            let blocks = (0..n_blocks)
+                .map(|b| {
+                    let (ci, st, preact) = if b == 0 { (c_in, stride, cfg.preact_stage[i]) } else { (c_out, 1, false) };
+                    Block::new(&s.sub(format!("block{}", b + 1)), ci, c_out, st, cfg, preact)
+                })
+                .collect();
+            stages.push(blocks);
+            c_in = c_out;
+        }
+        let bn = BatchNorm2d::new(&root.sub("bn"), ch[2]);
+        let fc = imgclf_plugin_api::nn::Linear::new(&root.sub("fc"), ch[2], ctx.n_classes, cfg.init_mode);
+        let description = format!(
+            "ResNet-preact-{} ({:?} blocks, {} per stage, channels {:?}, remove_first_relu {}, add_last_bn {}, preact_stage {:?})",
+            cfg.depth, cfg.block_type, n_blocks, ch, cfg.remove_first_relu, cfg.add_last_bn, cfg.preact_stage
+        );
+        Ok(ResNetPreact { store, conv, stages, bn, fc, description })
+    }
+}
+
+impl Model for ResNetPreact {
+    /// # Shapes
+    /// N x C x H x W -> N x n_classes
+    fn forward(&mut self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let mut y = self.conv.f_forward_checked(x)?;
+        for stage in &self.stages {
+            for block in stage {
+                y = block.forward(&y, train);
+            }
+        }
+        let y = self.bn.forward(&y, train).relu().adaptive_avg_pool2d([1, 1]).flatten(1, -1);
+        Ok(self.fc.forward(&y))
+    }
+
+    fn tensors(&self) -> Vec<NamedTensor> {
+        self.store.tensors()
+    }
+
+    fn summary(&self) -> String {
+        self.description.clone()
+    }
+}
+
+pub struct ResNetPreactFactory;
+
+impl ModelFactory for ResNetPreactFactory {
+    fn info(&self) -> ComponentInfo {
+        ComponentInfo::new(Kind::Model, "resnet_preact", "Pre-activation ResNet for CIFAR-sized images")
+            .papers(&["1603.05027"])
+            .keys(Config::keys())
+    }
+
+    fn build(&self, config: &ConfigView, ctx: &ModelContext) -> Result<Box<dyn Model>> {
+        Ok(Box::new(ResNetPreact::new(&Config::from_view(config)?, ctx)?))
+    }
+}
