@@ -1,0 +1,218 @@
+//! Command-line interface: `imgclf train | evaluate | plugins list | plugins inspect | env`.
+
+use crate::registry::{Discovery, Registry};
+use crate::setup::{plugin_file, Request};
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use imgclf_plugin_api::ffi::{info_to_json, LoadedPlugin};
+use imgclf_plugin_api::Kind;
+use serde_json::json;
+use std::path::PathBuf;
+
+#[derive(Parser, Debug)]
+#[command(name = "imgclf", version, about = "Image-classification training with plugins (models, augmentations, optimizers, schedulers)")]
+pub struct Cli {
+    /// Extra folder to search for plugins (repeatable; searched before IMGCLF_PLUGIN_PATH and
+    /// the folder beside the binary).
+    #[arg(long = "plugin-path", global = true, value_name = "DIR")]
+    plugin_path: Vec<PathBuf>,
+    /// Debug logging (also RUST_LOG).
+    #[arg(short, long, global = true)]
+    verbose: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Train a model (like the reference's `python train.py`).
+    Train(TrainCmd),
+    /// Predict the test split with a checkpoint (like the reference's `python evaluate.py`).
+    Evaluate(ConfigArgs),
+    /// List or inspect the plugins found on the plugin path.
+    #[command(subcommand)]
+    Plugins(PluginsCmd),
+    /// Versions, devices and threads this imgclf runs with.
+    Env {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args, Debug)]
+struct ConfigArgs {
+    /// Plugin (name or path to its .so) whose model is used; sets model.name.
+    #[arg(long)]
+    plugin: Option<String>,
+    /// YAML config file (e.g. configs/cifar/resnet_preact.yaml).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Dotted overrides: KEY VALUE pairs with Python-literal values (`train.base_lr 0.2`).
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, value_name = "KEY VALUE")]
+    overrides: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+struct TrainCmd {
+    /// Continue the run in DIR from its newest complete checkpoint, with DIR's config.yaml.
+    #[arg(long, value_name = "DIR")]
+    resume: Option<PathBuf>,
+    /// Load plugins, merge and validate the config, build the model and report; write nothing.
+    #[arg(long)]
+    dry_run: bool,
+    #[command(flatten)]
+    config: ConfigArgs,
+}
+
+#[derive(Subcommand, Debug)]
+enum PluginsCmd {
+    /// Every plugin with its components.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// One plugin: components, papers and every config key with default and help.
+    Inspect {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn request(c: &ConfigArgs) -> Request {
+    Request { plugin: c.plugin.clone(), config_file: c.config.clone(), overrides: c.overrides.clone(), resume_config: None }
+}
+
+fn discover(cli: &Cli, request: Option<&Request>) -> Result<Registry> {
+    let files = request.and_then(plugin_file).into_iter().collect();
+    Registry::discover(&Discovery { cli_paths: cli.plugin_path.clone(), files })
+}
+
+fn plugin_json(p: &LoadedPlugin) -> serde_json::Value {
+    json!({
+        "name": p.name, "version": p.version, "description": p.description, "path": p.path,
+        "api_version": p.api_version, "libtorch_version": p.libtorch_version,
+        "components": p.components.iter().map(info_to_json).collect::<Vec<_>>(),
+    })
+}
+
+fn papers(p: &[String]) -> String {
+    p.iter().map(|a| format!("arXiv:{a}")).collect::<Vec<_>>().join(", ")
+}
+
+fn print_list(reg: &Registry, as_json: bool) {
+    if as_json {
+        let v = json!({
+            "plugins": reg.plugins.iter().map(plugin_json).collect::<Vec<_>>(),
+            "errors": reg.errors.iter().map(|e| json!({"path": e.path, "message": e.message})).collect::<Vec<_>>(),
+            "search_path": reg.searched,
+        });
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        return;
+    }
+    if reg.plugins.is_empty() {
+        println!("no plugins found (searched: {})", reg.searched.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "));
+    }
+    for p in &reg.plugins {
+        println!("{} {}  {}\n  file: {}", p.name, p.version, p.description, p.path.display());
+        for c in &p.components {
+            let paper = if c.papers.is_empty() { String::new() } else { format!(" [{}]", papers(&c.papers)) };
+            println!("  {:<12} {:<24} {}{paper}", c.kind.as_str(), c.name, c.description);
+        }
+    }
+    if !reg.errors.is_empty() {
+        println!("\nfailed to load ({}):", reg.errors.len());
+        for e in &reg.errors {
+            println!("  {}: {}", e.path.display(), e.message);
+        }
+    }
+}
+
+fn print_inspect(reg: &Registry, name: &str, as_json: bool) -> Result<()> {
+    let p = reg.plugin_by_name(name).with_context(|| {
+        let names: Vec<&str> = reg.plugins.iter().map(|p| p.name.as_str()).collect();
+        format!("no plugin named `{name}`; loaded: {}", if names.is_empty() { "none".into() } else { names.join(", ") })
+    })?;
+    if as_json {
+        println!("{}", serde_json::to_string_pretty(&plugin_json(p)).unwrap_or_default());
+        return Ok(());
+    }
+    println!("{} {}\n  {}", p.name, p.version, p.description);
+    println!("  file: {}\n  plugin API {}, libtorch {}", p.path.display(), p.api_version, p.libtorch_version);
+    for kind in Kind::ALL {
+        for c in p.components.iter().filter(|c| c.kind == kind) {
+            println!("\n{} `{}`: {}", kind.as_str(), c.name, c.description);
+            if !c.papers.is_empty() {
+                println!("  papers: {}", papers(&c.papers));
+            }
+            if let Some(s) = &c.switch {
+                println!("  enabled by: {s} True (stage: {})", c.stage.map(|s| s.as_str()).unwrap_or("?"));
+            }
+            for k in &c.keys {
+                let choices = if k.choices.is_empty() {
+                    String::new()
+                } else {
+                    format!(" choices: {}", k.choices.iter().map(|v| v.to_string()).collect::<Vec<_>>().join(", "))
+                };
+                println!("  {:<44} {:<10} default {}{choices}\n      {}", k.key, k.ty.to_text(), k.default, k.help);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn run(cli: Cli) -> Result<i32> {
+    crate::logging::init(cli.verbose);
+    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    tch::set_num_threads(threads as i32);
+    match &cli.command {
+        Command::Train(t) => {
+            let req = request(&t.config);
+            let reg = discover(&cli, Some(&req))?;
+            reg.warn_load_errors();
+            let args = crate::train::TrainArgs { dry_run: t.dry_run, resume: t.resume.clone() };
+            crate::train::run(&reg, &req, &args)?;
+        }
+        Command::Evaluate(c) => {
+            let req = request(c);
+            let reg = discover(&cli, Some(&req))?;
+            reg.warn_load_errors();
+            let s = crate::evaluate::run(&reg, &req)?;
+            println!("loss {:.6} acc {:.6} -> {}", s.loss, s.acc, s.output.display());
+        }
+        Command::Plugins(PluginsCmd::List { json }) => print_list(&discover(&cli, None)?, *json),
+        Command::Plugins(PluginsCmd::Inspect { name, json }) => {
+            let reg = discover(&cli, None)?;
+            reg.warn_load_errors();
+            print_inspect(&reg, name, *json)?;
+        }
+        Command::Env { json } => {
+            let mut v = crate::envinfo::collect();
+            v["plugin_search_path"] = json!(crate::registry::search_path(&cli.plugin_path));
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+            } else {
+                print!("{}", crate::envinfo::to_yaml(&v));
+            }
+        }
+    }
+    Ok(0)
+}
+
+/// Runs the command line; returns the process exit code.
+pub fn main() -> i32 {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() { 2 } else { 0 };
+        }
+    };
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {}", imgclf_plugin_api::error::clean_torch_message(&format!("{e:#}")));
+            1
+        }
+    }
+}

@@ -1,0 +1,14 @@
+//! The imgclf host: plugin discovery, configuration, datasets, the training loop and the
+//! commands of the `imgclf` binary.
+
+pub mod cli;
+pub mod config;
+pub mod cuda;
+pub mod datasets;
+pub mod envinfo;
+pub mod evaluate;
+pub mod io;
+pub mod logging;
+pub mod registry;
+pub mod setup;
+pub mod train;

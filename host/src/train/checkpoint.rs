@@ -1,0 +1,159 @@
+//! Checkpoints: `checkpoint_<epoch:05d>.safetensors` (model tensors under `model.`, optimizer
+//! state under `optimizer.`, trainer position in the metadata), written atomically, and
+//! loading initial weights from an imgclf checkpoint or a PyTorch state dict in safetensors.
+
+use crate::io::{load_safetensors, save_safetensors};
+use anyhow::{bail, Context, Result};
+use imgclf_plugin_api::NamedTensor;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use tch::Tensor;
+
+pub const FORMAT: &str = "imgclf-checkpoint-1";
+
+/// Where training stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Position {
+    /// Completed epochs (the reference's `epoch` of the checkpoint).
+    pub epoch: u64,
+    /// Steps already done in epoch `epoch + 1` (0 at an epoch boundary).
+    pub step_in_epoch: u64,
+    pub global_step: u64,
+}
+
+pub fn file_name(p: &Position) -> String {
+    if p.step_in_epoch == 0 {
+        format!("checkpoint_{:05}.safetensors", p.epoch)
+    } else {
+        format!("checkpoint_{:05}_step{:07}.safetensors", p.epoch, p.global_step)
+    }
+}
+
+pub fn save(dir: &Path, pos: &Position, model: &[NamedTensor], optimizer: &[NamedTensor]) -> Result<PathBuf> {
+    let mut tensors: Vec<(String, Tensor)> =
+        model.iter().map(|t| (format!("model.{}", t.name), t.tensor.shallow_clone())).collect();
+    tensors.extend(optimizer.iter().map(|t| (format!("optimizer.{}", t.name), t.tensor.shallow_clone())));
+    let meta = HashMap::from([
+        ("format".to_string(), FORMAT.to_string()),
+        ("epoch".to_string(), pos.epoch.to_string()),
+        ("step_in_epoch".to_string(), pos.step_in_epoch.to_string()),
+        ("global_step".to_string(), pos.global_step.to_string()),
+    ]);
+    let path = dir.join(file_name(pos));
+    save_safetensors(&path, &tensors, meta)?;
+    Ok(path)
+}
+
+pub struct Loaded {
+    pub position: Option<Position>,
+    pub model: HashMap<String, Tensor>,
+    pub optimizer: Vec<NamedTensor>,
+}
+
+fn meta_u64(meta: &HashMap<String, String>, key: &str, path: &Path) -> Result<u64> {
+    meta.get(key)
+        .and_then(|v| v.parse().ok())
+        .with_context(|| format!("{}: checkpoint metadata lacks `{key}`", path.display()))
+}
+
+/// Reads an imgclf checkpoint, or a plain state dict (any safetensors file without imgclf's
+/// metadata: the PyTorch reference's `model.state_dict()` saved with `safetensors.torch`).
+pub fn load(path: &Path) -> Result<Loaded> {
+    let (tensors, meta) = load_safetensors(path)?;
+    if meta.get("format").map(String::as_str) != Some(FORMAT) {
+        return Ok(Loaded { position: None, model: tensors.into_iter().collect(), optimizer: vec![] });
+    }
+    let position = Position {
+        epoch: meta_u64(&meta, "epoch", path)?,
+        step_in_epoch: meta_u64(&meta, "step_in_epoch", path)?,
+        global_step: meta_u64(&meta, "global_step", path)?,
+    };
+    let (mut model, mut optimizer) = (HashMap::new(), Vec::new());
+    for (name, t) in tensors {
+        if let Some(n) = name.strip_prefix("model.") {
+            model.insert(n.to_string(), t);
+        } else if let Some(n) = name.strip_prefix("optimizer.") {
+            optimizer.push(NamedTensor { name: n.to_string(), tensor: t, trainable: false });
+        }
+    }
+    Ok(Loaded { position: Some(position), model, optimizer })
+}
+
+/// Copies `weights` into the model's tensors in place. Every model tensor must be present with
+/// its shape; extra entries are refused, except BatchNorm `num_batches_tracked` counters.
+pub fn copy_into_model(model: &[NamedTensor], weights: &HashMap<String, Tensor>, origin: &Path) -> Result<()> {
+    let mut missing = Vec::new();
+    let mut mismatched = Vec::new();
+    for t in model {
+        match weights.get(&t.name) {
+            None if t.name.ends_with("num_batches_tracked") => {}
+            None => missing.push(t.name.clone()),
+            Some(w) if w.size() != t.tensor.size() => {
+                mismatched.push(format!("{} (checkpoint {:?}, model {:?})", t.name, w.size(), t.tensor.size()))
+            }
+            Some(_) => {}
+        }
+    }
+    let names: std::collections::HashSet<&str> = model.iter().map(|t| t.name.as_str()).collect();
+    let unexpected: Vec<&String> =
+        weights.keys().filter(|k| !names.contains(k.as_str()) && !k.ends_with("num_batches_tracked")).collect();
+    if !missing.is_empty() || !mismatched.is_empty() || !unexpected.is_empty() {
+        let mut msg = format!("{} does not fit this model:", origin.display());
+        if !missing.is_empty() {
+            msg += &format!("\n  missing ({}): {}", missing.len(), missing.join(", "));
+        }
+        if !mismatched.is_empty() {
+            msg += &format!("\n  wrong shape ({}): {}", mismatched.len(), mismatched.join(", "));
+        }
+        if !unexpected.is_empty() {
+            let mut u: Vec<&str> = unexpected.iter().map(|s| s.as_str()).collect();
+            u.sort();
+            msg += &format!("\n  unexpected ({}): {}", u.len(), u.join(", "));
+        }
+        bail!("{msg}\n  (is the checkpoint for the same model.name and options?)");
+    }
+    tch::no_grad(|| -> Result<()> {
+        for t in model {
+            if let Some(w) = weights.get(&t.name) {
+                let mut dst = t.tensor.shallow_clone();
+                dst.f_copy_(&w.to_device(dst.device()).to_kind(dst.kind()))?;
+            }
+        }
+        Ok(())
+    })
+}
+
+/// The newest complete checkpoint in `dir` (highest global step), if any.
+pub fn newest(dir: &Path) -> Result<Option<(PathBuf, Position)>> {
+    let mut best: Option<(PathBuf, Position)> = None;
+    for e in std::fs::read_dir(dir).with_context(|| format!("cannot read {}", dir.display()))? {
+        let path = e?.path();
+        let name = path.file_name().unwrap_or_default().to_string_lossy().to_string();
+        if !name.starts_with("checkpoint_") || !name.ends_with(".safetensors") {
+            continue;
+        }
+        match load_position(&path) {
+            Ok(pos) => {
+                if best.as_ref().is_none_or(|(_, b)| pos.global_step > b.global_step) {
+                    best = Some((path, pos));
+                }
+            }
+            Err(e) => tracing::warn!("ignoring unreadable checkpoint {}: {e:#}", path.display()),
+        }
+    }
+    Ok(best)
+}
+
+fn load_position(path: &Path) -> Result<Position> {
+    let bytes = std::fs::read(path)?;
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)?;
+    let meta = meta.metadata().clone().unwrap_or_default();
+    if meta.get("format").map(String::as_str) != Some(FORMAT) {
+        bail!("not an imgclf checkpoint");
+    }
+    Ok(Position {
+        epoch: meta_u64(&meta, "epoch", path)?,
+        step_in_epoch: meta_u64(&meta, "step_in_epoch", path)?,
+        global_step: meta_u64(&meta, "global_step", path)?,
+    })
+}

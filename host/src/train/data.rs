@@ -1,0 +1,111 @@
+//! Batches for training and validation. A background thread gathers the images of each batch
+//! (in a seeded per-epoch order) into one uint8 tensor while the model computes, so data
+//! loading overlaps compute.
+
+use crate::datasets::ImageSet;
+use imgclf_plugin_api::rng::{mix_seed, step_rng};
+use rand::seq::SliceRandom;
+use std::sync::mpsc::{sync_channel, Receiver};
+use std::sync::Arc;
+use tch::{Kind, Tensor};
+
+/// uint8 images N x C x H x W and int64 labels, on the CPU.
+pub struct RawBatch {
+    pub index: usize,
+    pub images: Tensor,
+    pub labels: Tensor,
+}
+
+/// Gathers the given samples into one batch.
+pub fn gather(set: &ImageSet, indices: &[usize]) -> (Tensor, Tensor) {
+    let per = set.channels * set.height * set.width;
+    let mut buf = Vec::with_capacity(indices.len() * per);
+    let mut labels = Vec::with_capacity(indices.len());
+    for &i in indices {
+        buf.extend_from_slice(set.image(i));
+        labels.push(set.labels[i]);
+    }
+    let images = Tensor::from_slice(&buf).view([indices.len() as i64, set.channels as i64, set.height as i64, set.width as i64]);
+    (images, Tensor::from_slice(&labels).to_kind(Kind::Int64))
+}
+
+/// The training order of one epoch: a permutation seeded by (train.seed, epoch).
+pub fn epoch_order(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..n).collect();
+    order.shuffle(&mut step_rng(mix_seed(&[seed, epoch, 0x5348_5546])));
+    order
+}
+
+/// Number of batches of an epoch.
+pub fn batches_per_epoch(n: usize, batch_size: usize, drop_last: bool) -> usize {
+    if drop_last {
+        n / batch_size
+    } else {
+        n.div_ceil(batch_size)
+    }
+}
+
+/// Streams the batches `start..` of one epoch from a background thread.
+pub fn spawn_epoch(
+    set: Arc<ImageSet>,
+    order: Vec<usize>,
+    batch_size: usize,
+    n_batches: usize,
+    start: usize,
+) -> Receiver<RawBatch> {
+    let (tx, rx) = sync_channel(3);
+    std::thread::Builder::new()
+        .name("imgclf-loader".into())
+        .spawn(move || {
+            for b in start..n_batches {
+                let end = ((b + 1) * batch_size).min(order.len());
+                let (images, labels) = gather(&set, &order[b * batch_size..end]);
+                if tx.send(RawBatch { index: b, images, labels }).is_err() {
+                    return; // the trainer stopped early (Ctrl-C, error)
+                }
+            }
+        })
+        .expect("cannot spawn the data-loading thread");
+    rx
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set(n: usize) -> ImageSet {
+        ImageSet {
+            images: (0..n * 4).map(|i| (i % 251) as u8).collect(),
+            labels: (0..n as i64).collect(),
+            channels: 1,
+            height: 2,
+            width: 2,
+        }
+    }
+
+    #[test]
+    fn order_is_a_seeded_permutation() {
+        let a = epoch_order(100, 0, 1);
+        assert_eq!(a, epoch_order(100, 0, 1));
+        assert_ne!(a, epoch_order(100, 0, 2));
+        assert_ne!(a, epoch_order(100, 1, 1));
+        let mut s = a.clone();
+        s.sort();
+        assert_eq!(s, (0..100).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn batches_cover_the_epoch_and_respect_drop_last() {
+        assert_eq!(batches_per_epoch(10, 4, true), 2);
+        assert_eq!(batches_per_epoch(10, 4, false), 3);
+        let s = Arc::new(set(10));
+        let order = epoch_order(10, 0, 0);
+        let got: Vec<RawBatch> = spawn_epoch(s.clone(), order.clone(), 4, 3, 1).into_iter().collect();
+        assert_eq!(got.iter().map(|b| b.index).collect::<Vec<_>>(), vec![1, 2]);
+        assert_eq!(got[1].labels.size(), vec![2]);
+        let labels = Vec::<i64>::try_from(&got[0].labels).unwrap();
+        assert_eq!(labels, order[4..8].iter().map(|&i| i as i64).collect::<Vec<_>>());
+        let first = Vec::<u8>::try_from(&got[0].images.flatten(0, -1)).unwrap();
+        assert_eq!(&first[..4], s.image(order[4]));
+    }
+}
