@@ -161,7 +161,34 @@ fn print_inspect(reg: &Registry, name: &str, as_json: bool) -> Result<()> {
     Ok(())
 }
 
-fn run(cli: Cli) -> Result<i32> {
+/// Options written after the `KEY VALUE` overrides (`imgclf train KEY VALUE --dry-run`) are
+/// options too: config keys never start with `--`.
+fn hoist_trailing_options(cli: &mut Cli) -> Result<()> {
+    let (config, mut train) = match &mut cli.command {
+        Command::Train(t) => (&mut t.config, Some((&mut t.dry_run, &mut t.resume))),
+        Command::Evaluate(c) => (c, None),
+        _ => return Ok(()),
+    };
+    let mut rest = Vec::new();
+    let mut it = std::mem::take(&mut config.overrides).into_iter();
+    while let Some(arg) = it.next() {
+        let mut value = |name: &str| it.next().with_context(|| format!("{name} needs a value"));
+        match arg.as_str() {
+            "--dry-run" if train.is_some() => *train.as_mut().unwrap().0 = true,
+            "--resume" if train.is_some() => *train.as_mut().unwrap().1 = Some(PathBuf::from(value("--resume")?)),
+            "--plugin" => config.plugin = Some(value("--plugin")?),
+            "--config" => config.config = Some(PathBuf::from(value("--config")?)),
+            "--plugin-path" => cli.plugin_path.push(PathBuf::from(value("--plugin-path")?)),
+            a if a.starts_with("--") => anyhow::bail!("unknown option `{a}` among the KEY VALUE overrides"),
+            _ => rest.push(arg),
+        }
+    }
+    config.overrides = rest;
+    Ok(())
+}
+
+fn run(mut cli: Cli) -> Result<i32> {
+    hoist_trailing_options(&mut cli)?;
     crate::logging::init(cli.verbose);
     let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     tch::set_num_threads(threads as i32);

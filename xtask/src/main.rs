@@ -1,1 +1,333 @@
-fn main(){}
+//! Project automation (`cargo xtask <command>`): libtorch provisioning, building the host and
+//! every plugin, the test suite, CI checks, the quick start, benchmarks and generated docs.
+
+use anyhow::{bail, Context, Result};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+const TORCH_VERSION: &str = "2.11.0";
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
+}
+
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root().join("target"))
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    eprintln!("xtask: {cmd:?}");
+    let status = cmd.status().with_context(|| format!("cannot start {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed with {status}");
+    }
+    Ok(())
+}
+
+fn output(cmd: &mut Command) -> Result<String> {
+    let out = cmd.output().with_context(|| format!("cannot start {cmd:?}"))?;
+    if !out.status.success() {
+        bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// The torch installation to build against and run the PyTorch side of benchmarks with.
+struct Torch {
+    /// `.../site-packages/torch` (LIBTORCH) and its `lib/`.
+    libtorch: PathBuf,
+    python: PathBuf,
+}
+
+fn cache_dir() -> PathBuf {
+    if let Some(x) = std::env::var_os("XDG_CACHE_HOME") {
+        return PathBuf::from(x).join("imgclf");
+    }
+    PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/tmp".into())).join(".cache/imgclf")
+}
+
+/// LIBTORCH or LIBTORCH_USE_PYTORCH when set; otherwise PyPI's torch==2.11.0 in a virtualenv
+/// cached per user and torch version (installed on first use, reused by every clone).
+fn torch() -> Result<Torch> {
+    if let Some(l) = std::env::var_os("LIBTORCH") {
+        let python = std::env::var_os("IMGCLF_PYTHON").map(PathBuf::from).unwrap_or_else(|| "python3".into());
+        return Ok(Torch { libtorch: PathBuf::from(l), python });
+    }
+    if std::env::var_os("LIBTORCH_USE_PYTORCH").is_some() {
+        let python = std::env::var_os("PYTHON").map(PathBuf::from).unwrap_or_else(|| "python3".into());
+        let dir = output(Command::new(&python).args(["-c", "import torch, os; print(os.path.dirname(torch.__file__))"]))?;
+        return Ok(Torch { libtorch: PathBuf::from(dir), python });
+    }
+    let venv = cache_dir().join(format!("torch-{TORCH_VERSION}")).join("venv");
+    let python = venv.join("bin/python");
+    let probe = |python: &Path| {
+        output(Command::new(python).args([
+            "-c",
+            "import torch, os, numpy; assert torch.__version__.split('+')[0] == '2.11.0', torch.__version__; print(os.path.dirname(torch.__file__))",
+        ]))
+    };
+    if let Ok(dir) = probe(&python) {
+        return Ok(Torch { libtorch: PathBuf::from(dir), python });
+    }
+    eprintln!("xtask: installing torch=={TORCH_VERSION} from PyPI into {} (once per machine, ~5 GB)", venv.display());
+    std::fs::create_dir_all(venv.parent().unwrap())?;
+    if !python.exists() {
+        run(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
+    }
+    run(Command::new(&python).args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check"]).arg(format!("torch=={TORCH_VERSION}")).arg("numpy"))?;
+    let dir = probe(&python)?;
+    Ok(Torch { libtorch: PathBuf::from(dir), python })
+}
+
+fn cargo(t: &Torch) -> Command {
+    let mut c = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    c.current_dir(root()).env("LIBTORCH", &t.libtorch).env_remove("LIBTORCH_USE_PYTORCH");
+    c.env("LD_LIBRARY_PATH", ld_path(t));
+    c
+}
+
+fn ld_path(t: &Torch) -> std::ffi::OsString {
+    let mut paths = vec![t.libtorch.join("lib")];
+    if let Some(old) = std::env::var_os("LD_LIBRARY_PATH") {
+        paths.extend(std::env::split_paths(&old));
+    }
+    std::env::join_paths(paths).unwrap_or_default()
+}
+
+/// Names of the plugin crates (directories under plugins/).
+fn plugin_crates() -> Result<Vec<String>> {
+    let mut names: Vec<String> = std::fs::read_dir(root().join("plugins"))?
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().join("Cargo.toml").exists())
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .collect();
+    names.sort();
+    Ok(names)
+}
+
+fn fixture_crates() -> Result<Vec<String>> {
+    let mut names: Vec<String> = std::fs::read_dir(root().join("tests/fixtures"))?
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().join("Cargo.toml").exists())
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .collect();
+    names.sort();
+    Ok(names)
+}
+
+fn lib_name(krate: &str) -> String {
+    format!("lib{}.so", krate.replace('-', "_"))
+}
+
+fn copy(from: &Path, to: &Path) -> Result<()> {
+    let tmp = to.with_extension("so.tmp");
+    std::fs::copy(from, &tmp).with_context(|| format!("cannot copy {}", from.display()))?;
+    std::fs::rename(&tmp, to)?;
+    Ok(())
+}
+
+/// Builds the host and every plugin (and, for tests, the fixture plugins), then lays the
+/// plugins out beside the binary in `<profile>/plugins/`.
+fn build(t: &Torch, release: bool, fixtures: bool) -> Result<PathBuf> {
+    let mut c = cargo(t);
+    c.args(["build", "--package", "imgclf"]);
+    for p in plugin_crates()? {
+        c.args(["--package", &format!("imgclf-plugin-{p}")]);
+    }
+    if fixtures {
+        for f in fixture_crates()? {
+            c.args(["--package", &format!("imgclf-fixture-{}", f.replace('_', "-"))]);
+        }
+    }
+    if release {
+        c.arg("--release");
+    }
+    run(&mut c)?;
+    let profile = target_dir().join(if release { "release" } else { "debug" });
+    let plugins = profile.join("plugins");
+    std::fs::create_dir_all(&plugins)?;
+    for p in plugin_crates()? {
+        let name = lib_name(&format!("imgclf-plugin-{p}"));
+        copy(&profile.join(&name), &plugins.join(&name))?;
+    }
+    if fixtures {
+        for f in fixture_crates()? {
+            let dir = profile.join("fixture-plugins").join(&f);
+            std::fs::create_dir_all(&dir)?;
+            let name = lib_name(&format!("imgclf-fixture-{}", f.replace('_', "-")));
+            copy(&profile.join(&name), &dir.join(&name))?;
+        }
+    }
+    Ok(profile)
+}
+
+const FASHION_DIR: &str = "/usr/share/datasets/fashion-mnist";
+
+/// Debian's `dataset-fashion-mnist` (the real IDX files), installed when missing.
+fn ensure_fashion_mnist() -> Result<()> {
+    if Path::new(FASHION_DIR).join("train-images-idx3-ubyte.gz").exists() {
+        return Ok(());
+    }
+    eprintln!("xtask: installing Debian's dataset-fashion-mnist (real Fashion-MNIST) into {FASHION_DIR}");
+    let sudo = output(Command::new("id").arg("-u")).map(|u| u != "0").unwrap_or(true);
+    let apt = |args: &[&str]| {
+        let mut c = if sudo { Command::new("sudo") } else { Command::new("apt-get") };
+        if sudo {
+            c.arg("apt-get");
+        }
+        c.args(args).env("DEBIAN_FRONTEND", "noninteractive");
+        run(&mut c)
+    };
+    if apt(&["install", "-y", "-q", "dataset-fashion-mnist"]).is_err() {
+        apt(&["update", "-q"])?;
+        apt(&["install", "-y", "-q", "dataset-fashion-mnist"])?;
+    }
+    Ok(())
+}
+
+fn dist(t: &Torch) -> Result<PathBuf> {
+    let profile = build(t, true, false)?;
+    let dist = target_dir().join("dist");
+    let bin = dist.join("bin");
+    let plugins = dist.join("lib/imgclf/plugins");
+    std::fs::create_dir_all(&bin)?;
+    if plugins.exists() {
+        std::fs::remove_dir_all(&plugins)?;
+    }
+    std::fs::create_dir_all(&plugins)?;
+    copy(&profile.join("imgclf"), &bin.join("imgclf"))?;
+    for p in plugin_crates()? {
+        let name = lib_name(&format!("imgclf-plugin-{p}"));
+        copy(&profile.join(&name), &plugins.join(&name))?;
+    }
+    eprintln!("xtask: {} and {} plugin(s) in {}", bin.join("imgclf").display(), plugin_crates()?.len(), plugins.display());
+    Ok(dist)
+}
+
+fn test(t: &Torch, extra: &[String]) -> Result<()> {
+    ensure_fashion_mnist()?;
+    let profile = build(t, false, true)?;
+    let mut c = cargo(t);
+    c.args(["test", "--workspace", "--exclude", "xtask"])
+        .env("IMGCLF_BIN", profile.join("imgclf"))
+        .env("IMGCLF_PLUGIN_DIR", profile.join("plugins"))
+        .env("IMGCLF_FIXTURE_DIR", profile.join("fixture-plugins"))
+        .env("IMGCLF_PYTHON", &t.python)
+        .env("IMGCLF_QUIET_PLUGIN_PANICS", "1")
+        .args(extra);
+    run(&mut c)
+}
+
+fn ci(t: &Torch) -> Result<()> {
+    run(cargo(t).args(["fmt", "--all", "--check"]))?;
+    run(cargo(t).args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
+    test(t, &[])?;
+    docs(t, true)
+}
+
+/// The plugin table of the README, generated from `imgclf plugins list --json`.
+fn docs(t: &Torch, check: bool) -> Result<()> {
+    let profile = build(t, false, false)?;
+    let json = output(Command::new(profile.join("imgclf")).args(["plugins", "list", "--json"]))?;
+    let v: serde_json::Value = serde_json::from_str(&json)?;
+    let mut table = String::from("| plugin | component | kind | paper | description |\n|---|---|---|---|---|\n");
+    for p in v["plugins"].as_array().into_iter().flatten() {
+        for c in p["components"].as_array().into_iter().flatten() {
+            let papers: Vec<String> = c["papers"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|a| a.as_str())
+                .map(|a| format!("[arXiv:{a}](https://arxiv.org/abs/{a})"))
+                .collect();
+            table += &format!(
+                "| `{}` | `{}` | {} | {} | {} |\n",
+                p["name"].as_str().unwrap_or(""),
+                c["name"].as_str().unwrap_or(""),
+                c["kind"].as_str().unwrap_or(""),
+                papers.join(", "),
+                c["description"].as_str().unwrap_or("")
+            );
+        }
+    }
+    let readme_path = root().join("README.md");
+    let readme = std::fs::read_to_string(&readme_path)?;
+    let (begin, end) = ("<!-- plugins:begin -->\n", "<!-- plugins:end -->");
+    let (Some(b), Some(e)) = (readme.find(begin), readme.find(end)) else {
+        bail!("README.md lacks the {begin:?} ... {end:?} markers");
+    };
+    let updated = format!("{}{begin}{table}{}", &readme[..b], &readme[e..]);
+    if check {
+        if updated != readme {
+            bail!("README.md's plugin table is out of date: run `cargo xtask docs`");
+        }
+        eprintln!("xtask: README plugin table is up to date");
+    } else {
+        std::fs::write(&readme_path, updated)?;
+    }
+    Ok(())
+}
+
+fn quickstart(t: &Torch, extra: &[String]) -> Result<()> {
+    ensure_fashion_mnist()?;
+    let dist = dist(t)?;
+    let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs();
+    let out = format!("experiments/quickstart/{stamp}");
+    let mut c = Command::new(dist.join("bin/imgclf"));
+    c.current_dir(root())
+        .args(["train", "--plugin", "resnet_preact", "--config", "configs/fashion_mnist/resnet_preact.yaml", "train.output_dir", &out])
+        .args(extra);
+    run(&mut c)?;
+    eprintln!("xtask: outputs in {out}/ (config.yaml, env.yaml, log.txt, metrics.jsonl, checkpoints, model_final.safetensors)");
+    Ok(())
+}
+
+fn bench(t: &Torch, extra: &[String]) -> Result<()> {
+    ensure_fashion_mnist()?;
+    let dist = dist(t)?;
+    run(Command::new(&t.python)
+        .arg(root().join("xtask/bench/bench.py"))
+        .arg("--imgclf")
+        .arg(dist.join("bin/imgclf"))
+        .arg("--root")
+        .arg(root())
+        .args(extra)
+        .env("LD_LIBRARY_PATH", ld_path(t)))
+}
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let (cmd, rest) = args.split_first().map(|(c, r)| (c.as_str(), r.to_vec())).unwrap_or(("help", vec![]));
+    match cmd {
+        "build" => {
+            let t = torch()?;
+            build(&t, rest.iter().any(|a| a == "--release"), true)?;
+        }
+        "dist" => {
+            dist(&torch()?)?;
+        }
+        "test" => test(&torch()?, &rest)?,
+        "ci" => ci(&torch()?)?,
+        "docs" => docs(&torch()?, rest.iter().any(|a| a == "--check"))?,
+        "quickstart" => quickstart(&torch()?, &rest)?,
+        "bench" => bench(&torch()?, &rest)?,
+        "libtorch" => println!("{}", torch()?.libtorch.display()),
+        _ => {
+            eprintln!(
+                "usage: cargo xtask <command>\n\
+                 \x20 quickstart [KEY VALUE]...  build everything, train ResNet-preact-20 on Fashion-MNIST for one epoch\n\
+                 \x20 test [cargo test args]     build everything (and the fixture plugins) and run the whole test suite\n\
+                 \x20 ci                         what CI runs: fmt check, clippy -D warnings, tests, docs check\n\
+                 \x20 dist                       release build into target/dist/{{bin,lib/imgclf/plugins}}\n\
+                 \x20 build [--release]          build host, plugins and fixtures into target/<profile>/\n\
+                 \x20 bench [--steps N]          training throughput of imgclf vs PyTorch eager, same machine, same run\n\
+                 \x20 docs [--check]             regenerate (or check) the README's plugin table\n\
+                 \x20 libtorch                   print the libtorch directory in use (installs it if needed)"
+            );
+            if cmd != "help" {
+                bail!("unknown xtask command `{cmd}`");
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,291 @@
+//! The `imgclf` binary's commands: plugin listing and inspection, broken and panicking plugins,
+//! config errors, dry runs and corrupt dataset files.
+
+use imgclf_tests::*;
+use serde_json::Value;
+
+fn list_json(extra: &[&str]) -> Value {
+    let dir = workspace();
+    let (code, out, err) = run(imgclf(&dir).args(extra).args(["plugins", "list", "--json"]));
+    assert_eq!(code, 0, "{err}");
+    serde_json::from_str(&out).unwrap()
+}
+
+fn component<'a>(v: &'a Value, plugin: &str, name: &str) -> &'a Value {
+    let p = v["plugins"].as_array().unwrap().iter().find(|p| p["name"] == plugin).unwrap_or_else(|| panic!("no plugin {plugin}: {v}"));
+    p["components"].as_array().unwrap().iter().find(|c| c["name"] == name).unwrap_or_else(|| panic!("no component {name}"))
+}
+
+#[test]
+fn plugins_list_shows_every_plugin_with_its_components_and_papers() {
+    let v = list_json(&[]);
+    assert!(v["errors"].as_array().unwrap().is_empty(), "{v}");
+    let m = component(&v, "resnet_preact", "resnet_preact");
+    assert_eq!(m["kind"], "model");
+    assert_eq!(m["papers"][0], "1603.05027");
+    assert_eq!(component(&v, "baseline", "sgd")["kind"], "optimizer");
+    assert_eq!(component(&v, "baseline", "cosine")["kind"], "scheduler");
+    assert_eq!(component(&v, "baseline", "random_crop")["switch"], "augmentation.use_random_crop");
+    // Human-readable form names the file each plugin came from.
+    let (code, out, _) = run(imgclf(&workspace()).args(["plugins", "list"]));
+    assert_eq!(code, 0);
+    assert!(out.contains("resnet_preact") && out.contains("libimgclf_plugin_resnet_preact.so"), "{out}");
+}
+
+#[test]
+fn plugins_inspect_shows_keys_defaults_choices_and_help() {
+    let (code, out, err) = run(imgclf(&workspace()).args(["plugins", "inspect", "resnet_preact", "--json"]));
+    assert_eq!(code, 0, "{err}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    let keys = v["components"][0]["keys"].as_array().unwrap();
+    let depth = keys.iter().find(|k| k["key"] == "model.resnet_preact.depth").unwrap();
+    assert_eq!(depth["default"], 110);
+    assert_eq!(depth["type"], "int");
+    let bt = keys.iter().find(|k| k["key"] == "model.resnet_preact.block_type").unwrap();
+    assert_eq!(bt["choices"], serde_json::json!(["basic", "bottleneck"]));
+    let stages = keys.iter().find(|k| k["key"] == "model.resnet_preact.preact_stage").unwrap();
+    assert_eq!(stages["default"], serde_json::json!([true, true, true]));
+    let (code, out, _) = run(imgclf(&workspace()).args(["plugins", "inspect", "baseline"]));
+    assert_eq!(code, 0);
+    assert!(out.contains("augmentation.random_crop.padding_mode") && out.contains("\"reflect\""), "{out}");
+    let (code, _, err) = run(imgclf(&workspace()).args(["plugins", "inspect", "resnet_preat"]));
+    assert_eq!(code, 1);
+    assert!(err.contains("no plugin named `resnet_preat`") && err.contains("resnet_preact"), "{err}");
+}
+
+#[test]
+fn an_abi_incompatible_plugin_is_refused_clearly_and_hides_nothing() {
+    let dir = fixture_dir("abi_mismatch");
+    let v = list_json(&["--plugin-path", dir.to_str().unwrap()]);
+    let errors = v["errors"].as_array().unwrap();
+    assert_eq!(errors.len(), 1, "{v}");
+    let msg = errors[0]["message"].as_str().unwrap();
+    assert!(msg.contains("incompatible plugin ABI"), "{msg}");
+    assert!(msg.lines().count() <= 2 && msg.len() < 1500, "message should be short: {msg}");
+    assert!(errors[0]["path"].as_str().unwrap().contains("abi_mismatch"));
+    // The good plugins are still there, and training setup still works.
+    component(&v, "resnet_preact", "resnet_preact");
+    let (code, out, err) = run(imgclf(&workspace()).args([
+        "--plugin-path",
+        dir.to_str().unwrap(),
+        "train",
+        "--config",
+        "configs/cifar/resnet_preact.yaml",
+        "model.resnet_preact.depth",
+        "20",
+        "--dry-run",
+    ]));
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("parameters: 272282"), "{out}");
+    assert!(err.contains("plugin not loaded") && err.contains("abi_mismatch"), "{err}");
+}
+
+#[test]
+fn a_file_that_is_not_a_plugin_is_reported_with_the_others() {
+    let d = scratch("not-a-plugin");
+    std::fs::write(d.join("libgarbage.so"), b"not an ELF file").unwrap();
+    let abi = fixture_dir("abi_mismatch");
+    let v = list_json(&["--plugin-path", d.to_str().unwrap(), "--plugin-path", abi.to_str().unwrap()]);
+    let errors = v["errors"].as_array().unwrap();
+    assert_eq!(errors.len(), 2, "all load errors are reported together: {v}");
+    assert!(errors.iter().any(|e| e["path"].as_str().unwrap().ends_with("libgarbage.so")));
+    component(&v, "baseline", "sgd");
+}
+
+#[test]
+fn a_panic_while_building_a_model_is_an_error_naming_plugin_and_component() {
+    let dir = fixture_dir("panicking");
+    let (code, _, err) = run(imgclf(&workspace()).args([
+        "--plugin-path",
+        dir.to_str().unwrap(),
+        "train",
+        "--plugin",
+        "panicking",
+        "model.name",
+        "panics_on_build",
+        "--dry-run",
+    ]));
+    assert_eq!(code, 1, "the host survives and exits with an error: {err}");
+    assert!(err.contains("plugin `panicking`, model `panics_on_build`: panicked: deliberate panic while building"), "{err}");
+}
+
+#[test]
+fn a_panic_in_forward_during_training_is_an_error_and_the_host_survives() {
+    let d = scratch("panic-forward");
+    let data = d.join("data");
+    fashion_mnist_subset(&data, 64, 16);
+    let dir = fixture_dir("panicking");
+    let (code, _, err) = run(imgclf(&workspace()).args([
+        "--plugin-path",
+        dir.to_str().unwrap(),
+        "train",
+        "--config",
+        "configs/fashion_mnist/resnet_preact.yaml",
+        "model.name",
+        "panics_in_forward",
+        "dataset.dataset_dir",
+        data.to_str().unwrap(),
+        "train.output_dir",
+        d.join("out").to_str().unwrap(),
+        "train.batch_size",
+        "32",
+        "train.val_first",
+        "False",
+    ]));
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("plugin `panicking`, model `panics_in_forward`: panicked: deliberate panic in forward"), "{err}");
+}
+
+fn train_err(args: &[&str]) -> String {
+    let (code, out, err) = run(imgclf(&workspace()).arg("train").args(args));
+    assert_eq!(code, 1, "expected failure for {args:?}: {out}{err}");
+    err
+}
+
+#[test]
+fn config_errors_name_the_key_its_source_and_the_fix() {
+    let e = train_err(&["--config", "configs/cifar/resnet_preact.yaml", "train.batchsize", "64", "--dry-run"]);
+    assert!(e.contains("unknown config key `train.batchsize` (command line); did you mean `train.batch_size`?"), "{e}");
+    let e = train_err(&["--config", "configs/cifar/resnet_preact.yaml", "train.batch_size", "abc", "--dry-run"]);
+    assert!(e.contains("train.batch_size expects an integer, got 'abc'"), "{e}");
+    let e = train_err(&["train.distributed", "True", "--dry-run"]);
+    assert!(e.contains("train.distributed = True is not supported yet"), "{e}");
+    let e = train_err(&["model.resnet_preact.block_type", "wide", "--dry-run"]);
+    assert!(e.contains("model.resnet_preact.block_type must be one of 'basic', 'bottleneck'"), "{e}");
+    let e = train_err(&["--config", "configs/cifar/missing.yaml", "--dry-run"]);
+    assert!(e.contains("configs/cifar/missing.yaml"), "{e}");
+    let e = train_err(&["model.resnet_preact.depth", "21", "--dry-run"]);
+    assert!(e.contains("model.resnet_preact.depth 21 is invalid"), "{e}");
+    let e = train_err(&["--plugin", "resnet_preakt", "--dry-run"]);
+    assert!(e.contains("no such plugin") && e.contains("did you mean resnet_preact"), "{e}");
+    let e = train_err(&["augmentation.use_cutmix", "True", "--dry-run"]);
+    assert!(e.contains("augmentation.use_cutmix = True") && e.contains("not supported yet"), "{e}");
+    let e = train_err(&["train.optimizer", "adamw", "--dry-run"]);
+    assert!(e.contains("train.optimizer = 'adamw'") && e.contains("available: sgd"), "{e}");
+    let e = train_err(&["dataset.name", "SVHN", "--dry-run"]);
+    assert!(e.contains("dataset.name = 'SVHN'") && e.contains("FashionMNIST"), "{e}");
+    let e = train_err(&["train.base_lr", "--dry-run"]);
+    assert!(e.contains("pairs"), "{e}");
+}
+
+#[test]
+fn dry_run_reports_model_parameters_and_dataset_and_writes_nothing() {
+    let d = scratch("dry-run");
+    let out = d.join("out");
+    let (code, stdout, err) = run(imgclf(&workspace()).args([
+        "train",
+        "--plugin",
+        "resnet_preact",
+        "--config",
+        "configs/cifar/resnet_preact.yaml",
+        "model.resnet_preact.depth",
+        "164",
+        "model.resnet_preact.block_type",
+        "bottleneck",
+        "dataset.dataset_dir",
+        d.join("nowhere").to_str().unwrap(),
+        "train.output_dir",
+        out.to_str().unwrap(),
+        "--dry-run",
+    ]));
+    assert_eq!(code, 0, "{err}");
+    assert!(stdout.contains("parameters: 1619290"), "{stdout}");
+    assert!(stdout.contains("NOT FOUND"), "{stdout}");
+    assert!(stdout.contains("depth: 164"), "effective config printed: {stdout}");
+    assert!(!out.exists());
+    let (code, stdout, _) = run(imgclf(&workspace()).args(["train", "--config", "configs/fashion_mnist/resnet_preact.yaml", "--dry-run"]));
+    assert_eq!(code, 0);
+    assert!(stdout.contains("parameters: 271994") && stdout.contains("train: found"), "{stdout}");
+}
+
+#[test]
+fn every_reference_resnet_preact_command_is_accepted() {
+    // The README commands of the reference that train resnet_preact on one device.
+    let commands = std::fs::read_to_string(workspace().join("tests/data/commands.txt")).unwrap();
+    let mut checked = 0;
+    for line in commands.lines().filter(|l| l.starts_with("python train.py") && l.contains("resnet_preact.yaml")) {
+        let args = split_command(line.trim_start_matches("python train.py"));
+        let (code, out, err) = run(imgclf(&workspace()).arg("train").args(&args).arg("--dry-run"));
+        let unsupported = err.contains("not supported yet");
+        assert!(code == 0 || unsupported, "{line}\n{out}{err}");
+        if code == 0 {
+            checked += 1;
+            assert!(out.contains("parameters: "), "{out}");
+        }
+    }
+    assert!(checked >= 10, "only {checked} commands ran");
+}
+
+/// Splits a shell command line (single quotes group words, as in the reference README).
+fn split_command(s: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut quoted = false;
+    let mut any = false;
+    for ch in s.chars() {
+        match ch {
+            '\'' => {
+                quoted = !quoted;
+                any = true;
+            }
+            c if c.is_whitespace() && !quoted => {
+                if any {
+                    out.push(std::mem::take(&mut cur));
+                    any = false;
+                }
+            }
+            c => {
+                cur.push(c);
+                any = true;
+            }
+        }
+    }
+    if any {
+        out.push(cur);
+    }
+    out
+}
+
+#[test]
+fn corrupt_dataset_files_are_errors_naming_the_file() {
+    let d = scratch("corrupt");
+    let data = d.join("data");
+    fashion_mnist_subset(&data, 64, 16);
+    let images = data.join("train-images-idx3-ubyte");
+    let bytes = std::fs::read(&images).unwrap();
+    std::fs::write(&images, &bytes[..bytes.len() - 100]).unwrap();
+    let e = train_err(&[
+        "--config",
+        "configs/fashion_mnist/resnet_preact.yaml",
+        "dataset.dataset_dir",
+        data.to_str().unwrap(),
+        "train.output_dir",
+        d.join("out").to_str().unwrap(),
+    ]);
+    assert!(e.contains("train-images-idx3-ubyte"), "{e}");
+    let labels = data.join("t10k-labels-idx1-ubyte");
+    std::fs::write(&images, &bytes).unwrap();
+    let mut l = std::fs::read(&labels).unwrap();
+    l[3] = 0x07; // bad magic
+    std::fs::write(&labels, &l).unwrap();
+    let e = train_err(&[
+        "--config",
+        "configs/fashion_mnist/resnet_preact.yaml",
+        "dataset.dataset_dir",
+        data.to_str().unwrap(),
+        "train.output_dir",
+        d.join("out2").to_str().unwrap(),
+    ]);
+    assert!(e.contains("t10k-labels-idx1-ubyte"), "{e}");
+}
+
+#[test]
+fn env_reports_versions_and_devices() {
+    let (code, out, err) = run(imgclf(&workspace()).args(["env", "--json"]));
+    assert_eq!(code, 0, "{err}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["libtorch_version"], "2.11.0");
+    assert_eq!(v["tch_version"], "0.24.0");
+    assert!(v["cuda_available"].is_boolean());
+    assert!(v["torch_threads"].as_i64().unwrap() >= 1);
+}
