@@ -266,7 +266,7 @@ pub fn registrations() -> Vec<&'static Registration> {
 
 /// Registers a factory (a unit struct value implementing one of the factory traits).
 ///
-/// ```ignore
+/// ```text
 /// imgclf_plugin_api::register!(model: model::ResNetPreact);
 /// imgclf_plugin_api::register!(optimizer: sgd::Sgd);
 /// ```

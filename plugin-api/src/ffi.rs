@@ -415,7 +415,7 @@ fn tracing_free_eprint(line: &str) {
 
 /// Exports the plugin's root module. Put exactly one in the plugin's `ffi.rs`:
 ///
-/// ```ignore
+/// ```text
 /// imgclf_plugin_api::export_plugin!(name: "resnet_preact", description: "ResNet-preact (1603.05027)");
 /// ```
 #[macro_export]
