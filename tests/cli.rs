@@ -12,8 +12,18 @@ fn list_json(extra: &[&str]) -> Value {
 }
 
 fn component<'a>(v: &'a Value, plugin: &str, name: &str) -> &'a Value {
-    let p = v["plugins"].as_array().unwrap().iter().find(|p| p["name"] == plugin).unwrap_or_else(|| panic!("no plugin {plugin}: {v}"));
-    p["components"].as_array().unwrap().iter().find(|c| c["name"] == name).unwrap_or_else(|| panic!("no component {name}"))
+    let p = v["plugins"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == plugin)
+        .unwrap_or_else(|| panic!("no plugin {plugin}: {v}"));
+    p["components"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == name)
+        .unwrap_or_else(|| panic!("no component {name}"))
 }
 
 #[test]
@@ -25,32 +35,54 @@ fn plugins_list_shows_every_plugin_with_its_components_and_papers() {
     assert_eq!(m["papers"][0], "1603.05027");
     assert_eq!(component(&v, "baseline", "sgd")["kind"], "optimizer");
     assert_eq!(component(&v, "baseline", "cosine")["kind"], "scheduler");
-    assert_eq!(component(&v, "baseline", "random_crop")["switch"], "augmentation.use_random_crop");
+    assert_eq!(
+        component(&v, "baseline", "random_crop")["switch"],
+        "augmentation.use_random_crop"
+    );
     // Human-readable form names the file each plugin came from.
     let (code, out, _) = run(imgclf(&workspace()).args(["plugins", "list"]));
     assert_eq!(code, 0);
-    assert!(out.contains("resnet_preact") && out.contains("libimgclf_plugin_resnet_preact.so"), "{out}");
+    assert!(
+        out.contains("resnet_preact") && out.contains("libimgclf_plugin_resnet_preact.so"),
+        "{out}"
+    );
 }
 
 #[test]
 fn plugins_inspect_shows_keys_defaults_choices_and_help() {
-    let (code, out, err) = run(imgclf(&workspace()).args(["plugins", "inspect", "resnet_preact", "--json"]));
+    let (code, out, err) =
+        run(imgclf(&workspace()).args(["plugins", "inspect", "resnet_preact", "--json"]));
     assert_eq!(code, 0, "{err}");
     let v: Value = serde_json::from_str(&out).unwrap();
     let keys = v["components"][0]["keys"].as_array().unwrap();
-    let depth = keys.iter().find(|k| k["key"] == "model.resnet_preact.depth").unwrap();
+    let depth = keys
+        .iter()
+        .find(|k| k["key"] == "model.resnet_preact.depth")
+        .unwrap();
     assert_eq!(depth["default"], 110);
     assert_eq!(depth["type"], "int");
-    let bt = keys.iter().find(|k| k["key"] == "model.resnet_preact.block_type").unwrap();
+    let bt = keys
+        .iter()
+        .find(|k| k["key"] == "model.resnet_preact.block_type")
+        .unwrap();
     assert_eq!(bt["choices"], serde_json::json!(["basic", "bottleneck"]));
-    let stages = keys.iter().find(|k| k["key"] == "model.resnet_preact.preact_stage").unwrap();
+    let stages = keys
+        .iter()
+        .find(|k| k["key"] == "model.resnet_preact.preact_stage")
+        .unwrap();
     assert_eq!(stages["default"], serde_json::json!([true, true, true]));
     let (code, out, _) = run(imgclf(&workspace()).args(["plugins", "inspect", "baseline"]));
     assert_eq!(code, 0);
-    assert!(out.contains("augmentation.random_crop.padding_mode") && out.contains("\"reflect\""), "{out}");
+    assert!(
+        out.contains("augmentation.random_crop.padding_mode") && out.contains("\"reflect\""),
+        "{out}"
+    );
     let (code, _, err) = run(imgclf(&workspace()).args(["plugins", "inspect", "resnet_preat"]));
     assert_eq!(code, 1);
-    assert!(err.contains("no plugin named `resnet_preat`") && err.contains("resnet_preact"), "{err}");
+    assert!(
+        err.contains("no plugin named `resnet_preat`") && err.contains("resnet_preact"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -61,7 +93,10 @@ fn an_abi_incompatible_plugin_is_refused_clearly_and_hides_nothing() {
     assert_eq!(errors.len(), 1, "{v}");
     let msg = errors[0]["message"].as_str().unwrap();
     assert!(msg.contains("incompatible plugin ABI"), "{msg}");
-    assert!(msg.lines().count() <= 2 && msg.len() < 1500, "message should be short: {msg}");
+    assert!(
+        msg.lines().count() <= 2 && msg.len() < 1500,
+        "message should be short: {msg}"
+    );
     assert!(errors[0]["path"].as_str().unwrap().contains("abi_mismatch"));
     // The good plugins are still there, and training setup still works.
     component(&v, "resnet_preact", "resnet_preact");
@@ -77,7 +112,10 @@ fn an_abi_incompatible_plugin_is_refused_clearly_and_hides_nothing() {
     ]));
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("parameters: 272282"), "{out}");
-    assert!(err.contains("plugin not loaded") && err.contains("abi_mismatch"), "{err}");
+    assert!(
+        err.contains("plugin not loaded") && err.contains("abi_mismatch"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -85,10 +123,21 @@ fn a_file_that_is_not_a_plugin_is_reported_with_the_others() {
     let d = scratch("not-a-plugin");
     std::fs::write(d.join("libgarbage.so"), b"not an ELF file").unwrap();
     let abi = fixture_dir("abi_mismatch");
-    let v = list_json(&["--plugin-path", d.to_str().unwrap(), "--plugin-path", abi.to_str().unwrap()]);
+    let v = list_json(&[
+        "--plugin-path",
+        d.to_str().unwrap(),
+        "--plugin-path",
+        abi.to_str().unwrap(),
+    ]);
     let errors = v["errors"].as_array().unwrap();
-    assert_eq!(errors.len(), 2, "all load errors are reported together: {v}");
-    assert!(errors.iter().any(|e| e["path"].as_str().unwrap().ends_with("libgarbage.so")));
+    assert_eq!(
+        errors.len(),
+        2,
+        "all load errors are reported together: {v}"
+    );
+    assert!(errors
+        .iter()
+        .any(|e| e["path"].as_str().unwrap().ends_with("libgarbage.so")));
     component(&v, "baseline", "sgd");
 }
 
@@ -133,7 +182,12 @@ fn a_panic_in_forward_during_training_is_an_error_and_the_host_survives() {
         "False",
     ]));
     assert_eq!(code, 1, "{err}");
-    assert!(err.contains("plugin `panicking`, model `panics_in_forward`: panicked: deliberate panic in forward"), "{err}");
+    assert!(
+        err.contains(
+            "plugin `panicking`, model `panics_in_forward`: panicked: deliberate panic in forward"
+        ),
+        "{err}"
+    );
 }
 
 fn train_err(args: &[&str]) -> String {
@@ -144,26 +198,64 @@ fn train_err(args: &[&str]) -> String {
 
 #[test]
 fn config_errors_name_the_key_its_source_and_the_fix() {
-    let e = train_err(&["--config", "configs/cifar/resnet_preact.yaml", "train.batchsize", "64", "--dry-run"]);
-    assert!(e.contains("unknown config key `train.batchsize` (command line); did you mean `train.batch_size`?"), "{e}");
-    let e = train_err(&["--config", "configs/cifar/resnet_preact.yaml", "train.batch_size", "abc", "--dry-run"]);
-    assert!(e.contains("train.batch_size expects an integer, got 'abc'"), "{e}");
+    let e = train_err(&[
+        "--config",
+        "configs/cifar/resnet_preact.yaml",
+        "train.batchsize",
+        "64",
+        "--dry-run",
+    ]);
+    assert!(
+        e.contains(
+            "unknown config key `train.batchsize` (command line); did you mean `train.batch_size`?"
+        ),
+        "{e}"
+    );
+    let e = train_err(&[
+        "--config",
+        "configs/cifar/resnet_preact.yaml",
+        "train.batch_size",
+        "abc",
+        "--dry-run",
+    ]);
+    assert!(
+        e.contains("train.batch_size expects an integer, got 'abc'"),
+        "{e}"
+    );
     let e = train_err(&["train.distributed", "True", "--dry-run"]);
-    assert!(e.contains("train.distributed = True is not supported yet"), "{e}");
+    assert!(
+        e.contains("train.distributed = True is not supported yet"),
+        "{e}"
+    );
     let e = train_err(&["model.resnet_preact.block_type", "wide", "--dry-run"]);
-    assert!(e.contains("model.resnet_preact.block_type must be one of 'basic', 'bottleneck'"), "{e}");
+    assert!(
+        e.contains("model.resnet_preact.block_type must be one of 'basic', 'bottleneck'"),
+        "{e}"
+    );
     let e = train_err(&["--config", "configs/cifar/missing.yaml", "--dry-run"]);
     assert!(e.contains("configs/cifar/missing.yaml"), "{e}");
     let e = train_err(&["model.resnet_preact.depth", "21", "--dry-run"]);
     assert!(e.contains("model.resnet_preact.depth 21 is invalid"), "{e}");
     let e = train_err(&["--plugin", "resnet_preakt", "--dry-run"]);
-    assert!(e.contains("no such plugin") && e.contains("did you mean resnet_preact"), "{e}");
+    assert!(
+        e.contains("no such plugin") && e.contains("did you mean resnet_preact"),
+        "{e}"
+    );
     let e = train_err(&["augmentation.use_cutmix", "True", "--dry-run"]);
-    assert!(e.contains("augmentation.use_cutmix = True") && e.contains("not supported yet"), "{e}");
+    assert!(
+        e.contains("augmentation.use_cutmix = True") && e.contains("not supported yet"),
+        "{e}"
+    );
     let e = train_err(&["train.optimizer", "adamw", "--dry-run"]);
-    assert!(e.contains("train.optimizer = 'adamw'") && e.contains("available: sgd"), "{e}");
+    assert!(
+        e.contains("train.optimizer = 'adamw'") && e.contains("available: sgd"),
+        "{e}"
+    );
     let e = train_err(&["dataset.name", "SVHN", "--dry-run"]);
-    assert!(e.contains("dataset.name = 'SVHN'") && e.contains("FashionMNIST"), "{e}");
+    assert!(
+        e.contains("dataset.name = 'SVHN'") && e.contains("FashionMNIST"),
+        "{e}"
+    );
     let e = train_err(&["train.base_lr", "--dry-run"]);
     assert!(e.contains("pairs"), "{e}");
 }
@@ -191,11 +283,22 @@ fn dry_run_reports_model_parameters_and_dataset_and_writes_nothing() {
     assert_eq!(code, 0, "{err}");
     assert!(stdout.contains("parameters: 1619290"), "{stdout}");
     assert!(stdout.contains("NOT FOUND"), "{stdout}");
-    assert!(stdout.contains("depth: 164"), "effective config printed: {stdout}");
+    assert!(
+        stdout.contains("depth: 164"),
+        "effective config printed: {stdout}"
+    );
     assert!(!out.exists());
-    let (code, stdout, _) = run(imgclf(&workspace()).args(["train", "--config", "configs/fashion_mnist/resnet_preact.yaml", "--dry-run"]));
+    let (code, stdout, _) = run(imgclf(&workspace()).args([
+        "train",
+        "--config",
+        "configs/fashion_mnist/resnet_preact.yaml",
+        "--dry-run",
+    ]));
     assert_eq!(code, 0);
-    assert!(stdout.contains("parameters: 271994") && stdout.contains("train: found"), "{stdout}");
+    assert!(
+        stdout.contains("parameters: 271994") && stdout.contains("train: found"),
+        "{stdout}"
+    );
 }
 
 #[test]
@@ -203,9 +306,15 @@ fn every_reference_resnet_preact_command_is_accepted() {
     // The README commands of the reference that train resnet_preact on one device.
     let commands = std::fs::read_to_string(workspace().join("tests/data/commands.txt")).unwrap();
     let mut checked = 0;
-    for line in commands.lines().filter(|l| l.starts_with("python train.py") && l.contains("resnet_preact.yaml")) {
+    for line in commands
+        .lines()
+        .filter(|l| l.starts_with("python train.py") && l.contains("resnet_preact.yaml"))
+    {
         let args = split_command(line.trim_start_matches("python train.py"));
-        let (code, out, err) = run(imgclf(&workspace()).arg("train").args(&args).arg("--dry-run"));
+        let (code, out, err) = run(imgclf(&workspace())
+            .arg("train")
+            .args(&args)
+            .arg("--dry-run"));
         let unsupported = err.contains("not supported yet");
         assert!(code == 0 || unsupported, "{line}\n{out}{err}");
         if code == 0 {

@@ -5,7 +5,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 pub fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 fn from_env_or(var: &str, default: PathBuf) -> PathBuf {
@@ -15,33 +18,56 @@ fn from_env_or(var: &str, default: PathBuf) -> PathBuf {
 /// The `imgclf` binary built by `cargo xtask test`.
 pub fn bin() -> PathBuf {
     let b = from_env_or("IMGCLF_BIN", workspace().join("target/debug/imgclf"));
-    assert!(b.exists(), "{} missing: run the tests with `cargo xtask test`", b.display());
+    assert!(
+        b.exists(),
+        "{} missing: run the tests with `cargo xtask test`",
+        b.display()
+    );
     b
 }
 
 pub fn plugin_dir() -> PathBuf {
-    from_env_or("IMGCLF_PLUGIN_DIR", workspace().join("target/debug/plugins"))
+    from_env_or(
+        "IMGCLF_PLUGIN_DIR",
+        workspace().join("target/debug/plugins"),
+    )
 }
 
 pub fn fixture_dir(name: &str) -> PathBuf {
-    from_env_or("IMGCLF_FIXTURE_DIR", workspace().join("target/debug/fixture-plugins")).join(name)
+    from_env_or(
+        "IMGCLF_FIXTURE_DIR",
+        workspace().join("target/debug/fixture-plugins"),
+    )
+    .join(name)
 }
 
 /// `imgclf` with a clean environment for plugin discovery, run in `cwd`.
 pub fn imgclf(cwd: &Path) -> Command {
     let mut c = Command::new(bin());
-    c.current_dir(cwd).env_remove("IMGCLF_PLUGIN_PATH").env("IMGCLF_QUIET_PLUGIN_PANICS", "1");
+    c.current_dir(cwd)
+        .env_remove("IMGCLF_PLUGIN_PATH")
+        .env("IMGCLF_QUIET_PLUGIN_PANICS", "1");
     c
 }
 
 pub fn run(c: &mut Command) -> (i32, String, String) {
-    let Output { status, stdout, stderr } = c.output().expect("cannot run imgclf");
-    (status.code().unwrap_or(-1), String::from_utf8_lossy(&stdout).into(), String::from_utf8_lossy(&stderr).into())
+    let Output {
+        status,
+        stdout,
+        stderr,
+    } = c.output().expect("cannot run imgclf");
+    (
+        status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&stdout).into(),
+        String::from_utf8_lossy(&stderr).into(),
+    )
 }
 
 /// A fresh scratch directory under target/test-scratch.
 pub fn scratch(name: &str) -> PathBuf {
-    let d = workspace().join("target/test-scratch").join(format!("{name}-{}", std::process::id()));
+    let d = workspace()
+        .join("target/test-scratch")
+        .join(format!("{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
     d
@@ -59,13 +85,27 @@ fn idx_file(path: &Path, magic: u32, dims: &[u32], data: &[u8]) {
 }
 
 /// Writes an MNIST-format dataset (plain IDX files) into `dir`.
-pub fn write_idx_dataset(dir: &Path, train: &imgclf::datasets::ImageSet, test: &imgclf::datasets::ImageSet) {
+pub fn write_idx_dataset(
+    dir: &Path,
+    train: &imgclf::datasets::ImageSet,
+    test: &imgclf::datasets::ImageSet,
+) {
     std::fs::create_dir_all(dir).unwrap();
     for (prefix, set) in [("train", train), ("t10k", test)] {
         let n = set.len() as u32;
-        idx_file(&dir.join(format!("{prefix}-images-idx3-ubyte")), 0x803, &[n, set.height as u32, set.width as u32], &set.images);
+        idx_file(
+            &dir.join(format!("{prefix}-images-idx3-ubyte")),
+            0x803,
+            &[n, set.height as u32, set.width as u32],
+            &set.images,
+        );
         let labels: Vec<u8> = set.labels.iter().map(|&l| l as u8).collect();
-        idx_file(&dir.join(format!("{prefix}-labels-idx1-ubyte")), 0x801, &[n], &labels);
+        idx_file(
+            &dir.join(format!("{prefix}-labels-idx1-ubyte")),
+            0x801,
+            &[n],
+            &labels,
+        );
     }
 }
 
@@ -84,7 +124,9 @@ fn head(set: &imgclf::datasets::ImageSet, n: usize) -> imgclf::datasets::ImageSe
 pub fn fashion_mnist_subset(dir: &Path, n_train: usize, n_test: usize) {
     let info = imgclf::datasets::find("FashionMNIST").unwrap();
     let src = Path::new(FASHION_MNIST);
-    let train = info.load(src, imgclf::datasets::Split::Train).expect("Fashion-MNIST (apt-get install dataset-fashion-mnist)");
+    let train = info
+        .load(src, imgclf::datasets::Split::Train)
+        .expect("Fashion-MNIST (apt-get install dataset-fashion-mnist)");
     let test = info.load(src, imgclf::datasets::Split::Test).unwrap();
     write_idx_dataset(dir, &head(&train, n_train), &head(&test, n_test));
 }
@@ -94,6 +136,9 @@ pub fn jsonl(path: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(path)
         .unwrap_or_default()
         .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad line {l:?} in {}: {e}", path.display())))
+        .map(|l| {
+            serde_json::from_str(l)
+                .unwrap_or_else(|e| panic!("bad line {l:?} in {}: {e}", path.display()))
+        })
         .collect()
 }

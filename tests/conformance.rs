@@ -9,16 +9,33 @@ use imgclf_tests::*;
 use tch::{Device, Kind as K, Tensor};
 
 fn registry() -> Registry {
-    let r = Registry::discover(&Discovery { cli_paths: vec![plugin_dir()], files: vec![] }).unwrap();
-    assert!(r.errors.is_empty(), "{:?}", r.errors.iter().map(|e| e.to_string()).collect::<Vec<_>>());
-    assert!(!r.plugins.is_empty(), "no plugins in {}", plugin_dir().display());
+    let r = Registry::discover(&Discovery {
+        cli_paths: vec![plugin_dir()],
+        files: vec![],
+    })
+    .unwrap();
+    assert!(
+        r.errors.is_empty(),
+        "{:?}",
+        r.errors.iter().map(|e| e.to_string()).collect::<Vec<_>>()
+    );
+    assert!(
+        !r.plugins.is_empty(),
+        "no plugins in {}",
+        plugin_dir().display()
+    );
     r
 }
 
 fn request(config: Option<&str>, overrides: &[&str]) -> Request {
     let mut o: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
     o.extend(["device".to_string(), "cpu".to_string()]);
-    Request { plugin: None, config_file: config.map(|c| workspace().join(c)), overrides: o, resume_config: None }
+    Request {
+        plugin: None,
+        config_file: config.map(|c| workspace().join(c)),
+        overrides: o,
+        resume_config: None,
+    }
 }
 
 fn state_of(m: &imgclf_plugin_api::ffi::HostModel) -> Vec<NamedTensor> {
@@ -28,30 +45,48 @@ fn state_of(m: &imgclf_plugin_api::ffi::HostModel) -> Vec<NamedTensor> {
 #[test]
 fn every_model_builds_trains_and_round_trips_its_state_dict() {
     let reg = registry();
-    let models: Vec<String> = reg.of_kind(Kind::Model).map(|e| e.info.name.clone()).collect();
+    let models: Vec<String> = reg
+        .of_kind(Kind::Model)
+        .map(|e| e.info.name.clone())
+        .collect();
     assert!(!models.is_empty());
     for name in &models {
         for dataset in ["CIFAR10", "FashionMNIST", "CIFAR100"] {
-            let s = setup(&reg, &request(None, &["model.name", name, "dataset.name", dataset]), Purpose::Evaluate)
-                .unwrap_or_else(|e| panic!("{name}: {e:#}"));
-            let (c, hw, k) = (s.config.int("dataset.n_channels"), s.config.int("dataset.image_size"), s.config.int("dataset.n_classes"));
+            let s = setup(
+                &reg,
+                &request(None, &["model.name", name, "dataset.name", dataset]),
+                Purpose::Evaluate,
+            )
+            .unwrap_or_else(|e| panic!("{name}: {e:#}"));
+            let (c, hw, k) = (
+                s.config.int("dataset.n_channels"),
+                s.config.int("dataset.image_size"),
+                s.config.int("dataset.n_classes"),
+            );
             tch::manual_seed(0);
             let mut model = imgclf::train::build_model(&reg, &s, Device::Cpu).unwrap();
             let x = Tensor::randn([2, c, hw, hw], (K::Float, Device::Cpu));
             let logits = model.forward(&x, true).unwrap();
             assert_eq!(logits.size(), vec![2, k], "{name} on {dataset}");
-            logits.cross_entropy_for_logits(&Tensor::from_slice(&[0i64, 1])).backward();
+            logits
+                .cross_entropy_for_logits(&Tensor::from_slice(&[0i64, 1]))
+                .backward();
             let tensors = state_of(&model);
             let mut nonzero = 0;
             for t in tensors.iter().filter(|t| t.trainable) {
                 let g = t.tensor.grad();
                 assert!(g.defined(), "{name}: {} has no gradient", t.name);
                 assert_eq!(g.size(), t.tensor.size());
-                assert!(g.isfinite().all().int64_value(&[]) == 1, "{name}: non-finite gradient in {}", t.name);
+                assert!(
+                    g.isfinite().all().int64_value(&[]) == 1,
+                    "{name}: non-finite gradient in {}",
+                    t.name
+                );
                 nonzero += (g.abs().sum(K::Float).double_value(&[]) > 0.0) as usize;
             }
             assert!(nonzero > 0, "{name}: all gradients are zero");
-            let names: std::collections::HashSet<&str> = tensors.iter().map(|t| t.name.as_str()).collect();
+            let names: std::collections::HashSet<&str> =
+                tensors.iter().map(|t| t.name.as_str()).collect();
             assert_eq!(names.len(), tensors.len(), "{name}: duplicate tensor names");
 
             // Eval mode is deterministic, and saving + loading the state dict into a freshly
@@ -61,16 +96,26 @@ fn every_model_builds_trains_and_round_trips_its_state_dict() {
             assert!(y1.equal(&y2), "{name}: eval forward is not deterministic");
             let d = scratch(&format!("conformance-{name}-{dataset}"));
             let path = d.join("w.safetensors");
-            let named: Vec<(String, Tensor)> = tensors.iter().map(|t| (t.name.clone(), t.tensor.shallow_clone())).collect();
+            let named: Vec<(String, Tensor)> = tensors
+                .iter()
+                .map(|t| (t.name.clone(), t.tensor.shallow_clone()))
+                .collect();
             imgclf::io::save_safetensors(&path, &named, Default::default()).unwrap();
             tch::manual_seed(1);
             let mut fresh = imgclf::train::build_model(&reg, &s, Device::Cpu).unwrap();
             let before = tch::no_grad(|| fresh.forward(&x, false).unwrap());
-            assert!(!before.equal(&y1), "{name}: a different seed should give different weights");
+            assert!(
+                !before.equal(&y1),
+                "{name}: a different seed should give different weights"
+            );
             let loaded = imgclf::train::checkpoint::load(&path).unwrap();
-            imgclf::train::checkpoint::copy_into_model(&state_of(&fresh), &loaded.model, &path).unwrap();
+            imgclf::train::checkpoint::copy_into_model(&state_of(&fresh), &loaded.model, &path)
+                .unwrap();
             let after = tch::no_grad(|| fresh.forward(&x, false).unwrap());
-            assert!(after.equal(&y1), "{name}: state-dict round trip changed the outputs");
+            assert!(
+                after.equal(&y1),
+                "{name}: state-dict round trip changed the outputs"
+            );
         }
     }
 }
@@ -89,22 +134,41 @@ struct Case {
 fn cases() -> Vec<Case> {
     let dir = workspace().join("tests/data/reference/state_dict");
     let mut out = Vec::new();
-    let mut files: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).collect();
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
     files.sort();
     for f in files {
         let text = std::fs::read_to_string(&f).unwrap();
         let mut lines = text.lines();
-        let head = lines.next().unwrap().trim_start_matches('#').trim().to_string();
+        let head = lines
+            .next()
+            .unwrap()
+            .trim_start_matches('#')
+            .trim()
+            .to_string();
         let (model, rest) = head.split_once("config:").unwrap();
         let (config, overrides) = rest.split_once("overrides:").unwrap_or((rest, ""));
-        let params = lines.next().unwrap().rsplit(':').next().unwrap().trim().parse().unwrap();
+        let params = lines
+            .next()
+            .unwrap()
+            .rsplit(':')
+            .next()
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
         out.push(Case {
             name: f.file_stem().unwrap().to_string_lossy().to_string(),
             model: model.trim().to_string(),
             config: config.trim().to_string(),
             overrides: split_keeping_brackets(overrides),
             params,
-            tensors: lines.map(|l| l.trim().to_string()).filter(|l| !l.is_empty()).collect(),
+            tensors: lines
+                .map(|l| l.trim().to_string())
+                .filter(|l| !l.is_empty())
+                .collect(),
         });
     }
     out
@@ -151,20 +215,46 @@ fn models_match_the_reference_parameter_counts_and_state_dicts() {
             continue;
         }
         let overrides: Vec<&str> = case.overrides.iter().map(String::as_str).collect();
-        let s = setup(&reg, &request(Some(&case.config), &overrides), Purpose::Evaluate)
-            .unwrap_or_else(|e| panic!("{}: {e:#}", case.name));
+        let s = setup(
+            &reg,
+            &request(Some(&case.config), &overrides),
+            Purpose::Evaluate,
+        )
+        .unwrap_or_else(|e| panic!("{}: {e:#}", case.name));
         let model = imgclf::train::build_model(&reg, &s, Device::Cpu).unwrap();
         let tensors = state_of(&model);
-        assert_eq!(imgclf::train::parameter_count(&tensors), case.params, "{}: parameter count", case.name);
-        let ours: Vec<String> =
-            tensors.iter().map(|t| format!("{} {:?} {}", t.name, t.tensor.size(), dtype(t.tensor.kind()))).collect();
-        assert_eq!(ours, case.tensors, "{}: state dict (names, shapes, dtypes, order)", case.name);
+        assert_eq!(
+            imgclf::train::parameter_count(&tensors),
+            case.params,
+            "{}: parameter count",
+            case.name
+        );
+        let ours: Vec<String> = tensors
+            .iter()
+            .map(|t| {
+                format!(
+                    "{} {:?} {}",
+                    t.name,
+                    t.tensor.size(),
+                    dtype(t.tensor.kind())
+                )
+            })
+            .collect();
+        assert_eq!(
+            ours, case.tensors,
+            "{}: state dict (names, shapes, dtypes, order)",
+            case.name
+        );
         checked.push(case.name);
     }
     eprintln!("checked against the reference: {checked:?}\nno plugin loaded for: {uncovered:?}");
     for model in reg.of_kind(Kind::Model) {
         let has_case = cases().iter().any(|c| c.model == model.info.name);
-        assert!(has_case, "model `{}` has no reference case in tests/data/reference/state_dict", model.info.name);
+        assert!(
+            has_case,
+            "model `{}` has no reference case in tests/data/reference/state_dict",
+            model.info.name
+        );
     }
     assert!(!checked.is_empty());
 }
@@ -174,23 +264,61 @@ fn every_augmentation_keeps_shapes_targets_and_is_seeded() {
     let reg = registry();
     for e in reg.of_kind(Kind::Augmentation) {
         let s = setup(&reg, &request(None, &[]), Purpose::Train).unwrap();
-        let ctx = DataContext { n_channels: 3, image_size: 32, n_classes: 10, mean: vec![0.5; 3], std: vec![0.25; 3], device: Device::Cpu };
-        let mut aug = reg.plugin(e).create_augmentation(&e.info.name, &s.config.section_json(""), &ctx).unwrap();
+        let ctx = DataContext {
+            n_channels: 3,
+            image_size: 32,
+            n_classes: 10,
+            mean: vec![0.5; 3],
+            std: vec![0.25; 3],
+            device: Device::Cpu,
+        };
+        let mut aug = reg
+            .plugin(e)
+            .create_augmentation(&e.info.name, &s.config.section_json(""), &ctx)
+            .unwrap();
         let images = Tensor::rand([8, 3, 32, 32], (K::Float, Device::Cpu)) * 255.0;
-        let targets = Tensor::from_slice(&[0i64, 1, 2, 3, 4, 5, 6, 7]).one_hot(10).to_kind(K::Float);
+        let targets = Tensor::from_slice(&[0i64, 1, 2, 3, 4, 5, 6, 7])
+            .one_hot(10)
+            .to_kind(K::Float);
         let run = |aug: &mut imgclf_plugin_api::ffi::HostAugmentation, seed| {
-            aug.apply(Batch { images: images.copy(), targets: targets.copy(), views: 1 }, seed).unwrap()
+            aug.apply(
+                Batch {
+                    images: images.copy(),
+                    targets: targets.copy(),
+                    views: 1,
+                },
+                seed,
+            )
+            .unwrap()
         };
         let a = run(&mut aug, 3);
         let b = run(&mut aug, 3);
         let name = &e.info.name;
-        assert_eq!(a.images.size(), vec![8 * a.views as i64, 3, 32, 32], "{name}");
+        assert_eq!(
+            a.images.size(),
+            vec![8 * a.views as i64, 3, 32, 32],
+            "{name}"
+        );
         assert_eq!(a.targets.size(), vec![8, 10], "{name}");
         let sums = a.targets.sum_dim_intlist(1, false, K::Float);
-        assert!(sums.allclose(&Tensor::ones([8], (K::Float, Device::Cpu)), 1e-5, 1e-6, false), "{name}: targets sum to 1");
-        assert!(a.images.equal(&b.images) && a.targets.equal(&b.targets), "{name}: same seed, same result");
+        assert!(
+            sums.allclose(
+                &Tensor::ones([8], (K::Float, Device::Cpu)),
+                1e-5,
+                1e-6,
+                false
+            ),
+            "{name}: targets sum to 1"
+        );
+        assert!(
+            a.images.equal(&b.images) && a.targets.equal(&b.targets),
+            "{name}: same seed, same result"
+        );
         let c = run(&mut aug, 4);
-        assert!(!c.images.equal(&a.images) || !c.targets.equal(&a.targets), "{name}: another seed changes something");
+        assert!(
+            !c.images.equal(&a.images) || !c.targets.equal(&a.targets),
+            "{name}: another seed changes something"
+        );
     }
 }
 
@@ -198,11 +326,28 @@ fn every_augmentation_keeps_shapes_targets_and_is_seeded() {
 fn every_optimizer_descends_and_round_trips_its_state() {
     let reg = registry();
     for e in reg.of_kind(Kind::Optimizer) {
-        let s = setup(&reg, &request(None, &["train.optimizer", &e.info.name]), Purpose::Train).unwrap();
+        let s = setup(
+            &reg,
+            &request(None, &["train.optimizer", &e.info.name]),
+            Purpose::Train,
+        )
+        .unwrap();
         let make = || {
             let w = Tensor::from_slice(&[1.0f32, -2.0, 3.0]).set_requires_grad(true);
-            let group = ParamGroup { weight_decay: 1e-4, params: vec![NamedTensor { name: "w".into(), tensor: w.shallow_clone(), trainable: true }] };
-            (w, reg.plugin(e).create_optimizer(&e.info.name, &s.config.section_json(""), vec![group]).unwrap())
+            let group = ParamGroup {
+                weight_decay: 1e-4,
+                params: vec![NamedTensor {
+                    name: "w".into(),
+                    tensor: w.shallow_clone(),
+                    trainable: true,
+                }],
+            };
+            (
+                w,
+                reg.plugin(e)
+                    .create_optimizer(&e.info.name, &s.config.section_json(""), vec![group])
+                    .unwrap(),
+            )
         };
         let (mut w, mut opt) = make();
         let loss = |w: &Tensor| (w * w).sum(K::Float);
@@ -212,10 +357,16 @@ fn every_optimizer_descends_and_round_trips_its_state() {
             loss(&w).backward();
             opt.step(0.01).unwrap();
         }
-        assert!(loss(&w).double_value(&[]) < initial, "{}: loss did not decrease", e.info.name);
+        assert!(
+            loss(&w).double_value(&[]) < initial,
+            "{}: loss did not decrease",
+            e.info.name
+        );
         let state = opt.state().unwrap();
         let (_, mut fresh) = make();
-        fresh.load_state(state).unwrap_or_else(|err| panic!("{}: {err}", e.info.name));
+        fresh
+            .load_state(state)
+            .unwrap_or_else(|err| panic!("{}: {err}", e.info.name));
     }
 }
 
@@ -223,15 +374,31 @@ fn every_optimizer_descends_and_round_trips_its_state() {
 fn every_scheduler_gives_finite_factors_starting_at_one() {
     let reg = registry();
     for e in reg.of_kind(Kind::Scheduler) {
-        let s = setup(&reg, &request(None, &["scheduler.type", &e.info.name]), Purpose::Train).unwrap();
+        let s = setup(
+            &reg,
+            &request(None, &["scheduler.type", &e.info.name]),
+            Purpose::Train,
+        )
+        .unwrap();
         let sched = reg
             .plugin(e)
-            .create_scheduler(&e.info.name, &s.config.section_json(""), &ScheduleContext { steps_per_epoch: 10, epochs: 160 })
+            .create_scheduler(
+                &e.info.name,
+                &s.config.section_json(""),
+                &ScheduleContext {
+                    steps_per_epoch: 10,
+                    epochs: 160,
+                },
+            )
             .unwrap();
         assert_eq!(sched.factor(0).unwrap(), 1.0, "{}", e.info.name);
         for step in (0..1600).step_by(7) {
             let f = sched.factor(step).unwrap();
-            assert!(f.is_finite() && (0.0..=1.0).contains(&f), "{}: factor({step}) = {f}", e.info.name);
+            assert!(
+                f.is_finite() && (0.0..=1.0).contains(&f),
+                "{}: factor({step}) = {f}",
+                e.info.name
+            );
         }
     }
 }

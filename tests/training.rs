@@ -37,27 +37,52 @@ fn one_epoch_on_6000_real_fashion_mnist_images_reaches_60_percent() {
     fashion_mnist_subset(&data, 6000, 1000);
     let out = d.join("out");
     train(&data, &out, &[]);
-    for f in ["config.yaml", "env.yaml", "log.txt", "metrics.jsonl", "checkpoint_00001.safetensors", "model_final.safetensors"] {
+    for f in [
+        "config.yaml",
+        "env.yaml",
+        "log.txt",
+        "metrics.jsonl",
+        "checkpoint_00001.safetensors",
+        "model_final.safetensors",
+    ] {
         assert!(out.join(f).exists(), "{f} missing");
     }
     let records = jsonl(&out.join("metrics.jsonl"));
     let val: Vec<_> = records.iter().filter(|r| r["split"] == "val").collect();
     assert_eq!(val.len(), 2, "val_first and after epoch 1: {records:?}");
-    assert!(val[0]["acc1"].as_f64().unwrap() < 0.3, "untrained model is near chance");
+    assert!(
+        val[0]["acc1"].as_f64().unwrap() < 0.3,
+        "untrained model is near chance"
+    );
     let acc = val[1]["acc1"].as_f64().unwrap();
     assert!(acc >= 0.60, "validation accuracy after one epoch: {acc}");
     let train_recs: Vec<_> = records.iter().filter(|r| r["split"] == "train").collect();
     let last = train_recs.last().unwrap();
-    for k in ["epoch", "step", "loss", "acc1", "acc5", "lr", "images_per_sec", "elapsed_s"] {
+    for k in [
+        "epoch",
+        "step",
+        "loss",
+        "acc1",
+        "acc5",
+        "lr",
+        "images_per_sec",
+        "elapsed_s",
+    ] {
         assert!(!last[k].is_null(), "{k} missing in {last}");
     }
     assert_eq!(last["step"], 46, "6000 / 128 with drop_last");
     let config = std::fs::read_to_string(out.join("config.yaml")).unwrap();
-    assert!(config.contains("FashionMNIST") && config.contains("depth: 20"), "{config}");
+    assert!(
+        config.contains("FashionMNIST") && config.contains("depth: 20"),
+        "{config}"
+    );
     // The output directory is never overwritten.
     let (code, _, err) = run(imgclf(&workspace()).args(train_args(&data, &out, &[])));
     assert_eq!(code, 1);
-    assert!(err.contains("already exists") && err.contains("--resume"), "{err}");
+    assert!(
+        err.contains("already exists") && err.contains("--resume"),
+        "{err}"
+    );
 }
 
 fn tensors(path: &Path) -> Vec<(String, tch::Tensor)> {
@@ -69,7 +94,12 @@ fn assert_same_weights(a: &Path, b: &Path) {
     assert_eq!(ta.len(), tb.len());
     for ((na, xa), (nb, xb)) in ta.iter().zip(&tb) {
         assert_eq!(na, nb);
-        assert!(xa.equal(xb), "{na} differs between {} and {}", a.display(), b.display());
+        assert!(
+            xa.equal(xb),
+            "{na} differs between {} and {}",
+            a.display(),
+            b.display()
+        );
     }
 }
 
@@ -111,37 +141,69 @@ fn resume_after_kill_9_and_after_ctrl_c_ends_with_the_same_weights() {
     // kill -9 once the first epoch's checkpoint exists, then resume.
     let d = scratch("resume-kill");
     let out = d.join("out");
-    let mut child = imgclf(&workspace()).args(train_args(&data, &out, SMALL)).stderr(std::process::Stdio::null()).spawn().unwrap();
-    wait_for("checkpoint_00001", Duration::from_secs(300), || out.join("checkpoint_00001.safetensors").exists());
+    let mut child = imgclf(&workspace())
+        .args(train_args(&data, &out, SMALL))
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for("checkpoint_00001", Duration::from_secs(300), || {
+        out.join("checkpoint_00001.safetensors").exists()
+    });
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
-    assert!(!out.join("model_final.safetensors").exists(), "killed before the end");
-    let (code, _, err) = run(imgclf(&workspace()).args(["train", "--resume", out.to_str().unwrap()]));
+    assert!(
+        !out.join("model_final.safetensors").exists(),
+        "killed before the end"
+    );
+    let (code, _, err) =
+        run(imgclf(&workspace()).args(["train", "--resume", out.to_str().unwrap()]));
     assert_eq!(code, 0, "{err}");
     assert!(err.contains("resumed from"), "{err}");
     assert_same_weights(&reference_final, &out.join("model_final.safetensors"));
     // metrics.jsonl has each step once.
-    let steps: Vec<u64> =
-        jsonl(&out.join("metrics.jsonl")).iter().filter(|r| r["split"] == "train").map(|r| r["step"].as_u64().unwrap()).collect();
+    let steps: Vec<u64> = jsonl(&out.join("metrics.jsonl"))
+        .iter()
+        .filter(|r| r["split"] == "train")
+        .map(|r| r["step"].as_u64().unwrap())
+        .collect();
     assert_eq!(steps, (1..=60).collect::<Vec<_>>());
 
     // Ctrl-C in the middle of an epoch saves a checkpoint there; resume continues from it.
     let d = scratch("resume-ctrlc");
     let out = d.join("out");
-    let mut child = imgclf(&workspace()).args(train_args(&data, &out, SMALL)).stderr(std::process::Stdio::null()).spawn().unwrap();
+    let mut child = imgclf(&workspace())
+        .args(train_args(&data, &out, SMALL))
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
     wait_for("25 steps", Duration::from_secs(300), || {
-        jsonl(&out.join("metrics.jsonl")).iter().filter(|r| r["split"] == "train").count() >= 25
+        jsonl(&out.join("metrics.jsonl"))
+            .iter()
+            .filter(|r| r["split"] == "train")
+            .count()
+            >= 25
     });
-    Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
     let status = child.wait().unwrap();
-    assert_eq!(status.code(), Some(130), "Ctrl-C exits with 130 after saving");
+    assert_eq!(
+        status.code(),
+        Some(130),
+        "Ctrl-C exits with 130 after saving"
+    );
     let saved: Vec<String> = std::fs::read_dir(&out)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
         .filter(|n| n.starts_with("checkpoint_"))
         .collect();
-    assert!(saved.iter().any(|n| n.contains("_step")), "mid-epoch checkpoint expected: {saved:?}");
-    let (code, _, err) = run(imgclf(&workspace()).args(["train", "--resume", out.to_str().unwrap()]));
+    assert!(
+        saved.iter().any(|n| n.contains("_step")),
+        "mid-epoch checkpoint expected: {saved:?}"
+    );
+    let (code, _, err) =
+        run(imgclf(&workspace()).args(["train", "--resume", out.to_str().unwrap()]));
     assert_eq!(code, 0, "{err}");
     assert_same_weights(&reference_final, &out.join("model_final.safetensors"));
 }
@@ -160,7 +222,10 @@ fn read_npz(path: &Path) -> std::collections::HashMap<String, Vec<u8>> {
 
 fn npy_payload(bytes: &[u8]) -> (String, &[u8]) {
     let hl = u16::from_le_bytes([bytes[8], bytes[9]]) as usize;
-    (String::from_utf8_lossy(&bytes[10..10 + hl]).to_string(), &bytes[10 + hl..])
+    (
+        String::from_utf8_lossy(&bytes[10..10 + hl]).to_string(),
+        &bytes[10 + hl..],
+    )
 }
 
 #[test]
@@ -169,7 +234,18 @@ fn evaluate_round_trips_model_final_and_bad_checkpoints_are_clear_errors() {
     let data = d.join("data");
     fashion_mnist_subset(&data, 512, 100);
     let out = d.join("out");
-    train(&data, &out, &["model.resnet_preact.depth", "8", "train.batch_size", "64", "train.val_first", "False"]);
+    train(
+        &data,
+        &out,
+        &[
+            "model.resnet_preact.depth",
+            "8",
+            "train.batch_size",
+            "64",
+            "train.val_first",
+            "False",
+        ],
+    );
     let weights = out.join("model_final.safetensors");
     let eval_dir = d.join("eval");
     let args = |ckpt: &Path, dir: &Path| -> Vec<String> {
@@ -197,25 +273,58 @@ fn evaluate_round_trips_model_final_and_bad_checkpoints_are_clear_errors() {
         assert!(npz.contains_key(k), "{k} missing");
     }
     let (header, preds) = npy_payload(&npz["preds"]);
-    assert!(header.contains("'<f4'") && header.contains("(100, 10)"), "{header}");
+    assert!(
+        header.contains("'<f4'") && header.contains("(100, 10)"),
+        "{header}"
+    );
     assert_eq!(preds.len(), 100 * 10 * 4);
     let (header, acc) = npy_payload(&npz["acc"]);
     assert!(header.contains("'shape': ()"), "{header}");
     let acc = f64::from_le_bytes(acc.try_into().unwrap());
-    let val = jsonl(&out.join("metrics.jsonl")).into_iter().filter(|r| r["split"] == "val").last().unwrap();
-    assert!((acc - val["acc1"].as_f64().unwrap()).abs() < 1e-9, "evaluate acc {acc} vs training's final val {val}");
+    let val = jsonl(&out.join("metrics.jsonl"))
+        .into_iter()
+        .rfind(|r| r["split"] == "val")
+        .unwrap();
+    assert!(
+        (acc - val["acc1"].as_f64().unwrap()).abs() < 1e-9,
+        "evaluate acc {acc} vs training's final val {val}"
+    );
 
     // The PyTorch reference architecture loads the state dict strictly and predicts the same
     // logits (when the PyTorch used for building is at hand).
     if let Some(python) = std::env::var_os("IMGCLF_PYTHON") {
         let status = Command::new(python)
             .arg(workspace().join("tests/python/check_predictions.py"))
-            .args(["--weights", weights.to_str().unwrap(), "--dataset-dir", data.to_str().unwrap()])
-            .args(["--predictions", eval_dir.join("predictions.npz").to_str().unwrap(), "--depth", "8"])
-            .args(["--n-channels", "1", "--image-size", "28", "--n-classes", "10", "--mean", "0.2860", "--std", "0.3530"])
+            .args([
+                "--weights",
+                weights.to_str().unwrap(),
+                "--dataset-dir",
+                data.to_str().unwrap(),
+            ])
+            .args([
+                "--predictions",
+                eval_dir.join("predictions.npz").to_str().unwrap(),
+                "--depth",
+                "8",
+            ])
+            .args([
+                "--n-channels",
+                "1",
+                "--image-size",
+                "28",
+                "--n-classes",
+                "10",
+                "--mean",
+                "0.2860",
+                "--std",
+                "0.3530",
+            ])
             .status()
             .unwrap();
-        assert!(status.success(), "PyTorch reference disagrees with imgclf's predictions");
+        assert!(
+            status.success(),
+            "PyTorch reference disagrees with imgclf's predictions"
+        );
     }
 
     // A state dict missing a tensor and one with a wrong shape: the error lists the names.
@@ -228,11 +337,31 @@ fn evaluate_round_trips_model_final_and_bad_checkpoints_are_clear_errors() {
     imgclf::io::save_safetensors(&broken, &t, Default::default()).unwrap();
     let (code, _, err) = run(imgclf(&workspace()).args(args(&broken, &d.join("eval2"))));
     assert_eq!(code, 1);
-    assert!(err.contains("missing (1): fc.bias") && err.contains("wrong shape (1): conv.weight"), "{err}");
+    assert!(
+        err.contains("missing (1): fc.bias") && err.contains("wrong shape (1): conv.weight"),
+        "{err}"
+    );
 
     // The final weights also serve as initial weights (train.checkpoint).
     let out2 = d.join("out2");
-    train(&data, &out2, &["model.resnet_preact.depth", "8", "train.checkpoint", weights.to_str().unwrap(), "scheduler.epochs", "1"]);
-    let first_val = jsonl(&out2.join("metrics.jsonl")).into_iter().find(|r| r["split"] == "val").unwrap();
-    assert!((first_val["acc1"].as_f64().unwrap() - acc).abs() < 1e-9, "val_first of a run started from the weights");
+    train(
+        &data,
+        &out2,
+        &[
+            "model.resnet_preact.depth",
+            "8",
+            "train.checkpoint",
+            weights.to_str().unwrap(),
+            "scheduler.epochs",
+            "1",
+        ],
+    );
+    let first_val = jsonl(&out2.join("metrics.jsonl"))
+        .into_iter()
+        .find(|r| r["split"] == "val")
+        .unwrap();
+    assert!(
+        (first_val["acc1"].as_f64().unwrap() - acc).abs() < 1e-9,
+        "val_first of a run started from the weights"
+    );
 }

@@ -10,7 +10,11 @@ use serde_json::json;
 use std::path::PathBuf;
 
 #[derive(Parser, Debug)]
-#[command(name = "imgclf", version, about = "Image-classification training with plugins (models, augmentations, optimizers, schedulers)")]
+#[command(
+    name = "imgclf",
+    version,
+    about = "Image-classification training with plugins (models, augmentations, optimizers, schedulers)"
+)]
 pub struct Cli {
     /// Extra folder to search for plugins (repeatable; searched before IMGCLF_PLUGIN_PATH and
     /// the folder beside the binary).
@@ -48,7 +52,11 @@ struct ConfigArgs {
     #[arg(long)]
     config: Option<PathBuf>,
     /// Dotted overrides: KEY VALUE pairs with Python-literal values (`train.base_lr 0.2`).
-    #[arg(trailing_var_arg = true, allow_hyphen_values = true, value_name = "KEY VALUE")]
+    #[arg(
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        value_name = "KEY VALUE"
+    )]
     overrides: Vec<String>,
 }
 
@@ -80,12 +88,20 @@ enum PluginsCmd {
 }
 
 fn request(c: &ConfigArgs) -> Request {
-    Request { plugin: c.plugin.clone(), config_file: c.config.clone(), overrides: c.overrides.clone(), resume_config: None }
+    Request {
+        plugin: c.plugin.clone(),
+        config_file: c.config.clone(),
+        overrides: c.overrides.clone(),
+        resume_config: None,
+    }
 }
 
 fn discover(cli: &Cli, request: Option<&Request>) -> Result<Registry> {
     let files = request.and_then(plugin_file).into_iter().collect();
-    Registry::discover(&Discovery { cli_paths: cli.plugin_path.clone(), files })
+    Registry::discover(&Discovery {
+        cli_paths: cli.plugin_path.clone(),
+        files,
+    })
 }
 
 fn plugin_json(p: &LoadedPlugin) -> serde_json::Value {
@@ -97,7 +113,10 @@ fn plugin_json(p: &LoadedPlugin) -> serde_json::Value {
 }
 
 fn papers(p: &[String]) -> String {
-    p.iter().map(|a| format!("arXiv:{a}")).collect::<Vec<_>>().join(", ")
+    p.iter()
+        .map(|a| format!("arXiv:{a}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn print_list(reg: &Registry, as_json: bool) {
@@ -111,13 +130,35 @@ fn print_list(reg: &Registry, as_json: bool) {
         return;
     }
     if reg.plugins.is_empty() {
-        println!("no plugins found (searched: {})", reg.searched.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "));
+        println!(
+            "no plugins found (searched: {})",
+            reg.searched
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
     }
     for p in &reg.plugins {
-        println!("{} {}  {}\n  file: {}", p.name, p.version, p.description, p.path.display());
+        println!(
+            "{} {}  {}\n  file: {}",
+            p.name,
+            p.version,
+            p.description,
+            p.path.display()
+        );
         for c in &p.components {
-            let paper = if c.papers.is_empty() { String::new() } else { format!(" [{}]", papers(&c.papers)) };
-            println!("  {:<12} {:<24} {}{paper}", c.kind.as_str(), c.name, c.description);
+            let paper = if c.papers.is_empty() {
+                String::new()
+            } else {
+                format!(" [{}]", papers(&c.papers))
+            };
+            println!(
+                "  {:<12} {:<24} {}{paper}",
+                c.kind.as_str(),
+                c.name,
+                c.description
+            );
         }
     }
     if !reg.errors.is_empty() {
@@ -131,14 +172,29 @@ fn print_list(reg: &Registry, as_json: bool) {
 fn print_inspect(reg: &Registry, name: &str, as_json: bool) -> Result<()> {
     let p = reg.plugin_by_name(name).with_context(|| {
         let names: Vec<&str> = reg.plugins.iter().map(|p| p.name.as_str()).collect();
-        format!("no plugin named `{name}`; loaded: {}", if names.is_empty() { "none".into() } else { names.join(", ") })
+        format!(
+            "no plugin named `{name}`; loaded: {}",
+            if names.is_empty() {
+                "none".into()
+            } else {
+                names.join(", ")
+            }
+        )
     })?;
     if as_json {
-        println!("{}", serde_json::to_string_pretty(&plugin_json(p)).unwrap_or_default());
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&plugin_json(p)).unwrap_or_default()
+        );
         return Ok(());
     }
     println!("{} {}\n  {}", p.name, p.version, p.description);
-    println!("  file: {}\n  plugin API {}, libtorch {}", p.path.display(), p.api_version, p.libtorch_version);
+    println!(
+        "  file: {}\n  plugin API {}, libtorch {}",
+        p.path.display(),
+        p.api_version,
+        p.libtorch_version
+    );
     for kind in Kind::ALL {
         for c in p.components.iter().filter(|c| c.kind == kind) {
             println!("\n{} `{}`: {}", kind.as_str(), c.name, c.description);
@@ -146,15 +202,31 @@ fn print_inspect(reg: &Registry, name: &str, as_json: bool) -> Result<()> {
                 println!("  papers: {}", papers(&c.papers));
             }
             if let Some(s) = &c.switch {
-                println!("  enabled by: {s} True (stage: {})", c.stage.map(|s| s.as_str()).unwrap_or("?"));
+                println!(
+                    "  enabled by: {s} True (stage: {})",
+                    c.stage.map(|s| s.as_str()).unwrap_or("?")
+                );
             }
             for k in &c.keys {
                 let choices = if k.choices.is_empty() {
                     String::new()
                 } else {
-                    format!(" choices: {}", k.choices.iter().map(|v| v.to_string()).collect::<Vec<_>>().join(", "))
+                    format!(
+                        " choices: {}",
+                        k.choices
+                            .iter()
+                            .map(|v| v.to_string())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )
                 };
-                println!("  {:<44} {:<10} default {}{choices}\n      {}", k.key, k.ty.to_text(), k.default, k.help);
+                println!(
+                    "  {:<44} {:<10} default {}{choices}\n      {}",
+                    k.key,
+                    k.ty.to_text(),
+                    k.default,
+                    k.help
+                );
             }
         }
     }
@@ -175,11 +247,15 @@ fn hoist_trailing_options(cli: &mut Cli) -> Result<()> {
         let mut value = |name: &str| it.next().with_context(|| format!("{name} needs a value"));
         match arg.as_str() {
             "--dry-run" if train.is_some() => *train.as_mut().unwrap().0 = true,
-            "--resume" if train.is_some() => *train.as_mut().unwrap().1 = Some(PathBuf::from(value("--resume")?)),
+            "--resume" if train.is_some() => {
+                *train.as_mut().unwrap().1 = Some(PathBuf::from(value("--resume")?))
+            }
             "--plugin" => config.plugin = Some(value("--plugin")?),
             "--config" => config.config = Some(PathBuf::from(value("--config")?)),
             "--plugin-path" => cli.plugin_path.push(PathBuf::from(value("--plugin-path")?)),
-            a if a.starts_with("--") => anyhow::bail!("unknown option `{a}` among the KEY VALUE overrides"),
+            a if a.starts_with("--") => {
+                anyhow::bail!("unknown option `{a}` among the KEY VALUE overrides")
+            }
             _ => rest.push(arg),
         }
     }
@@ -190,14 +266,19 @@ fn hoist_trailing_options(cli: &mut Cli) -> Result<()> {
 fn run(mut cli: Cli) -> Result<i32> {
     hoist_trailing_options(&mut cli)?;
     crate::logging::init(cli.verbose);
-    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
     tch::set_num_threads(threads as i32);
     match &cli.command {
         Command::Train(t) => {
             let req = request(&t.config);
             let reg = discover(&cli, Some(&req))?;
             reg.warn_load_errors();
-            let args = crate::train::TrainArgs { dry_run: t.dry_run, resume: t.resume.clone() };
+            let args = crate::train::TrainArgs {
+                dry_run: t.dry_run,
+                resume: t.resume.clone(),
+            };
             crate::train::run(&reg, &req, &args)?;
         }
         Command::Evaluate(c) => {
@@ -205,7 +286,12 @@ fn run(mut cli: Cli) -> Result<i32> {
             let reg = discover(&cli, Some(&req))?;
             reg.warn_load_errors();
             let s = crate::evaluate::run(&reg, &req)?;
-            println!("loss {:.6} acc {:.6} -> {}", s.loss, s.acc, s.output.display());
+            println!(
+                "loss {:.6} acc {:.6} -> {}",
+                s.loss,
+                s.acc,
+                s.output.display()
+            );
         }
         Command::Plugins(PluginsCmd::List { json }) => print_list(&discover(&cli, None)?, *json),
         Command::Plugins(PluginsCmd::Inspect { name, json }) => {
@@ -238,7 +324,10 @@ pub fn main() -> i32 {
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {}", imgclf_plugin_api::error::clean_torch_message(&format!("{e:#}")));
+            eprintln!(
+                "error: {}",
+                imgclf_plugin_api::error::clean_torch_message(&format!("{e:#}"))
+            );
             1
         }
     }

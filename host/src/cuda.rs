@@ -16,7 +16,10 @@ fn libtorch_dir() -> Option<PathBuf> {
 /// Loads `libtorch_cuda.so` if it exists next to `libtorch_cpu.so` (or on the loader's search
 /// path). Must run first in `main`. Returns what happened, for `imgclf env`.
 pub fn preload() -> String {
-    let mut candidates: Vec<PathBuf> = libtorch_dir().into_iter().map(|d| d.join("libtorch_cuda.so")).collect();
+    let mut candidates: Vec<PathBuf> = libtorch_dir()
+        .into_iter()
+        .map(|d| d.join("libtorch_cuda.so"))
+        .collect();
     candidates.push(PathBuf::from("libtorch_cuda.so"));
     let mut last_err = String::new();
     for c in candidates {
@@ -26,7 +29,10 @@ pub fn preload() -> String {
         // SAFETY: loading libtorch's own CUDA library runs its static initialisers, which only
         // register kernels with the dispatcher; the handle is kept for the process lifetime.
         match unsafe {
-            libloading::os::unix::Library::open(Some(&c), libloading::os::unix::RTLD_NOW | libloading::os::unix::RTLD_GLOBAL)
+            libloading::os::unix::Library::open(
+                Some(&c),
+                libloading::os::unix::RTLD_NOW | libloading::os::unix::RTLD_GLOBAL,
+            )
         } {
             Ok(lib) => {
                 std::mem::forget(lib);

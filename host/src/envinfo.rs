@@ -5,13 +5,19 @@ use serde_json::{json, Value};
 pub fn collect() -> Value {
     let cuda = tch::Cuda::is_available();
     let devices: Vec<String> = if cuda {
-        (0..tch::Cuda::device_count()).map(|i| format!("cuda:{i}")).collect()
+        (0..tch::Cuda::device_count())
+            .map(|i| format!("cuda:{i}"))
+            .collect()
     } else {
         vec![]
     };
     let cpu_model = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
         .unwrap_or_default();
     json!({
         "imgclf_version": env!("CARGO_PKG_VERSION"),

@@ -25,14 +25,19 @@ pub fn run(registry: &Registry, request: &Request) -> Result<Summary> {
     }
     let ckpt = PathBuf::from(ckpt);
     let out_dir = match c.str("test.output_dir") {
-        "" => ckpt.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from(".")),
+        "" => ckpt
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from(".")),
         d => PathBuf::from(d),
     };
-    std::fs::create_dir_all(&out_dir).with_context(|| format!("cannot create {}", out_dir.display()))?;
+    std::fs::create_dir_all(&out_dir)
+        .with_context(|| format!("cannot create {}", out_dir.display()))?;
     let device = device_of(c)?;
     let mut model = build_model(registry, &s, device)?;
     let tensors = model.tensors()?;
-    let loaded = checkpoint::load(&ckpt).with_context(|| format!("test.checkpoint = '{}'", ckpt.display()))?;
+    let loaded = checkpoint::load(&ckpt)
+        .with_context(|| format!("test.checkpoint = '{}'", ckpt.display()))?;
     checkpoint::copy_into_model(&tensors, &loaded.model, &ckpt)?;
 
     let test = s.dataset.load(&s.dataset_dir, Split::Test)?;
@@ -46,8 +51,13 @@ pub fn run(registry: &Registry, request: &Request) -> Result<Summary> {
             let (images, labels) = data::gather(&test, chunk);
             let labels = labels.to_device(device);
             let logits = model.forward(&norm.apply(&images.to_device(device)), false)?;
-            loss_sum += logits.cross_entropy_for_logits(&labels).double_value(&[]) * chunk.len() as f64;
-            correct += logits.argmax(1, false).eq_tensor(&labels).sum(Kind::Int64).int64_value(&[]);
+            loss_sum +=
+                logits.cross_entropy_for_logits(&labels).double_value(&[]) * chunk.len() as f64;
+            correct += logits
+                .argmax(1, false)
+                .eq_tensor(&labels)
+                .sum(Kind::Int64)
+                .int64_value(&[]);
             all_logits.push(logits.to_device(tch::Device::Cpu).to_kind(Kind::Float));
             bar.inc(chunk.len() as u64);
         }
@@ -70,6 +80,10 @@ pub fn run(registry: &Registry, request: &Request) -> Result<Summary> {
             NpyArray::scalar_f64("acc", acc),
         ],
     )?;
-    tracing::info!("Loss {loss:.4} Accuracy {acc:.4} ({} test images); wrote {}", test.len(), output.display());
+    tracing::info!(
+        "Loss {loss:.4} Accuracy {acc:.4} ({} test images); wrote {}",
+        test.len(),
+        output.display()
+    );
     Ok(Summary { loss, acc, output })
 }

@@ -11,8 +11,14 @@ use tch::{Device, Kind, Tensor};
 /// Writes `bytes` to `path` so that readers see either the old file or the complete new one,
 /// even if the process is killed mid-write.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let name = path.file_name().context("path has no file name")?.to_string_lossy();
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .context("path has no file name")?
+        .to_string_lossy();
     let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
     let result = (|| -> Result<()> {
         let mut f = std::fs::File::create(&tmp)?;
@@ -72,24 +78,40 @@ pub fn tensor_bytes(t: &Tensor) -> Vec<u8> {
 }
 
 /// Saves named tensors (and string metadata) as one safetensors file, atomically.
-pub fn save_safetensors(path: &Path, tensors: &[(String, Tensor)], metadata: HashMap<String, String>) -> Result<()> {
+pub fn save_safetensors(
+    path: &Path,
+    tensors: &[(String, Tensor)],
+    metadata: HashMap<String, String>,
+) -> Result<()> {
     let data: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = tensors
         .iter()
         .map(|(n, t)| {
-            Ok((n.clone(), dtype_of(t.kind())?, t.size().iter().map(|&d| d as usize).collect(), tensor_bytes(t)))
+            Ok((
+                n.clone(),
+                dtype_of(t.kind())?,
+                t.size().iter().map(|&d| d as usize).collect(),
+                tensor_bytes(t),
+            ))
         })
         .collect::<Result<_>>()?;
     let views: Vec<(String, TensorView)> = data
         .iter()
         .map(|(n, d, s, b)| Ok((n.clone(), TensorView::new(*d, s.clone(), b)?)))
         .collect::<Result<_>>()?;
-    let meta = if metadata.is_empty() { None } else { Some(metadata) };
+    let meta = if metadata.is_empty() {
+        None
+    } else {
+        Some(metadata)
+    };
     let bytes = safetensors::tensor::serialize(views, &meta)?;
     write_atomic(path, &bytes)
 }
 
-/// Loads a safetensors file: its tensors (on the CPU, in file order) and metadata.
-pub fn load_safetensors(path: &Path) -> Result<(Vec<(String, Tensor)>, HashMap<String, String>)> {
+/// Named tensors and string metadata of a safetensors file.
+pub type SafetensorsContent = (Vec<(String, Tensor)>, HashMap<String, String>);
+
+/// Loads a safetensors file: its tensors (on the CPU, sorted by name) and metadata.
+pub fn load_safetensors(path: &Path) -> Result<SafetensorsContent> {
     let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
     let parse = || -> Result<_> {
         let (_, meta) = SafeTensors::read_metadata(&bytes)?;
@@ -126,11 +148,21 @@ impl NpyArray {
             Kind::Bool => "|b1",
             other => bail!("cannot store a {other:?} tensor in .npy"),
         };
-        Ok(NpyArray { name: name.into(), descr, shape: t.size().iter().map(|&d| d as usize).collect(), data: tensor_bytes(t) })
+        Ok(NpyArray {
+            name: name.into(),
+            descr,
+            shape: t.size().iter().map(|&d| d as usize).collect(),
+            data: tensor_bytes(t),
+        })
     }
 
     pub fn scalar_f64(name: &str, v: f64) -> Self {
-        NpyArray { name: name.into(), descr: "<f8", shape: vec![], data: v.to_le_bytes().to_vec() }
+        NpyArray {
+            name: name.into(),
+            descr: "<f8",
+            shape: vec![],
+            data: v.to_le_bytes().to_vec(),
+        }
     }
 
     /// The `.npy` (format 1.0) bytes.
@@ -138,9 +170,18 @@ impl NpyArray {
         let shape = match self.shape.as_slice() {
             [] => "()".to_string(),
             [n] => format!("({n},)"),
-            dims => format!("({})", dims.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", ")),
+            dims => format!(
+                "({})",
+                dims.iter()
+                    .map(|d| d.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
         };
-        let mut header = format!("{{'descr': '{}', 'fortran_order': False, 'shape': {shape}, }}", self.descr);
+        let mut header = format!(
+            "{{'descr': '{}', 'fortran_order': False, 'shape': {shape}, }}",
+            self.descr
+        );
         let unpadded = 10 + header.len() + 1;
         header.push_str(&" ".repeat((64 - unpadded % 64) % 64));
         header.push('\n');
@@ -186,14 +227,33 @@ mod tests {
         let a = Tensor::from_slice(&[1.5f32, -2.0, 3.25, 4.0]).view([2, 2]);
         let b = Tensor::from_slice(&[7i64]).view([]);
         let meta = HashMap::from([("epoch".to_string(), "3".to_string())]);
-        save_safetensors(&p, &[("w".into(), a.shallow_clone()), ("n".into(), b.shallow_clone())], meta).unwrap();
+        save_safetensors(
+            &p,
+            &[
+                ("w".into(), a.shallow_clone()),
+                ("n".into(), b.shallow_clone()),
+            ],
+            meta,
+        )
+        .unwrap();
         let (loaded, meta) = load_safetensors(&p).unwrap();
         assert_eq!(meta["epoch"], "3");
-        let get = |n: &str| loaded.iter().find(|(k, _)| k == n).unwrap().1.shallow_clone();
+        let get = |n: &str| {
+            loaded
+                .iter()
+                .find(|(k, _)| k == n)
+                .unwrap()
+                .1
+                .shallow_clone()
+        };
         assert!(get("w").equal(&a));
         assert_eq!(get("n").kind(), Kind::Int64);
         assert_eq!(get("n").size(), Vec::<i64>::new());
-        assert!(!std::fs::read_dir(&d).unwrap().any(|e| e.unwrap().file_name().to_string_lossy().contains(".tmp")));
+        assert!(!std::fs::read_dir(&d).unwrap().any(|e| e
+            .unwrap()
+            .file_name()
+            .to_string_lossy()
+            .contains(".tmp")));
     }
 
     #[test]
@@ -202,19 +262,28 @@ mod tests {
         let p = d.join("bad.safetensors");
         std::fs::write(&p, b"definitely not safetensors").unwrap();
         let e = format!("{:#}", load_safetensors(&p).unwrap_err());
-        assert!(e.contains("bad.safetensors") && e.contains("not a valid safetensors"), "{e}");
+        assert!(
+            e.contains("bad.safetensors") && e.contains("not a valid safetensors"),
+            "{e}"
+        );
     }
 
     #[test]
     fn npy_header_is_aligned_and_describes_the_array() {
-        let a = NpyArray::from_tensor("preds", &Tensor::zeros([3, 10], (Kind::Float, Device::Cpu))).unwrap();
+        let a = NpyArray::from_tensor("preds", &Tensor::zeros([3, 10], (Kind::Float, Device::Cpu)))
+            .unwrap();
         let bytes = a.to_npy();
         let header_len = u16::from_le_bytes([bytes[8], bytes[9]]) as usize;
         assert_eq!((10 + header_len) % 64, 0);
         let header = std::str::from_utf8(&bytes[10..10 + header_len]).unwrap();
-        assert!(header.contains("'descr': '<f4'") && header.contains("'shape': (3, 10)"), "{header}");
+        assert!(
+            header.contains("'descr': '<f4'") && header.contains("'shape': (3, 10)"),
+            "{header}"
+        );
         assert_eq!(bytes.len(), 10 + header_len + 3 * 10 * 4);
         let s = NpyArray::scalar_f64("acc", 0.5).to_npy();
-        assert!(std::str::from_utf8(&s[10..74]).unwrap().contains("'shape': ()"));
+        assert!(std::str::from_utf8(&s[10..74])
+            .unwrap()
+            .contains("'shape': ()"));
     }
 }

@@ -13,7 +13,12 @@ struct Sinks {
 
 fn sinks() -> &'static Mutex<Sinks> {
     static SINKS: OnceLock<Mutex<Sinks>> = OnceLock::new();
-    SINKS.get_or_init(|| Mutex::new(Sinks { file: None, bar: None }))
+    SINKS.get_or_init(|| {
+        Mutex::new(Sinks {
+            file: None,
+            bar: None,
+        })
+    })
 }
 
 /// Also write every log line to this file (the run's `log.txt`).

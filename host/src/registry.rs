@@ -23,7 +23,10 @@ pub fn search_path(cli_paths: &[PathBuf]) -> Vec<PathBuf> {
     if let Some(env) = std::env::var_os("IMGCLF_PLUGIN_PATH") {
         dirs.extend(std::env::split_paths(&env).filter(|p| !p.as_os_str().is_empty()));
     }
-    if let Some(exe_dir) = std::env::current_exe().ok().and_then(|e| e.parent().map(Path::to_path_buf)) {
+    if let Some(exe_dir) = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(Path::to_path_buf))
+    {
         dirs.push(exe_dir.join("../lib/imgclf/plugins"));
         dirs.push(exe_dir.join("plugins"));
     }
@@ -46,7 +49,10 @@ pub struct Registry {
 }
 
 fn is_shared_library(p: &Path) -> bool {
-    matches!(p.extension().and_then(|e| e.to_str()), Some("so" | "dylib" | "dll"))
+    matches!(
+        p.extension().and_then(|e| e.to_str()),
+        Some("so" | "dylib" | "dll")
+    )
 }
 
 impl Registry {
@@ -57,8 +63,13 @@ impl Registry {
         let searched = search_path(&d.cli_paths);
         let mut files: Vec<PathBuf> = d.files.clone();
         for dir in &searched {
-            let Ok(read) = std::fs::read_dir(dir) else { continue };
-            let mut found: Vec<PathBuf> = read.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| is_shared_library(p)).collect();
+            let Ok(read) = std::fs::read_dir(dir) else {
+                continue;
+            };
+            let mut found: Vec<PathBuf> = read
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| is_shared_library(p))
+                .collect();
             found.sort();
             files.extend(found);
         }
@@ -73,7 +84,12 @@ impl Registry {
             match load_plugin(&file) {
                 Ok(p) => {
                     if let Some(first) = plugins.iter().find(|q| q.name == p.name) {
-                        tracing::debug!("plugin `{}` at {} shadowed by {}", p.name, file.display(), first.path.display());
+                        tracing::debug!(
+                            "plugin `{}` at {} shadowed by {}",
+                            p.name,
+                            file.display(),
+                            first.path.display()
+                        );
                         continue;
                     }
                     plugins.push(p);
@@ -97,10 +113,21 @@ impl Registry {
                         p.path.display()
                     );
                 }
-                components.insert(key, Entry { plugin: i, info: info.clone() });
+                components.insert(
+                    key,
+                    Entry {
+                        plugin: i,
+                        info: info.clone(),
+                    },
+                );
             }
         }
-        Ok(Registry { plugins, errors, searched, components })
+        Ok(Registry {
+            plugins,
+            errors,
+            searched,
+            components,
+        })
     }
 
     pub fn get(&self, kind: Kind, name: &str) -> Option<&Entry> {
@@ -122,7 +149,9 @@ impl Registry {
     }
 
     pub fn of_kind(&self, kind: Kind) -> impl Iterator<Item = &Entry> {
-        self.components.values().filter(move |e| e.info.kind == kind)
+        self.components
+            .values()
+            .filter(move |e| e.info.kind == kind)
     }
 
     pub fn plugin(&self, entry: &Entry) -> &LoadedPlugin {
@@ -137,7 +166,10 @@ impl Registry {
         if self.errors.is_empty() {
             String::new()
         } else {
-            format!(" ({} plugin file(s) failed to load: see the warnings above)", self.errors.len())
+            format!(
+                " ({} plugin file(s) failed to load: see the warnings above)",
+                self.errors.len()
+            )
         }
     }
 

@@ -4,7 +4,9 @@
 //! `model.name`, `train.optimizer`, `scheduler.type` and the `augmentation.use_*` switches
 //! through the registry.
 
-use crate::config::{host_schema, Config, ConfigBuilder, KeySpec, Schema, Source, Value, ValueType};
+use crate::config::{
+    host_schema, Config, ConfigBuilder, KeySpec, Schema, Source, Value, ValueType,
+};
 use crate::datasets::{self, DatasetInfo};
 use crate::registry::{Entry, Registry};
 use anyhow::{bail, Context, Result};
@@ -73,7 +75,9 @@ pub fn value_from_json(v: &serde_json::Value) -> Option<Value> {
             None => Value::Float(n.as_f64()?),
         },
         serde_json::Value::String(s) => Value::Str(s.clone()),
-        serde_json::Value::Array(a) => Value::List(a.iter().map(value_from_json).collect::<Option<_>>()?),
+        serde_json::Value::Array(a) => {
+            Value::List(a.iter().map(value_from_json).collect::<Option<_>>()?)
+        }
         _ => return None,
     })
 }
@@ -87,19 +91,32 @@ pub fn full_schema(registry: &Registry) -> Result<Schema> {
             let owner = &registry.plugin(entry).name;
             for k in &entry.info.keys {
                 let default = value_from_json(&k.default).with_context(|| {
-                    format!("plugin `{owner}` declares key `{}` with an unusable default {}", k.key, k.default)
+                    format!(
+                        "plugin `{owner}` declares key `{}` with an unusable default {}",
+                        k.key, k.default
+                    )
                 })?;
-                let mut spec = KeySpec::new(&k.key, key_type(&k.ty), default, &k.help).owned_by(owner);
+                let mut spec =
+                    KeySpec::new(&k.key, key_type(&k.ty), default, &k.help).owned_by(owner);
                 if !k.choices.is_empty() {
-                    let choices: Vec<Value> = k.choices.iter().filter_map(value_from_json).collect();
+                    let choices: Vec<Value> =
+                        k.choices.iter().filter_map(value_from_json).collect();
                     spec = spec.with_choices(choices);
                 }
-                schema.add(spec).with_context(|| format!("plugin `{owner}` ({})", registry.plugin(entry).path.display()))?;
+                schema.add(spec).with_context(|| {
+                    format!(
+                        "plugin `{owner}` ({})",
+                        registry.plugin(entry).path.display()
+                    )
+                })?;
             }
             if let Some(switch) = &entry.info.switch {
                 if schema.get(switch).is_none() {
                     let help = format!("enable {}", entry.info.description);
-                    schema.add(KeySpec::new(switch, ValueType::Bool, Value::Bool(false), &help).owned_by(owner))?;
+                    schema.add(
+                        KeySpec::new(switch, ValueType::Bool, Value::Bool(false), &help)
+                            .owned_by(owner),
+                    )?;
                 }
             }
         }
@@ -116,10 +133,18 @@ pub fn plugin_file(request: &Request) -> Option<PathBuf> {
 }
 
 fn selected_plugin_name(registry: &Registry, request: &Request) -> Result<Option<String>> {
-    let Some(p) = &request.plugin else { return Ok(None) };
+    let Some(p) = &request.plugin else {
+        return Ok(None);
+    };
     if let Some(file) = plugin_file(request) {
-        let canonical = file.canonicalize().with_context(|| format!("--plugin {}: no such file", file.display()))?;
-        if let Some(loaded) = registry.plugins.iter().find(|l| l.path.canonicalize().ok().as_ref() == Some(&canonical)) {
+        let canonical = file
+            .canonicalize()
+            .with_context(|| format!("--plugin {}: no such file", file.display()))?;
+        if let Some(loaded) = registry
+            .plugins
+            .iter()
+            .find(|l| l.path.canonicalize().ok().as_ref() == Some(&canonical))
+        {
             return Ok(Some(loaded.name.clone()));
         }
         let why = registry
@@ -132,12 +157,29 @@ fn selected_plugin_name(registry: &Registry, request: &Request) -> Result<Option
     }
     if registry.plugin_by_name(p).is_none() {
         let names: Vec<&str> = registry.plugins.iter().map(|l| l.name.as_str()).collect();
-        let close: Vec<&str> = names.iter().copied().filter(|n| strsim::jaro_winkler(n, p) > 0.8).collect();
+        let close: Vec<&str> = names
+            .iter()
+            .copied()
+            .filter(|n| strsim::jaro_winkler(n, p) > 0.8)
+            .collect();
         bail!(
             "--plugin {p}: no such plugin{}; loaded plugins: {} (searched {})",
-            if close.is_empty() { String::new() } else { format!(" (did you mean {}?)", close.join(", ")) },
-            if names.is_empty() { "none".into() } else { names.join(", ") },
-            registry.searched.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(", ")
+            if close.is_empty() {
+                String::new()
+            } else {
+                format!(" (did you mean {}?)", close.join(", "))
+            },
+            if names.is_empty() {
+                "none".into()
+            } else {
+                names.join(", ")
+            },
+            registry
+                .searched
+                .iter()
+                .map(|d| d.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
         );
     }
     Ok(Some(p.clone()))
@@ -152,16 +194,29 @@ pub fn setup(registry: &Registry, request: &Request, purpose: Purpose) -> Result
     }
     b.merge_overrides(&request.overrides)?;
     if let Some(resume) = &request.resume_config {
-        let text = std::fs::read_to_string(resume)
-            .with_context(|| format!("--resume: cannot read {} (is this an imgclf output directory?)", resume.display()))?;
+        let text = std::fs::read_to_string(resume).with_context(|| {
+            format!(
+                "--resume: cannot read {} (is this an imgclf output directory?)",
+                resume.display()
+            )
+        })?;
         b.merge_yaml_str(&text, Source::Checkpoint(resume.clone()))?;
         b.set("train.resume", Value::Bool(true), Source::Derived)?;
     }
 
     // --plugin selects the model.
     if let Some(plugin) = selected_plugin_name(registry, request)? {
-        let models: Vec<&Entry> = registry.of_kind(Kind::Model).filter(|e| registry.plugin(e).name == plugin).collect();
-        let current = b.get("model.name").and_then(|v| if let Value::Str(s) = v { Some(s.clone()) } else { None });
+        let models: Vec<&Entry> = registry
+            .of_kind(Kind::Model)
+            .filter(|e| registry.plugin(e).name == plugin)
+            .collect();
+        let current = b.get("model.name").and_then(|v| {
+            if let Value::Str(s) = v {
+                Some(s.clone())
+            } else {
+                None
+            }
+        });
         let user_set = b.source("model.name").is_some_and(Source::is_user);
         match models.as_slice() {
             [] => bail!("--plugin {plugin}: this plugin provides no model; drop --plugin and set model.name instead"),
@@ -194,15 +249,33 @@ pub fn setup(registry: &Registry, request: &Request, purpose: Purpose) -> Result
     let dataset = datasets::find(&name).with_context(|| {
         format!(
             "dataset.name = '{name}' ({}) is not supported yet; supported: {}",
-            b.source("dataset.name").map(|s| s.to_string()).unwrap_or_default(),
+            b.source("dataset.name")
+                .map(|s| s.to_string())
+                .unwrap_or_default(),
             datasets::names().join(", ")
         )
     })?;
-    b.set("dataset.image_size", Value::Int(dataset.image_size as i64), Source::Derived)?;
-    b.set("dataset.n_channels", Value::Int(dataset.n_channels as i64), Source::Derived)?;
-    b.set("dataset.n_classes", Value::Int(dataset.n_classes as i64), Source::Derived)?;
+    b.set(
+        "dataset.image_size",
+        Value::Int(dataset.image_size as i64),
+        Source::Derived,
+    )?;
+    b.set(
+        "dataset.n_channels",
+        Value::Int(dataset.n_channels as i64),
+        Source::Derived,
+    )?;
+    b.set(
+        "dataset.n_classes",
+        Value::Int(dataset.n_classes as i64),
+        Source::Derived,
+    )?;
     if matches!(b.get("dataset.dataset_dir"), Some(Value::Str(s)) if s.is_empty()) {
-        b.set("dataset.dataset_dir", Value::Str(dataset.default_dir()), Source::Derived)?;
+        b.set(
+            "dataset.dataset_dir",
+            Value::Str(dataset.default_dir()),
+            Source::Derived,
+        )?;
     }
     if matches!(b.get("device"), Some(Value::Str(s)) if s == "cuda") && !tch::Cuda::is_available() {
         tracing::warn!("device 'cuda' requested but CUDA is not available: training on the CPU");
@@ -210,19 +283,42 @@ pub fn setup(registry: &Registry, request: &Request, purpose: Purpose) -> Result
     }
     let config = b.build()?;
 
-    let model = registry.require(Kind::Model, config.str("model.name"), "model.name")?.clone();
+    let model = registry
+        .require(Kind::Model, config.str("model.name"), "model.name")?
+        .clone();
     let (mut optimizer, mut scheduler, mut augmentations) = (None, None, Vec::new());
     if purpose == Purpose::Train {
-        optimizer = Some(registry.require(Kind::Optimizer, config.str("train.optimizer"), "train.optimizer")?.clone());
-        scheduler = Some(registry.require(Kind::Scheduler, config.str("scheduler.type"), "scheduler.type")?.clone());
+        optimizer = Some(
+            registry
+                .require(
+                    Kind::Optimizer,
+                    config.str("train.optimizer"),
+                    "train.optimizer",
+                )?
+                .clone(),
+        );
+        scheduler = Some(
+            registry
+                .require(
+                    Kind::Scheduler,
+                    config.str("scheduler.type"),
+                    "scheduler.type",
+                )?
+                .clone(),
+        );
         let mut missing = Vec::new();
         for (key, value) in config.iter() {
             let is_switch = key.starts_with("augmentation.use_")
-                || registry.of_kind(Kind::Augmentation).any(|e| e.info.switch.as_deref() == Some(key));
+                || registry
+                    .of_kind(Kind::Augmentation)
+                    .any(|e| e.info.switch.as_deref() == Some(key));
             if !is_switch || *value != Value::Bool(true) {
                 continue;
             }
-            match registry.of_kind(Kind::Augmentation).find(|e| e.info.switch.as_deref() == Some(key)) {
+            match registry
+                .of_kind(Kind::Augmentation)
+                .find(|e| e.info.switch.as_deref() == Some(key))
+            {
                 Some(e) => augmentations.push(e.clone()),
                 None => missing.push(key.to_string()),
             }
@@ -237,16 +333,37 @@ pub fn setup(registry: &Registry, request: &Request, purpose: Purpose) -> Result
         }
         let order = |e: &Entry| {
             let switch = e.info.switch.as_deref().unwrap_or("");
-            let pos = REFERENCE_SWITCH_ORDER.iter().position(|s| *s == switch).unwrap_or(usize::MAX);
-            (e.info.stage.unwrap_or(Stage::Erase), pos, e.info.name.clone())
+            let pos = REFERENCE_SWITCH_ORDER
+                .iter()
+                .position(|s| *s == switch)
+                .unwrap_or(usize::MAX);
+            (
+                e.info.stage.unwrap_or(Stage::Erase),
+                pos,
+                e.info.name.clone(),
+            )
         };
         augmentations.sort_by_key(order);
-        let mixers: Vec<&str> =
-            augmentations.iter().filter(|e| e.info.stage == Some(Stage::Mix)).map(|e| e.info.name.as_str()).collect();
+        let mixers: Vec<&str> = augmentations
+            .iter()
+            .filter(|e| e.info.stage == Some(Stage::Mix))
+            .map(|e| e.info.name.as_str())
+            .collect();
         if mixers.len() > 1 {
-            bail!("{} each mix whole batches and cannot be combined: enable only one of them", mixers.join(" and "));
+            bail!(
+                "{} each mix whole batches and cannot be combined: enable only one of them",
+                mixers.join(" and ")
+            );
         }
     }
     let dataset_dir = datasets::expand_home(Path::new(config.str("dataset.dataset_dir")));
-    Ok(Setup { config, dataset, dataset_dir, model, optimizer, scheduler, augmentations })
+    Ok(Setup {
+        config,
+        dataset,
+        dataset_dir,
+        model,
+        optimizer,
+        scheduler,
+        augmentations,
+    })
 }

@@ -19,7 +19,12 @@ pub enum Kind {
 }
 
 impl Kind {
-    pub const ALL: [Kind; 4] = [Kind::Model, Kind::Augmentation, Kind::Optimizer, Kind::Scheduler];
+    pub const ALL: [Kind; 4] = [
+        Kind::Model,
+        Kind::Augmentation,
+        Kind::Optimizer,
+        Kind::Scheduler,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -118,7 +123,11 @@ pub struct NamedTensor {
 
 impl Clone for NamedTensor {
     fn clone(&self) -> Self {
-        NamedTensor { name: self.name.clone(), tensor: self.tensor.shallow_clone(), trainable: self.trainable }
+        NamedTensor {
+            name: self.name.clone(),
+            tensor: self.tensor.shallow_clone(),
+            trainable: self.trainable,
+        }
     }
 }
 

@@ -57,8 +57,19 @@ pub struct KeyDecl {
 }
 
 impl KeyDecl {
-    pub fn new(key: impl Into<String>, ty: KeyType, default: Value, help: impl Into<String>) -> Self {
-        KeyDecl { key: key.into(), ty, default, choices: Vec::new(), help: help.into() }
+    pub fn new(
+        key: impl Into<String>,
+        ty: KeyType,
+        default: Value,
+        help: impl Into<String>,
+    ) -> Self {
+        KeyDecl {
+            key: key.into(),
+            ty,
+            default,
+            choices: Vec::new(),
+            help: help.into(),
+        }
     }
     pub fn bool(key: &str, default: bool, help: &str) -> Self {
         Self::new(key, KeyType::Bool, Value::from(default), help)
@@ -73,13 +84,28 @@ impl KeyDecl {
         Self::new(key, KeyType::Str, Value::from(default), help)
     }
     pub fn bool_list(key: &str, default: &[bool], help: &str) -> Self {
-        Self::new(key, KeyType::List(Box::new(KeyType::Bool)), Value::from(default.to_vec()), help)
+        Self::new(
+            key,
+            KeyType::List(Box::new(KeyType::Bool)),
+            Value::from(default.to_vec()),
+            help,
+        )
     }
     pub fn int_list(key: &str, default: &[i64], help: &str) -> Self {
-        Self::new(key, KeyType::List(Box::new(KeyType::Int)), Value::from(default.to_vec()), help)
+        Self::new(
+            key,
+            KeyType::List(Box::new(KeyType::Int)),
+            Value::from(default.to_vec()),
+            help,
+        )
     }
     pub fn float_list(key: &str, default: &[f64], help: &str) -> Self {
-        Self::new(key, KeyType::List(Box::new(KeyType::Float)), Value::from(default.to_vec()), help)
+        Self::new(
+            key,
+            KeyType::List(Box::new(KeyType::Float)),
+            Value::from(default.to_vec()),
+            help,
+        )
     }
     /// Restricts the key to these values.
     pub fn choices<T: Into<Value> + Clone>(mut self, choices: &[T]) -> Self {
@@ -103,7 +129,11 @@ impl ConfigView {
     pub fn from_json(text: &str) -> Result<Self> {
         serde_json::from_str(text)
             .map(ConfigView::new)
-            .map_err(|e| Error(format!("config handed over by the host is not valid JSON: {e}")))
+            .map_err(|e| {
+                Error(format!(
+                    "config handed over by the host is not valid JSON: {e}"
+                ))
+            })
     }
 
     pub fn json(&self) -> &Value {
@@ -138,13 +168,19 @@ impl ConfigView {
         self.typed(key, "a string", |v| v.as_str().map(str::to_string))
     }
     pub fn bool_list(&self, key: &str) -> Result<Vec<bool>> {
-        self.typed(key, "a list of bools", |v| v.as_array()?.iter().map(Value::as_bool).collect())
+        self.typed(key, "a list of bools", |v| {
+            v.as_array()?.iter().map(Value::as_bool).collect()
+        })
     }
     pub fn int_list(&self, key: &str) -> Result<Vec<i64>> {
-        self.typed(key, "a list of integers", |v| v.as_array()?.iter().map(Value::as_i64).collect())
+        self.typed(key, "a list of integers", |v| {
+            v.as_array()?.iter().map(Value::as_i64).collect()
+        })
     }
     pub fn float_list(&self, key: &str) -> Result<Vec<f64>> {
-        self.typed(key, "a list of numbers", |v| v.as_array()?.iter().map(Value::as_f64).collect())
+        self.typed(key, "a list of numbers", |v| {
+            v.as_array()?.iter().map(Value::as_f64).collect()
+        })
     }
 }
 
@@ -168,8 +204,10 @@ mod tests {
 
     #[test]
     fn view_reads_typed_values_and_names_missing_keys() {
-        let v = ConfigView::new(serde_json::json!({"train": {"base_lr": 0.1, "batch_size": 128,
-            "nesterov": true}, "model": {"x": {"stages": [true, false]}}}));
+        let v = ConfigView::new(
+            serde_json::json!({"train": {"base_lr": 0.1, "batch_size": 128,
+            "nesterov": true}, "model": {"x": {"stages": [true, false]}}}),
+        );
         assert_eq!(v.float("train.base_lr").unwrap(), 0.1);
         assert_eq!(v.float("train.batch_size").unwrap(), 128.0);
         assert_eq!(v.int("train.batch_size").unwrap(), 128);

@@ -31,7 +31,9 @@ impl From<tch::TchError> for Error {
 /// libtorch messages carry a multi-kilobyte C++ backtrace after this marker; users need the
 /// first line, not the trace.
 pub fn clean_torch_message(message: &str) -> String {
-    let cut = message.find("\nException raised from").unwrap_or(message.len());
+    let cut = message
+        .find("\nException raised from")
+        .unwrap_or(message.len());
     message[..cut].trim_end().to_string()
 }
 

@@ -18,8 +18,7 @@ use crate::tensor::{NamedTensorFfi, TensorHandle, TensorRef};
 use abi_stable::{
     declare_root_module_statics,
     library::RootModule,
-    package_version_strings,
-    sabi_trait,
+    package_version_strings, sabi_trait,
     sabi_types::VersionStrings,
     std_types::{RBox, ROption, RResult, RStr, RString, RVec},
     StableAbi,
@@ -48,11 +47,13 @@ pub struct PluginMod {
     pub components: extern "C" fn() -> RResult<RString, RString>,
     /// (component name, config JSON, context JSON).
     pub create_model: extern "C" fn(RStr<'_>, RStr<'_>, RStr<'_>) -> RResult<ModelBox, RString>,
-    pub create_augmentation: extern "C" fn(RStr<'_>, RStr<'_>, RStr<'_>) -> RResult<AugmentationBox, RString>,
+    pub create_augmentation:
+        extern "C" fn(RStr<'_>, RStr<'_>, RStr<'_>) -> RResult<AugmentationBox, RString>,
     pub create_optimizer:
         extern "C" fn(RStr<'_>, RStr<'_>, RVec<ParamGroupFfi>) -> RResult<OptimizerBox, RString>,
     #[sabi(last_prefix_field)]
-    pub create_scheduler: extern "C" fn(RStr<'_>, RStr<'_>, RStr<'_>) -> RResult<SchedulerBox, RString>,
+    pub create_scheduler:
+        extern "C" fn(RStr<'_>, RStr<'_>, RStr<'_>) -> RResult<SchedulerBox, RString>,
 }
 
 impl RootModule for PluginModRef {
@@ -79,13 +80,21 @@ pub struct BatchFfi {
 
 impl From<Batch> for BatchFfi {
     fn from(b: Batch) -> Self {
-        BatchFfi { images: TensorHandle::new(b.images), targets: TensorHandle::new(b.targets), views: b.views }
+        BatchFfi {
+            images: TensorHandle::new(b.images),
+            targets: TensorHandle::new(b.targets),
+            views: b.views,
+        }
     }
 }
 
 impl From<BatchFfi> for Batch {
     fn from(b: BatchFfi) -> Self {
-        Batch { images: b.images.into_tensor(), targets: b.targets.into_tensor(), views: b.views }
+        Batch {
+            images: b.images.into_tensor(),
+            targets: b.targets.into_tensor(),
+            views: b.views,
+        }
     }
 }
 
@@ -103,8 +112,12 @@ pub trait ModelObj: Send {
 pub trait AugmentationObj: Send {
     fn apply(&mut self, batch: BatchFfi, seed: u64) -> RResult<BatchFfi, RString>;
     #[sabi(last_prefix_field)]
-    fn loss(&self, logits: TensorRef<'_>, targets: TensorRef<'_>, views: u32)
-        -> RResult<ROption<TensorHandle>, RString>;
+    fn loss(
+        &self,
+        logits: TensorRef<'_>,
+        targets: TensorRef<'_>,
+        views: u32,
+    ) -> RResult<ROption<TensorHandle>, RString>;
 }
 
 #[sabi_trait]
@@ -159,7 +172,11 @@ fn from_ffi_vec(v: RVec<NamedTensorFfi>) -> Vec<NamedTensor> {
 
 impl ModelObj for ModelAdapter {
     fn forward(&mut self, images: TensorRef<'_>, train: bool) -> RResult<TensorHandle, RString> {
-        guard(|| self.0.forward(&images.to_tensor(), train).map(TensorHandle::new))
+        guard(|| {
+            self.0
+                .forward(&images.to_tensor(), train)
+                .map(TensorHandle::new)
+        })
     }
     fn tensors(&self) -> RResult<RVec<NamedTensorFfi>, RString> {
         guard(|| Ok(to_ffi_vec(self.0.tensors())))
@@ -180,7 +197,9 @@ impl AugmentationObj for AugmentationAdapter {
         views: u32,
     ) -> RResult<ROption<TensorHandle>, RString> {
         guard(|| {
-            let l = self.0.loss(&logits.to_tensor(), &targets.to_tensor(), views)?;
+            let l = self
+                .0
+                .loss(&logits.to_tensor(), &targets.to_tensor(), views)?;
             Ok(l.map(TensorHandle::new).into())
         })
     }
@@ -211,7 +230,12 @@ fn find_registration(kind: Kind, name: &str) -> Result<&'static Registration> {
             let i = r.info();
             i.kind == kind && i.name == name
         })
-        .ok_or_else(|| Error(format!("this plugin has no {} component named `{name}`", kind.as_str())))
+        .ok_or_else(|| {
+            Error(format!(
+                "this plugin has no {} component named `{name}`",
+                kind.as_str()
+            ))
+        })
 }
 
 pub fn device_to_json(d: Device) -> Value {
@@ -235,7 +259,9 @@ pub fn device_from_json(v: &Value) -> Result<Device> {
 }
 
 fn ctx_field(v: &Value, key: &str) -> Result<i64> {
-    v.get(key).and_then(Value::as_i64).ok_or_else(|| Error(format!("build context lacks `{key}`")))
+    v.get(key)
+        .and_then(Value::as_i64)
+        .ok_or_else(|| Error(format!("build context lacks `{key}`")))
 }
 
 pub fn model_context_to_json(c: &ModelContext) -> String {
@@ -263,7 +289,10 @@ pub fn data_context_to_json(c: &DataContext) -> String {
 fn data_context_from_json(text: &str) -> Result<DataContext> {
     let v: Value = serde_json::from_str(text).map_err(|e| Error(e.to_string()))?;
     let floats = |k: &str| -> Vec<f64> {
-        v.get(k).and_then(Value::as_array).map(|a| a.iter().filter_map(Value::as_f64).collect()).unwrap_or_default()
+        v.get(k)
+            .and_then(Value::as_array)
+            .map(|a| a.iter().filter_map(Value::as_f64).collect())
+            .unwrap_or_default()
     };
     Ok(DataContext {
         n_channels: ctx_field(&v, "n_channels")?,
@@ -300,16 +329,40 @@ pub fn info_from_json(v: &Value) -> Result<ComponentInfo> {
     let s = |k: &str| v.get(k).and_then(Value::as_str).map(str::to_string);
     let bad = |what: &str| Error(format!("malformed component description: {what}"));
     let kind_text = s("kind").ok_or_else(|| bad("no kind"))?;
-    let kind = Kind::ALL.into_iter().find(|k| k.as_str() == kind_text).ok_or_else(|| bad("unknown kind"))?;
+    let kind = Kind::ALL
+        .into_iter()
+        .find(|k| k.as_str() == kind_text)
+        .ok_or_else(|| bad("unknown kind"))?;
     let mut keys = Vec::new();
-    for k in v.get("keys").and_then(Value::as_array).cloned().unwrap_or_default() {
-        let ty = k.get("type").and_then(Value::as_str).and_then(KeyType::parse).ok_or_else(|| bad("key type"))?;
+    for k in v
+        .get("keys")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default()
+    {
+        let ty = k
+            .get("type")
+            .and_then(Value::as_str)
+            .and_then(KeyType::parse)
+            .ok_or_else(|| bad("key type"))?;
         keys.push(KeyDecl {
-            key: k.get("key").and_then(Value::as_str).ok_or_else(|| bad("key name"))?.to_string(),
+            key: k
+                .get("key")
+                .and_then(Value::as_str)
+                .ok_or_else(|| bad("key name"))?
+                .to_string(),
             ty,
             default: k.get("default").cloned().unwrap_or(Value::Null),
-            choices: k.get("choices").and_then(Value::as_array).cloned().unwrap_or_default(),
-            help: k.get("help").and_then(Value::as_str).unwrap_or("").to_string(),
+            choices: k
+                .get("choices")
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default(),
+            help: k
+                .get("help")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string(),
         });
     }
     Ok(ComponentInfo {
@@ -319,26 +372,49 @@ pub fn info_from_json(v: &Value) -> Result<ComponentInfo> {
         papers: v
             .get("papers")
             .and_then(Value::as_array)
-            .map(|a| a.iter().filter_map(Value::as_str).map(str::to_string).collect())
+            .map(|a| {
+                a.iter()
+                    .filter_map(Value::as_str)
+                    .map(str::to_string)
+                    .collect()
+            })
             .unwrap_or_default(),
         keys,
         switch: s("switch"),
-        stage: v.get("stage").and_then(Value::as_u64).and_then(|i| Stage::from_index(i as u32)),
+        stage: v
+            .get("stage")
+            .and_then(Value::as_u64)
+            .and_then(|i| Stage::from_index(i as u32)),
     })
 }
 
 extern "C" fn ffi_components() -> RResult<RString, RString> {
     guard(|| {
-        let all: Vec<Value> = registrations().iter().map(|r| info_to_json(&r.info())).collect();
+        let all: Vec<Value> = registrations()
+            .iter()
+            .map(|r| info_to_json(&r.info()))
+            .collect();
         Ok(Value::Array(all).to_string().into())
     })
 }
 
-extern "C" fn ffi_create_model(name: RStr<'_>, config: RStr<'_>, ctx: RStr<'_>) -> RResult<ModelBox, RString> {
+extern "C" fn ffi_create_model(
+    name: RStr<'_>,
+    config: RStr<'_>,
+    ctx: RStr<'_>,
+) -> RResult<ModelBox, RString> {
     guard(|| {
-        let Registration::Model(f) = find_registration(Kind::Model, name.as_str())? else { unreachable!() };
-        let model = f.build(&ConfigView::from_json(config.as_str())?, &model_context_from_json(ctx.as_str())?)?;
-        Ok(ModelObj_TO::from_value(ModelAdapter(model), sabi_trait::TD_Opaque))
+        let Registration::Model(f) = find_registration(Kind::Model, name.as_str())? else {
+            unreachable!()
+        };
+        let model = f.build(
+            &ConfigView::from_json(config.as_str())?,
+            &model_context_from_json(ctx.as_str())?,
+        )?;
+        Ok(ModelObj_TO::from_value(
+            ModelAdapter(model),
+            sabi_trait::TD_Opaque,
+        ))
     })
 }
 
@@ -348,11 +424,18 @@ extern "C" fn ffi_create_augmentation(
     ctx: RStr<'_>,
 ) -> RResult<AugmentationBox, RString> {
     guard(|| {
-        let Registration::Augmentation(f) = find_registration(Kind::Augmentation, name.as_str())? else {
+        let Registration::Augmentation(f) = find_registration(Kind::Augmentation, name.as_str())?
+        else {
             unreachable!()
         };
-        let aug = f.build(&ConfigView::from_json(config.as_str())?, &data_context_from_json(ctx.as_str())?)?;
-        Ok(AugmentationObj_TO::from_value(AugmentationAdapter(aug), sabi_trait::TD_Opaque))
+        let aug = f.build(
+            &ConfigView::from_json(config.as_str())?,
+            &data_context_from_json(ctx.as_str())?,
+        )?;
+        Ok(AugmentationObj_TO::from_value(
+            AugmentationAdapter(aug),
+            sabi_trait::TD_Opaque,
+        ))
     })
 }
 
@@ -367,26 +450,46 @@ extern "C" fn ffi_create_optimizer(
         };
         let groups = groups
             .into_iter()
-            .map(|g| ParamGroup { weight_decay: g.weight_decay, params: from_ffi_vec(g.params) })
+            .map(|g| ParamGroup {
+                weight_decay: g.weight_decay,
+                params: from_ffi_vec(g.params),
+            })
             .collect();
         let opt = f.build(&ConfigView::from_json(config.as_str())?, groups)?;
-        Ok(OptimizerObj_TO::from_value(OptimizerAdapter(opt), sabi_trait::TD_Opaque))
+        Ok(OptimizerObj_TO::from_value(
+            OptimizerAdapter(opt),
+            sabi_trait::TD_Opaque,
+        ))
     })
 }
 
-extern "C" fn ffi_create_scheduler(name: RStr<'_>, config: RStr<'_>, ctx: RStr<'_>) -> RResult<SchedulerBox, RString> {
+extern "C" fn ffi_create_scheduler(
+    name: RStr<'_>,
+    config: RStr<'_>,
+    ctx: RStr<'_>,
+) -> RResult<SchedulerBox, RString> {
     guard(|| {
         let Registration::Scheduler(f) = find_registration(Kind::Scheduler, name.as_str())? else {
             unreachable!()
         };
-        let s = f.build(&ConfigView::from_json(config.as_str())?, &schedule_context_from_json(ctx.as_str())?)?;
-        Ok(SchedulerObj_TO::from_value(SchedulerAdapter(s), sabi_trait::TD_Opaque))
+        let s = f.build(
+            &ConfigView::from_json(config.as_str())?,
+            &schedule_context_from_json(ctx.as_str())?,
+        )?;
+        Ok(SchedulerObj_TO::from_value(
+            SchedulerAdapter(s),
+            sabi_trait::TD_Opaque,
+        ))
     })
 }
 
 /// Builds the root module; called by [`crate::export_plugin!`]. Also installs a panic hook
 /// in the plugin's own `std` so a panic is reported with the plugin's name.
-pub fn plugin_module(name: &'static str, version: &'static str, description: &'static str) -> PluginModRef {
+pub fn plugin_module(
+    name: &'static str,
+    version: &'static str,
+    description: &'static str,
+) -> PluginModRef {
     std::panic::set_hook(Box::new(move |info| {
         let msg = clean_torch_message(&info.to_string());
         tracing_free_eprint(&format!("imgclf plugin `{name}`: {msg}"));
@@ -464,7 +567,10 @@ fn summarize_abi_error(full: &str) -> String {
         .map(str::trim)
         .filter(|l| {
             let l = l.to_ascii_lowercase();
-            l.starts_with("error") || l.starts_with("expected") || l.starts_with("found") || l.contains("incompatible")
+            l.starts_with("error")
+                || l.starts_with("expected")
+                || l.starts_with("found")
+                || l.contains("incompatible")
         })
         .take(8)
         .collect();
@@ -485,11 +591,21 @@ fn major_minor(v: &str) -> &str {
 /// Loads one plugin file: checks the ABI layout (abi_stable), then the interface and libtorch
 /// versions, then reads its component descriptions.
 pub fn load_plugin(path: &Path) -> std::result::Result<LoadedPlugin, LoadError> {
-    let fail = |message: String, detail: String| LoadError { path: path.to_path_buf(), message, detail };
+    let fail = |message: String, detail: String| LoadError {
+        path: path.to_path_buf(),
+        message,
+        detail,
+    };
     let header = abi_stable::library::lib_header_from_path(path).map_err(|e| {
         let full = e.to_string();
-        let msg = if full.contains("undefined symbol") || full.contains("could not find") || full.contains("symbol") {
-            format!("not an imgclf plugin (no abi_stable root module): {}", summarize_abi_error(&full))
+        let msg = if full.contains("undefined symbol")
+            || full.contains("could not find")
+            || full.contains("symbol")
+        {
+            format!(
+                "not an imgclf plugin (no abi_stable root module): {}",
+                summarize_abi_error(&full)
+            )
         } else {
             format!("could not open: {}", summarize_abi_error(&full))
         };
@@ -529,10 +645,19 @@ pub fn load_plugin(path: &Path) -> std::result::Result<LoadedPlugin, LoadError> 
     let name = module.name().to_string();
     let json = match (module.components())() {
         RResult::ROk(s) => s.into_string(),
-        RResult::RErr(e) => return Err(fail(format!("plugin `{name}` failed to describe itself: {e}"), String::new())),
+        RResult::RErr(e) => {
+            return Err(fail(
+                format!("plugin `{name}` failed to describe itself: {e}"),
+                String::new(),
+            ))
+        }
     };
-    let parsed: Value = serde_json::from_str(&json)
-        .map_err(|e| fail(format!("plugin `{name}` sent a malformed description: {e}"), json.clone()))?;
+    let parsed: Value = serde_json::from_str(&json).map_err(|e| {
+        fail(
+            format!("plugin `{name}` sent a malformed description: {e}"),
+            json.clone(),
+        )
+    })?;
     let components = parsed
         .as_array()
         .cloned()
@@ -554,11 +679,19 @@ pub fn load_plugin(path: &Path) -> std::result::Result<LoadedPlugin, LoadError> 
 }
 
 fn context_err(plugin: &str, kind: Kind, component: &str, e: impl std::fmt::Display) -> Error {
-    Error(format!("plugin `{plugin}`, {} `{component}`: {e}", kind.as_str()))
+    Error(format!(
+        "plugin `{plugin}`, {} `{component}`: {e}",
+        kind.as_str()
+    ))
 }
 
 impl LoadedPlugin {
-    pub fn create_model(&self, component: &str, config: &Value, ctx: &ModelContext) -> Result<HostModel> {
+    pub fn create_model(
+        &self,
+        component: &str,
+        config: &Value,
+        ctx: &ModelContext,
+    ) -> Result<HostModel> {
         let label = (self.name.clone(), component.to_string());
         let r = (self.module.create_model())(
             component.into(),
@@ -571,7 +704,12 @@ impl LoadedPlugin {
         }
     }
 
-    pub fn create_augmentation(&self, component: &str, config: &Value, ctx: &DataContext) -> Result<HostAugmentation> {
+    pub fn create_augmentation(
+        &self,
+        component: &str,
+        config: &Value,
+        ctx: &DataContext,
+    ) -> Result<HostAugmentation> {
         let label = (self.name.clone(), component.to_string());
         let r = (self.module.create_augmentation())(
             component.into(),
@@ -584,19 +722,36 @@ impl LoadedPlugin {
         }
     }
 
-    pub fn create_optimizer(&self, component: &str, config: &Value, groups: Vec<ParamGroup>) -> Result<HostOptimizer> {
+    pub fn create_optimizer(
+        &self,
+        component: &str,
+        config: &Value,
+        groups: Vec<ParamGroup>,
+    ) -> Result<HostOptimizer> {
         let label = (self.name.clone(), component.to_string());
         let groups: RVec<ParamGroupFfi> = groups
             .into_iter()
-            .map(|g| ParamGroupFfi { weight_decay: g.weight_decay, params: to_ffi_vec(g.params) })
+            .map(|g| ParamGroupFfi {
+                weight_decay: g.weight_decay,
+                params: to_ffi_vec(g.params),
+            })
             .collect();
-        match (self.module.create_optimizer())(component.into(), config.to_string().as_str().into(), groups) {
+        match (self.module.create_optimizer())(
+            component.into(),
+            config.to_string().as_str().into(),
+            groups,
+        ) {
             RResult::ROk(obj) => Ok(HostOptimizer { obj, label }),
             RResult::RErr(e) => Err(context_err(&self.name, Kind::Optimizer, component, e)),
         }
     }
 
-    pub fn create_scheduler(&self, component: &str, config: &Value, ctx: &ScheduleContext) -> Result<HostScheduler> {
+    pub fn create_scheduler(
+        &self,
+        component: &str,
+        config: &Value,
+        ctx: &ScheduleContext,
+    ) -> Result<HostScheduler> {
         let label = (self.name.clone(), component.to_string());
         let r = (self.module.create_scheduler())(
             component.into(),
@@ -614,7 +769,8 @@ impl LoadedPlugin {
 type Label = (String, String);
 
 fn lift<T>(label: &Label, kind: Kind, r: RResult<T, RString>) -> Result<T> {
-    r.into_result().map_err(|e| context_err(&label.0, kind, &label.1, e))
+    r.into_result()
+        .map_err(|e| context_err(&label.0, kind, &label.1, e))
 }
 
 /// A model living in a plugin, seen from the host.
@@ -625,7 +781,12 @@ pub struct HostModel {
 
 impl HostModel {
     pub fn forward(&mut self, images: &Tensor, train: bool) -> Result<Tensor> {
-        lift(&self.label, Kind::Model, self.obj.forward(TensorRef::new(images), train)).map(TensorHandle::into_tensor)
+        lift(
+            &self.label,
+            Kind::Model,
+            self.obj.forward(TensorRef::new(images), train),
+        )
+        .map(TensorHandle::into_tensor)
     }
     pub fn tensors(&self) -> Result<Vec<NamedTensor>> {
         lift(&self.label, Kind::Model, self.obj.tensors()).map(from_ffi_vec)
@@ -645,11 +806,19 @@ pub struct HostAugmentation {
 
 impl HostAugmentation {
     pub fn apply(&mut self, batch: Batch, seed: u64) -> Result<Batch> {
-        lift(&self.label, Kind::Augmentation, self.obj.apply(batch.into(), seed)).map(Batch::from)
+        lift(
+            &self.label,
+            Kind::Augmentation,
+            self.obj.apply(batch.into(), seed),
+        )
+        .map(Batch::from)
     }
     pub fn loss(&self, logits: &Tensor, targets: &Tensor, views: u32) -> Result<Option<Tensor>> {
-        let r = self.obj.loss(TensorRef::new(logits), TensorRef::new(targets), views);
-        lift(&self.label, Kind::Augmentation, r).map(|o| o.into_option().map(TensorHandle::into_tensor))
+        let r = self
+            .obj
+            .loss(TensorRef::new(logits), TensorRef::new(targets), views);
+        lift(&self.label, Kind::Augmentation, r)
+            .map(|o| o.into_option().map(TensorHandle::into_tensor))
     }
     pub fn name(&self) -> &str {
         &self.label.1
@@ -669,7 +838,11 @@ impl HostOptimizer {
         lift(&self.label, Kind::Optimizer, self.obj.state()).map(from_ffi_vec)
     }
     pub fn load_state(&mut self, state: Vec<NamedTensor>) -> Result<()> {
-        lift(&self.label, Kind::Optimizer, self.obj.load_state(to_ffi_vec(state)))
+        lift(
+            &self.label,
+            Kind::Optimizer,
+            self.obj.load_state(to_ffi_vec(state)),
+        )
     }
 }
 

@@ -45,11 +45,17 @@ pub struct ParamStore {
 
 impl ParamStore {
     pub fn new(device: Device) -> Self {
-        ParamStore { device, entries: Arc::new(Mutex::new(Vec::new())) }
+        ParamStore {
+            device,
+            entries: Arc::new(Mutex::new(Vec::new())),
+        }
     }
 
     pub fn root(&self) -> Scope {
-        Scope { store: self.clone(), prefix: String::new() }
+        Scope {
+            store: self.clone(),
+            prefix: String::new(),
+        }
     }
 
     pub fn device(&self) -> Device {
@@ -58,17 +64,38 @@ impl ParamStore {
 
     /// Shallow clones of every tensor, in registration order.
     pub fn tensors(&self) -> Vec<NamedTensor> {
-        self.entries.lock().expect("param store poisoned").iter().cloned().collect()
+        self.entries
+            .lock()
+            .expect("param store poisoned")
+            .iter()
+            .cloned()
+            .collect()
     }
 
     /// Number of trainable elements (`sum(p.numel() for p in model.parameters())`).
     pub fn parameter_count(&self) -> i64 {
-        self.entries.lock().expect("param store poisoned").iter().filter(|e| e.trainable).map(|e| e.tensor.numel() as i64).sum()
+        self.entries
+            .lock()
+            .expect("param store poisoned")
+            .iter()
+            .filter(|e| e.trainable)
+            .map(|e| e.tensor.numel() as i64)
+            .sum()
     }
 
     fn add(&self, name: String, tensor: Tensor, trainable: bool) -> Tensor {
-        let tensor = tensor.to_device(self.device).detach().set_requires_grad(trainable);
-        self.entries.lock().expect("param store poisoned").push(NamedTensor { name, tensor: tensor.shallow_clone(), trainable });
+        let tensor = tensor
+            .to_device(self.device)
+            .detach()
+            .set_requires_grad(trainable);
+        self.entries
+            .lock()
+            .expect("param store poisoned")
+            .push(NamedTensor {
+                name,
+                tensor: tensor.shallow_clone(),
+                trainable,
+            });
         tensor
     }
 }
@@ -82,8 +109,15 @@ pub struct Scope {
 
 impl Scope {
     pub fn sub(&self, name: impl std::fmt::Display) -> Scope {
-        let prefix = if self.prefix.is_empty() { name.to_string() } else { format!("{}.{name}", self.prefix) };
-        Scope { store: self.store.clone(), prefix }
+        let prefix = if self.prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{name}", self.prefix)
+        };
+        Scope {
+            store: self.store.clone(),
+            prefix,
+        }
     }
     fn full(&self, name: &str) -> String {
         if self.prefix.is_empty() {
@@ -122,20 +156,43 @@ pub struct ConvConfig {
 
 impl Default for ConvConfig {
     fn default() -> Self {
-        ConvConfig { stride: 1, padding: 0, groups: 1, bias: false }
+        ConvConfig {
+            stride: 1,
+            padding: 0,
+            groups: 1,
+            bias: false,
+        }
     }
 }
 
 impl Conv2d {
     pub fn new(s: &Scope, c_in: i64, c_out: i64, k: i64, cfg: ConvConfig, init: InitMode) -> Self {
-        let weight = s.param("weight", init.kaiming_normal(&[c_out, c_in / cfg.groups, k, k], s.device()));
-        let bias = cfg.bias.then(|| s.param("bias", Tensor::zeros([c_out], (Kind::Float, s.device()))));
-        Conv2d { weight, bias, stride: cfg.stride, padding: cfg.padding, groups: cfg.groups }
+        let weight = s.param(
+            "weight",
+            init.kaiming_normal(&[c_out, c_in / cfg.groups, k, k], s.device()),
+        );
+        let bias = cfg
+            .bias
+            .then(|| s.param("bias", Tensor::zeros([c_out], (Kind::Float, s.device()))));
+        Conv2d {
+            weight,
+            bias,
+            stride: cfg.stride,
+            padding: cfg.padding,
+            groups: cfg.groups,
+        }
     }
     /// # Shapes
     /// N x C_in x H x W -> N x C_out x H' x W'
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        x.conv2d(&self.weight, self.bias.as_ref(), [self.stride; 2], [self.padding; 2], [1, 1], self.groups)
+        x.conv2d(
+            &self.weight,
+            self.bias.as_ref(),
+            [self.stride; 2],
+            [self.padding; 2],
+            [1, 1],
+            self.groups,
+        )
     }
 }
 
@@ -143,7 +200,14 @@ impl Conv2d {
     /// [`Conv2d::forward`] that reports a shape mismatch (wrong channel count, too small an
     /// image) as an error instead of a panic: use it where user data first meets the model.
     pub fn f_forward_checked(&self, x: &Tensor) -> crate::Result<Tensor> {
-        Ok(x.f_conv2d(&self.weight, self.bias.as_ref(), [self.stride; 2], [self.padding; 2], [1, 1], self.groups)?)
+        Ok(x.f_conv2d(
+            &self.weight,
+            self.bias.as_ref(),
+            [self.stride; 2],
+            [self.padding; 2],
+            [1, 1],
+            self.groups,
+        )?)
     }
 }
 
@@ -164,7 +228,8 @@ impl BatchNorm2d {
             bias: s.param("bias", Tensor::zeros([c], (Kind::Float, d))),
             running_mean: s.buffer("running_mean", Tensor::zeros([c], (Kind::Float, d))),
             running_var: s.buffer("running_var", Tensor::ones([c], (Kind::Float, d))),
-            num_batches_tracked: s.buffer("num_batches_tracked", Tensor::zeros([], (Kind::Int64, d))),
+            num_batches_tracked: s
+                .buffer("num_batches_tracked", Tensor::zeros([], (Kind::Int64, d))),
         }
     }
     /// # Shapes
@@ -217,12 +282,26 @@ mod tests {
     fn names_follow_scopes_in_order() {
         let store = ParamStore::new(Device::Cpu);
         let root = store.root();
-        let _c = Conv2d::new(&root.sub("stage1").sub("block1").sub("conv1"), 3, 8, 3, ConvConfig::default(), InitMode::KaimingFanOut);
+        let _c = Conv2d::new(
+            &root.sub("stage1").sub("block1").sub("conv1"),
+            3,
+            8,
+            3,
+            ConvConfig::default(),
+            InitMode::KaimingFanOut,
+        );
         let _b = BatchNorm2d::new(&root.sub("bn"), 8);
         let names: Vec<String> = store.tensors().into_iter().map(|t| t.name).collect();
         assert_eq!(
             names,
-            ["stage1.block1.conv1.weight", "bn.weight", "bn.bias", "bn.running_mean", "bn.running_var", "bn.num_batches_tracked"]
+            [
+                "stage1.block1.conv1.weight",
+                "bn.weight",
+                "bn.bias",
+                "bn.running_mean",
+                "bn.running_var",
+                "bn.num_batches_tracked"
+            ]
         );
         assert_eq!(store.parameter_count(), 8 * 3 * 9 + 16);
     }
@@ -233,7 +312,10 @@ mod tests {
         let w = InitMode::KaimingFanOut.kaiming_normal(&[64, 32, 3, 3], Device::Cpu);
         let std = w.std(true).double_value(&[]);
         let expected = (2.0f64 / (64.0 * 9.0)).sqrt();
-        assert!((std - expected).abs() / expected < 0.05, "{std} vs {expected}");
+        assert!(
+            (std - expected).abs() / expected < 0.05,
+            "{std} vs {expected}"
+        );
         let w = InitMode::KaimingFanIn.kaiming_normal(&[64, 32, 3, 3], Device::Cpu);
         let expected = (2.0f64 / (32.0 * 9.0)).sqrt();
         assert!((w.std(true).double_value(&[]) - expected).abs() / expected < 0.05);
@@ -251,7 +333,11 @@ mod tests {
         assert_eq!(bn.num_batches_tracked.int64_value(&[]), 1);
         assert!(bn.running_mean.double_value(&[0]) > 0.4);
         // The store sees the same storage.
-        let t = store.tensors().into_iter().find(|t| t.name == "num_batches_tracked").unwrap();
+        let t = store
+            .tensors()
+            .into_iter()
+            .find(|t| t.name == "num_batches_tracked")
+            .unwrap();
         assert_eq!(t.tensor.int64_value(&[]), 1);
     }
 }

@@ -22,7 +22,9 @@ impl TensorHandle {
     pub fn new(tensor: Tensor) -> Self {
         let mut tensor = ManuallyDrop::new(tensor);
         let ptr = tensor.as_mut_ptr() as *mut ErasedObject;
-        TensorHandle { ptr: NonNull::new(ptr).expect("tch::Tensor holds a null pointer") }
+        TensorHandle {
+            ptr: NonNull::new(ptr).expect("tch::Tensor holds a null pointer"),
+        }
     }
 
     pub fn into_tensor(self) -> Tensor {
@@ -50,7 +52,10 @@ pub struct TensorRef<'a> {
 impl<'a> TensorRef<'a> {
     pub fn new(tensor: &'a Tensor) -> Self {
         let ptr = tensor.as_ptr() as *mut ErasedObject;
-        TensorRef { ptr: NonNull::new(ptr).expect("tch::Tensor holds a null pointer"), _borrow: PhantomData }
+        TensorRef {
+            ptr: NonNull::new(ptr).expect("tch::Tensor holds a null pointer"),
+            _borrow: PhantomData,
+        }
     }
 
     /// A shallow clone (same storage and autograd history) the callee may keep.
@@ -71,13 +76,21 @@ pub struct NamedTensorFfi {
 
 impl From<crate::NamedTensor> for NamedTensorFfi {
     fn from(t: crate::NamedTensor) -> Self {
-        NamedTensorFfi { name: t.name.into(), tensor: TensorHandle::new(t.tensor), trainable: t.trainable }
+        NamedTensorFfi {
+            name: t.name.into(),
+            tensor: TensorHandle::new(t.tensor),
+            trainable: t.trainable,
+        }
     }
 }
 
 impl From<NamedTensorFfi> for crate::NamedTensor {
     fn from(t: NamedTensorFfi) -> Self {
-        crate::NamedTensor { name: t.name.into_string(), tensor: t.tensor.into_tensor(), trainable: t.trainable }
+        crate::NamedTensor {
+            name: t.name.into_string(),
+            tensor: t.tensor.into_tensor(),
+            trainable: t.trainable,
+        }
     }
 }
 
@@ -98,7 +111,10 @@ mod tests {
         // Dropping a handle that was never converted back frees it (no double free, no leak
         // visible here; valgrind runs in the PoC showed flat RSS).
         for _ in 0..1000 {
-            drop(TensorHandle::new(Tensor::zeros([16], (tch::Kind::Float, tch::Device::Cpu))));
+            drop(TensorHandle::new(Tensor::zeros(
+                [16],
+                (tch::Kind::Float, tch::Device::Cpu),
+            )));
         }
     }
 }

@@ -8,16 +8,23 @@ use std::process::Command;
 const TORCH_VERSION: &str = "2.11.0";
 
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
 }
 
 fn target_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root().join("target"))
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("target"))
 }
 
 fn run(cmd: &mut Command) -> Result<()> {
     eprintln!("xtask: {cmd:?}");
-    let status = cmd.status().with_context(|| format!("cannot start {cmd:?}"))?;
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot start {cmd:?}"))?;
     if !status.success() {
         bail!("{cmd:?} failed with {status}");
     }
@@ -25,7 +32,9 @@ fn run(cmd: &mut Command) -> Result<()> {
 }
 
 fn output(cmd: &mut Command) -> Result<String> {
-    let out = cmd.output().with_context(|| format!("cannot start {cmd:?}"))?;
+    let out = cmd
+        .output()
+        .with_context(|| format!("cannot start {cmd:?}"))?;
     if !out.status.success() {
         bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
     }
@@ -50,15 +59,30 @@ fn cache_dir() -> PathBuf {
 /// cached per user and torch version (installed on first use, reused by every clone).
 fn torch() -> Result<Torch> {
     if let Some(l) = std::env::var_os("LIBTORCH") {
-        let python = std::env::var_os("IMGCLF_PYTHON").map(PathBuf::from).unwrap_or_else(|| "python3".into());
-        return Ok(Torch { libtorch: PathBuf::from(l), python });
+        let python = std::env::var_os("IMGCLF_PYTHON")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| "python3".into());
+        return Ok(Torch {
+            libtorch: PathBuf::from(l),
+            python,
+        });
     }
     if std::env::var_os("LIBTORCH_USE_PYTORCH").is_some() {
-        let python = std::env::var_os("PYTHON").map(PathBuf::from).unwrap_or_else(|| "python3".into());
-        let dir = output(Command::new(&python).args(["-c", "import torch, os; print(os.path.dirname(torch.__file__))"]))?;
-        return Ok(Torch { libtorch: PathBuf::from(dir), python });
+        let python = std::env::var_os("PYTHON")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| "python3".into());
+        let dir = output(Command::new(&python).args([
+            "-c",
+            "import torch, os; print(os.path.dirname(torch.__file__))",
+        ]))?;
+        return Ok(Torch {
+            libtorch: PathBuf::from(dir),
+            python,
+        });
     }
-    let venv = cache_dir().join(format!("torch-{TORCH_VERSION}")).join("venv");
+    let venv = cache_dir()
+        .join(format!("torch-{TORCH_VERSION}"))
+        .join("venv");
     let python = venv.join("bin/python");
     let probe = |python: &Path| {
         output(Command::new(python).args([
@@ -67,21 +91,41 @@ fn torch() -> Result<Torch> {
         ]))
     };
     if let Ok(dir) = probe(&python) {
-        return Ok(Torch { libtorch: PathBuf::from(dir), python });
+        return Ok(Torch {
+            libtorch: PathBuf::from(dir),
+            python,
+        });
     }
-    eprintln!("xtask: installing torch=={TORCH_VERSION} from PyPI into {} (once per machine, ~5 GB)", venv.display());
+    eprintln!(
+        "xtask: installing torch=={TORCH_VERSION} from PyPI into {} (once per machine, ~5 GB)",
+        venv.display()
+    );
     std::fs::create_dir_all(venv.parent().unwrap())?;
     if !python.exists() {
         run(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
     }
-    run(Command::new(&python).args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check"]).arg(format!("torch=={TORCH_VERSION}")).arg("numpy"))?;
+    run(Command::new(&python)
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+        ])
+        .arg(format!("torch=={TORCH_VERSION}"))
+        .arg("numpy"))?;
     let dir = probe(&python)?;
-    Ok(Torch { libtorch: PathBuf::from(dir), python })
+    Ok(Torch {
+        libtorch: PathBuf::from(dir),
+        python,
+    })
 }
 
 fn cargo(t: &Torch) -> Command {
     let mut c = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
-    c.current_dir(root()).env("LIBTORCH", &t.libtorch).env_remove("LIBTORCH_USE_PYTORCH");
+    c.current_dir(root())
+        .env("LIBTORCH", &t.libtorch)
+        .env_remove("LIBTORCH_USE_PYTORCH");
     c.env("LD_LIBRARY_PATH", ld_path(t));
     c
 }
@@ -136,7 +180,10 @@ fn build(t: &Torch, release: bool, fixtures: bool) -> Result<PathBuf> {
     }
     if fixtures {
         for f in fixture_crates()? {
-            c.args(["--package", &format!("imgclf-fixture-{}", f.replace('_', "-"))]);
+            c.args([
+                "--package",
+                &format!("imgclf-fixture-{}", f.replace('_', "-")),
+            ]);
         }
     }
     if release {
@@ -165,13 +212,24 @@ const FASHION_DIR: &str = "/usr/share/datasets/fashion-mnist";
 
 /// Debian's `dataset-fashion-mnist` (the real IDX files), installed when missing.
 fn ensure_fashion_mnist() -> Result<()> {
-    if Path::new(FASHION_DIR).join("train-images-idx3-ubyte.gz").exists() {
+    if Path::new(FASHION_DIR)
+        .join("train-images-idx3-ubyte.gz")
+        .exists()
+    {
         return Ok(());
     }
-    eprintln!("xtask: installing Debian's dataset-fashion-mnist (real Fashion-MNIST) into {FASHION_DIR}");
-    let sudo = output(Command::new("id").arg("-u")).map(|u| u != "0").unwrap_or(true);
+    eprintln!(
+        "xtask: installing Debian's dataset-fashion-mnist (real Fashion-MNIST) into {FASHION_DIR}"
+    );
+    let sudo = output(Command::new("id").arg("-u"))
+        .map(|u| u != "0")
+        .unwrap_or(true);
     let apt = |args: &[&str]| {
-        let mut c = if sudo { Command::new("sudo") } else { Command::new("apt-get") };
+        let mut c = if sudo {
+            Command::new("sudo")
+        } else {
+            Command::new("apt-get")
+        };
         if sudo {
             c.arg("apt-get");
         }
@@ -200,7 +258,12 @@ fn dist(t: &Torch) -> Result<PathBuf> {
         let name = lib_name(&format!("imgclf-plugin-{p}"));
         copy(&profile.join(&name), &plugins.join(&name))?;
     }
-    eprintln!("xtask: {} and {} plugin(s) in {}", bin.join("imgclf").display(), plugin_crates()?.len(), plugins.display());
+    eprintln!(
+        "xtask: {} and {} plugin(s) in {}",
+        bin.join("imgclf").display(),
+        plugin_crates()?.len(),
+        plugins.display()
+    );
     Ok(dist)
 }
 
@@ -220,7 +283,14 @@ fn test(t: &Torch, extra: &[String]) -> Result<()> {
 
 fn ci(t: &Torch) -> Result<()> {
     run(cargo(t).args(["fmt", "--all", "--check"]))?;
-    run(cargo(t).args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
+    run(cargo(t).args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
     test(t, &[])?;
     docs(t, true)
 }
@@ -230,7 +300,9 @@ fn docs(t: &Torch, check: bool) -> Result<()> {
     let profile = build(t, false, false)?;
     let json = output(Command::new(profile.join("imgclf")).args(["plugins", "list", "--json"]))?;
     let v: serde_json::Value = serde_json::from_str(&json)?;
-    let mut table = String::from("| plugin | component | kind | paper | description |\n|---|---|---|---|---|\n");
+    let mut table = String::from(
+        "| plugin | component | kind | paper | description |\n|---|---|---|---|---|\n",
+    );
     for p in v["plugins"].as_array().into_iter().flatten() {
         for c in p["components"].as_array().into_iter().flatten() {
             let papers: Vec<String> = c["papers"]
@@ -271,11 +343,21 @@ fn docs(t: &Torch, check: bool) -> Result<()> {
 fn quickstart(t: &Torch, extra: &[String]) -> Result<()> {
     ensure_fashion_mnist()?;
     let dist = dist(t)?;
-    let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs();
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs();
     let out = format!("experiments/quickstart/{stamp}");
     let mut c = Command::new(dist.join("bin/imgclf"));
     c.current_dir(root())
-        .args(["train", "--plugin", "resnet_preact", "--config", "configs/fashion_mnist/resnet_preact.yaml", "train.output_dir", &out])
+        .args([
+            "train",
+            "--plugin",
+            "resnet_preact",
+            "--config",
+            "configs/fashion_mnist/resnet_preact.yaml",
+            "train.output_dir",
+            &out,
+        ])
         .args(extra);
     run(&mut c)?;
     eprintln!("xtask: outputs in {out}/ (config.yaml, env.yaml, log.txt, metrics.jsonl, checkpoints, model_final.safetensors)");
@@ -297,7 +379,10 @@ fn bench(t: &Torch, extra: &[String]) -> Result<()> {
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let (cmd, rest) = args.split_first().map(|(c, r)| (c.as_str(), r.to_vec())).unwrap_or(("help", vec![]));
+    let (cmd, rest) = args
+        .split_first()
+        .map(|(c, r)| (c.as_str(), r.to_vec()))
+        .unwrap_or(("help", vec![]));
     match cmd {
         "build" => {
             let t = torch()?;

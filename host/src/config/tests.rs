@@ -540,10 +540,7 @@ fn choices_are_checked_at_build() {
 
     let mut builder = ConfigBuilder::new(host_schema());
     builder
-        .merge_overrides(&args(&[
-            "scheduler.warmup.type",
-            "linear",
-        ]))
+        .merge_overrides(&args(&["scheduler.warmup.type", "linear"]))
         .unwrap();
     builder.build().unwrap();
 }
@@ -1034,12 +1031,10 @@ fn reference_defaults() -> Vec<(&'static str, Value)> {
 /// The sections that plugins declare: model architectures, augmentation methods, optimizers.
 fn owned_by_plugins(key: &str) -> bool {
     let segments: Vec<&str> = key.split('.').collect();
-    match segments.as_slice() {
-        ["optim", ..] => true,
-        ["model", _, _, ..] => true,
-        ["augmentation", _, _, ..] => true,
-        _ => false,
-    }
+    matches!(
+        segments.as_slice(),
+        ["optim", ..] | ["model", _, _, ..] | ["augmentation", _, _, ..]
+    )
 }
 
 #[test]

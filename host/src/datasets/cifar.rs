@@ -201,7 +201,7 @@ fn parse_binary(
     data: &[u8],
 ) -> Result<(Vec<u8>, Vec<i64>), DatasetError> {
     let record = spec.label_bytes + IMAGE_BYTES;
-    if data.is_empty() || data.len() % record != 0 {
+    if data.is_empty() || !data.len().is_multiple_of(record) {
         return Err(DatasetError::BadRecordLength {
             path: path.to_path_buf(),
             len: data.len() as u64,

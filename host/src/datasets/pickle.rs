@@ -217,7 +217,7 @@ impl<'a> Vm<'a> {
     }
 
     fn set_items(&mut self, at: usize, target: Id, items: Vec<Id>) -> Result<(), DatasetError> {
-        if items.len() % 2 != 0 {
+        if !items.len().is_multiple_of(2) {
             return Err(self.err(at, "SETITEMS with an odd number of items"));
         }
         let pairs = items.chunks(2).map(|p| (p[0], p[1]));

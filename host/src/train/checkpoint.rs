@@ -25,14 +25,28 @@ pub fn file_name(p: &Position) -> String {
     if p.step_in_epoch == 0 {
         format!("checkpoint_{:05}.safetensors", p.epoch)
     } else {
-        format!("checkpoint_{:05}_step{:07}.safetensors", p.epoch, p.global_step)
+        format!(
+            "checkpoint_{:05}_step{:07}.safetensors",
+            p.epoch, p.global_step
+        )
     }
 }
 
-pub fn save(dir: &Path, pos: &Position, model: &[NamedTensor], optimizer: &[NamedTensor]) -> Result<PathBuf> {
-    let mut tensors: Vec<(String, Tensor)> =
-        model.iter().map(|t| (format!("model.{}", t.name), t.tensor.shallow_clone())).collect();
-    tensors.extend(optimizer.iter().map(|t| (format!("optimizer.{}", t.name), t.tensor.shallow_clone())));
+pub fn save(
+    dir: &Path,
+    pos: &Position,
+    model: &[NamedTensor],
+    optimizer: &[NamedTensor],
+) -> Result<PathBuf> {
+    let mut tensors: Vec<(String, Tensor)> = model
+        .iter()
+        .map(|t| (format!("model.{}", t.name), t.tensor.shallow_clone()))
+        .collect();
+    tensors.extend(
+        optimizer
+            .iter()
+            .map(|t| (format!("optimizer.{}", t.name), t.tensor.shallow_clone())),
+    );
     let meta = HashMap::from([
         ("format".to_string(), FORMAT.to_string()),
         ("epoch".to_string(), pos.epoch.to_string()),
@@ -61,7 +75,11 @@ fn meta_u64(meta: &HashMap<String, String>, key: &str, path: &Path) -> Result<u6
 pub fn load(path: &Path) -> Result<Loaded> {
     let (tensors, meta) = load_safetensors(path)?;
     if meta.get("format").map(String::as_str) != Some(FORMAT) {
-        return Ok(Loaded { position: None, model: tensors.into_iter().collect(), optimizer: vec![] });
+        return Ok(Loaded {
+            position: None,
+            model: tensors.into_iter().collect(),
+            optimizer: vec![],
+        });
     }
     let position = Position {
         epoch: meta_u64(&meta, "epoch", path)?,
@@ -73,37 +91,58 @@ pub fn load(path: &Path) -> Result<Loaded> {
         if let Some(n) = name.strip_prefix("model.") {
             model.insert(n.to_string(), t);
         } else if let Some(n) = name.strip_prefix("optimizer.") {
-            optimizer.push(NamedTensor { name: n.to_string(), tensor: t, trainable: false });
+            optimizer.push(NamedTensor {
+                name: n.to_string(),
+                tensor: t,
+                trainable: false,
+            });
         }
     }
-    Ok(Loaded { position: Some(position), model, optimizer })
+    Ok(Loaded {
+        position: Some(position),
+        model,
+        optimizer,
+    })
 }
 
 /// Copies `weights` into the model's tensors in place. Every model tensor must be present with
 /// its shape; extra entries are refused, except BatchNorm `num_batches_tracked` counters.
-pub fn copy_into_model(model: &[NamedTensor], weights: &HashMap<String, Tensor>, origin: &Path) -> Result<()> {
+pub fn copy_into_model(
+    model: &[NamedTensor],
+    weights: &HashMap<String, Tensor>,
+    origin: &Path,
+) -> Result<()> {
     let mut missing = Vec::new();
     let mut mismatched = Vec::new();
     for t in model {
         match weights.get(&t.name) {
             None if t.name.ends_with("num_batches_tracked") => {}
             None => missing.push(t.name.clone()),
-            Some(w) if w.size() != t.tensor.size() => {
-                mismatched.push(format!("{} (checkpoint {:?}, model {:?})", t.name, w.size(), t.tensor.size()))
-            }
+            Some(w) if w.size() != t.tensor.size() => mismatched.push(format!(
+                "{} (checkpoint {:?}, model {:?})",
+                t.name,
+                w.size(),
+                t.tensor.size()
+            )),
             Some(_) => {}
         }
     }
     let names: std::collections::HashSet<&str> = model.iter().map(|t| t.name.as_str()).collect();
-    let unexpected: Vec<&String> =
-        weights.keys().filter(|k| !names.contains(k.as_str()) && !k.ends_with("num_batches_tracked")).collect();
+    let unexpected: Vec<&String> = weights
+        .keys()
+        .filter(|k| !names.contains(k.as_str()) && !k.ends_with("num_batches_tracked"))
+        .collect();
     if !missing.is_empty() || !mismatched.is_empty() || !unexpected.is_empty() {
         let mut msg = format!("{} does not fit this model:", origin.display());
         if !missing.is_empty() {
             msg += &format!("\n  missing ({}): {}", missing.len(), missing.join(", "));
         }
         if !mismatched.is_empty() {
-            msg += &format!("\n  wrong shape ({}): {}", mismatched.len(), mismatched.join(", "));
+            msg += &format!(
+                "\n  wrong shape ({}): {}",
+                mismatched.len(),
+                mismatched.join(", ")
+            );
         }
         if !unexpected.is_empty() {
             let mut u: Vec<&str> = unexpected.iter().map(|s| s.as_str()).collect();
@@ -128,13 +167,20 @@ pub fn newest(dir: &Path) -> Result<Option<(PathBuf, Position)>> {
     let mut best: Option<(PathBuf, Position)> = None;
     for e in std::fs::read_dir(dir).with_context(|| format!("cannot read {}", dir.display()))? {
         let path = e?.path();
-        let name = path.file_name().unwrap_or_default().to_string_lossy().to_string();
+        let name = path
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .to_string();
         if !name.starts_with("checkpoint_") || !name.ends_with(".safetensors") {
             continue;
         }
         match load_position(&path) {
             Ok(pos) => {
-                if best.as_ref().is_none_or(|(_, b)| pos.global_step > b.global_step) {
+                if best
+                    .as_ref()
+                    .is_none_or(|(_, b)| pos.global_step > b.global_step)
+                {
                     best = Some((path, pos));
                 }
             }

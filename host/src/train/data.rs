@@ -25,7 +25,12 @@ pub fn gather(set: &ImageSet, indices: &[usize]) -> (Tensor, Tensor) {
         buf.extend_from_slice(set.image(i));
         labels.push(set.labels[i]);
     }
-    let images = Tensor::from_slice(&buf).view([indices.len() as i64, set.channels as i64, set.height as i64, set.width as i64]);
+    let images = Tensor::from_slice(&buf).view([
+        indices.len() as i64,
+        set.channels as i64,
+        set.height as i64,
+        set.width as i64,
+    ]);
     (images, Tensor::from_slice(&labels).to_kind(Kind::Int64))
 }
 
@@ -60,7 +65,14 @@ pub fn spawn_epoch(
             for b in start..n_batches {
                 let end = ((b + 1) * batch_size).min(order.len());
                 let (images, labels) = gather(&set, &order[b * batch_size..end]);
-                if tx.send(RawBatch { index: b, images, labels }).is_err() {
+                if tx
+                    .send(RawBatch {
+                        index: b,
+                        images,
+                        labels,
+                    })
+                    .is_err()
+                {
                     return; // the trainer stopped early (Ctrl-C, error)
                 }
             }
@@ -100,11 +112,16 @@ mod tests {
         assert_eq!(batches_per_epoch(10, 4, false), 3);
         let s = Arc::new(set(10));
         let order = epoch_order(10, 0, 0);
-        let got: Vec<RawBatch> = spawn_epoch(s.clone(), order.clone(), 4, 3, 1).into_iter().collect();
+        let got: Vec<RawBatch> = spawn_epoch(s.clone(), order.clone(), 4, 3, 1)
+            .into_iter()
+            .collect();
         assert_eq!(got.iter().map(|b| b.index).collect::<Vec<_>>(), vec![1, 2]);
         assert_eq!(got[1].labels.size(), vec![2]);
         let labels = Vec::<i64>::try_from(&got[0].labels).unwrap();
-        assert_eq!(labels, order[4..8].iter().map(|&i| i as i64).collect::<Vec<_>>());
+        assert_eq!(
+            labels,
+            order[4..8].iter().map(|&i| i as i64).collect::<Vec<_>>()
+        );
         let first = Vec::<u8>::try_from(&got[0].images.flatten(0, -1)).unwrap();
         assert_eq!(&first[..4], s.image(order[4]));
     }

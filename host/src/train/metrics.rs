@@ -25,7 +25,10 @@ pub fn topk_accuracy_labels(logits: &Tensor, labels: &Tensor) -> (f64, f64) {
     let (_, top) = logits.topk(k, 1, true, true);
     let hit = top.eq_tensor(&labels.unsqueeze(1)).to_kind(Kind::Double);
     let n = logits.size()[0] as f64;
-    (hit.narrow(1, 0, 1).sum(Kind::Double).double_value(&[]) / n, hit.sum(Kind::Double).double_value(&[]) / n)
+    (
+        hit.narrow(1, 0, 1).sum(Kind::Double).double_value(&[]) / n,
+        hit.sum(Kind::Double).double_value(&[]) / n,
+    )
 }
 
 #[derive(Default, Clone, Copy, Debug)]
@@ -62,11 +65,22 @@ pub struct MetricsFile {
 
 impl MetricsFile {
     pub fn new(dir: &Path) -> Self {
-        MetricsFile { path: dir.join("metrics.jsonl") }
+        MetricsFile {
+            path: dir.join("metrics.jsonl"),
+        }
     }
 
     #[allow(clippy::too_many_arguments)]
-    pub fn record(&self, epoch: u64, step: u64, split: &str, m: &Meter, lr: f64, images_per_sec: f64, elapsed_s: f64) -> Result<()> {
+    pub fn record(
+        &self,
+        epoch: u64,
+        step: u64,
+        split: &str,
+        m: &Meter,
+        lr: f64,
+        images_per_sec: f64,
+        elapsed_s: f64,
+    ) -> Result<()> {
         let line = json!({
             "epoch": epoch, "step": step, "split": split, "loss": m.loss(), "acc1": m.acc1(), "acc5": m.acc5(),
             "lr": lr, "images_per_sec": images_per_sec, "elapsed_s": elapsed_s,
@@ -83,10 +97,17 @@ impl MetricsFile {
 
     /// On resume: drops records after the checkpoint's step (rewritten atomically).
     pub fn truncate_after(&self, global_step: u64) -> Result<()> {
-        let Ok(text) = std::fs::read_to_string(&self.path) else { return Ok(()) };
+        let Ok(text) = std::fs::read_to_string(&self.path) else {
+            return Ok(());
+        };
         let kept: String = text
             .lines()
-            .filter(|l| serde_json::from_str::<Value>(l).ok().and_then(|v| v["step"].as_u64()).is_some_and(|s| s <= global_step))
+            .filter(|l| {
+                serde_json::from_str::<Value>(l)
+                    .ok()
+                    .and_then(|v| v["step"].as_u64())
+                    .is_some_and(|s| s <= global_step)
+            })
             .map(|l| format!("{l}\n"))
             .collect();
         crate::io::write_atomic(&self.path, kept.as_bytes())

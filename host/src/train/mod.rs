@@ -13,7 +13,9 @@ use anyhow::{bail, Context, Result};
 use checkpoint::Position;
 use imgclf_plugin_api::ffi::{HostAugmentation, HostModel, HostOptimizer, HostScheduler};
 use imgclf_plugin_api::rng::mix_seed;
-use imgclf_plugin_api::{Batch, DataContext, ModelContext, NamedTensor, ParamGroup, ScheduleContext, Stage};
+use imgclf_plugin_api::{
+    Batch, DataContext, ModelContext, NamedTensor, ParamGroup, ScheduleContext, Stage,
+};
 use metrics::{topk_accuracy, topk_accuracy_labels, Meter, MetricsFile};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -49,11 +51,19 @@ pub fn build_model(registry: &Registry, s: &Setup, device: Device) -> Result<Hos
         n_classes: s.config.int("dataset.n_classes"),
         device,
     };
-    Ok(registry.plugin(&s.model).create_model(&s.model.info.name, &s.config.section_json(""), &ctx)?)
+    Ok(registry.plugin(&s.model).create_model(
+        &s.model.info.name,
+        &s.config.section_json(""),
+        &ctx,
+    )?)
 }
 
 pub fn parameter_count(tensors: &[NamedTensor]) -> i64 {
-    tensors.iter().filter(|t| t.trainable).map(|t| t.tensor.numel() as i64).sum()
+    tensors
+        .iter()
+        .filter(|t| t.trainable)
+        .map(|t| t.tensor.numel() as i64)
+        .sum()
 }
 
 /// `(x / 255 - mean) / std` per channel, as one multiply-add.
@@ -68,8 +78,12 @@ impl Normalizer {
         let scale: Vec<f32> = std.iter().map(|s| (1.0 / (255.0 * s)) as f32).collect();
         let shift: Vec<f32> = mean.iter().zip(std).map(|(m, s)| (-m / s) as f32).collect();
         Normalizer {
-            scale: Tensor::from_slice(&scale).view([1, c, 1, 1]).to_device(device),
-            shift: Tensor::from_slice(&shift).view([1, c, 1, 1]).to_device(device),
+            scale: Tensor::from_slice(&scale)
+                .view([1, c, 1, 1])
+                .to_device(device),
+            shift: Tensor::from_slice(&shift)
+                .view([1, c, 1, 1])
+                .to_device(device),
         }
     }
     /// uint8 or float pixels in [0, 255] -> normalised float.
@@ -79,7 +93,13 @@ impl Normalizer {
 }
 
 /// Validation/test pass: mean cross-entropy, top-1 and top-5 accuracy.
-pub fn evaluate_set(model: &mut HostModel, set: &ImageSet, batch_size: usize, norm: &Normalizer, device: Device) -> Result<Meter> {
+pub fn evaluate_set(
+    model: &mut HostModel,
+    set: &ImageSet,
+    batch_size: usize,
+    norm: &Normalizer,
+    device: Device,
+) -> Result<Meter> {
     let mut meter = Meter::default();
     let indices: Vec<usize> = (0..set.len()).collect();
     tch::no_grad(|| -> Result<()> {
@@ -127,13 +147,26 @@ pub fn build_schedule(registry: &Registry, s: &Setup, steps_per_epoch: u64) -> R
     let c = &s.config;
     let epochs = c.int("scheduler.epochs");
     let kind = c.str("scheduler.warmup.type").to_string();
-    let warmup_epochs = if kind == "none" { 0 } else { c.int("scheduler.warmup.epochs") };
+    let warmup_epochs = if kind == "none" {
+        0
+    } else {
+        c.int("scheduler.warmup.epochs")
+    };
     if epochs < 1 || warmup_epochs < 0 || warmup_epochs > epochs {
         bail!("scheduler.epochs ({epochs}) must be >= 1 and scheduler.warmup.epochs ({warmup_epochs}) within it");
     }
-    let entry = s.scheduler.as_ref().expect("training setup has a scheduler");
-    let ctx = ScheduleContext { steps_per_epoch, epochs: (epochs - warmup_epochs) as u64 };
-    let main = registry.plugin(entry).create_scheduler(&entry.info.name, &c.section_json(""), &ctx)?;
+    let entry = s
+        .scheduler
+        .as_ref()
+        .expect("training setup has a scheduler");
+    let ctx = ScheduleContext {
+        steps_per_epoch,
+        epochs: (epochs - warmup_epochs) as u64,
+    };
+    let main =
+        registry
+            .plugin(entry)
+            .create_scheduler(&entry.info.name, &c.section_json(""), &ctx)?;
     Ok(LrSchedule {
         base_lr: c.float("train.base_lr"),
         warmup_steps: warmup_epochs as u64 * steps_per_epoch,
@@ -151,13 +184,30 @@ pub fn param_groups(tensors: &[NamedTensor], config: &Config) -> Vec<ParamGroup>
     let wd = config.float("train.weight_decay");
     let params: Vec<NamedTensor> = tensors.iter().filter(|t| t.trainable).cloned().collect();
     if !config.bool("train.no_weight_decay_on_bn") {
-        return vec![ParamGroup { weight_decay: wd, params }];
+        return vec![ParamGroup {
+            weight_decay: wd,
+            params,
+        }];
     }
-    let norm_modules: std::collections::HashSet<&str> =
-        tensors.iter().filter_map(|t| t.name.strip_suffix(".running_mean")).collect();
-    let (bn, rest): (Vec<_>, Vec<_>) =
-        params.into_iter().partition(|p| p.name.rsplit_once('.').is_some_and(|(m, _)| norm_modules.contains(m)));
-    vec![ParamGroup { weight_decay: wd, params: rest }, ParamGroup { weight_decay: 0.0, params: bn }]
+    let norm_modules: std::collections::HashSet<&str> = tensors
+        .iter()
+        .filter_map(|t| t.name.strip_suffix(".running_mean"))
+        .collect();
+    let (bn, rest): (Vec<_>, Vec<_>) = params.into_iter().partition(|p| {
+        p.name
+            .rsplit_once('.')
+            .is_some_and(|(m, _)| norm_modules.contains(m))
+    });
+    vec![
+        ParamGroup {
+            weight_decay: wd,
+            params: rest,
+        },
+        ParamGroup {
+            weight_decay: 0.0,
+            params: bn,
+        },
+    ]
 }
 
 struct Pipeline {
@@ -178,9 +228,20 @@ struct Prepared {
 }
 
 impl Pipeline {
-    fn prepare(&mut self, images: Tensor, labels: Tensor, seed: u64, epoch: u64, step: u64) -> Result<Prepared> {
+    fn prepare(
+        &mut self,
+        images: Tensor,
+        labels: Tensor,
+        seed: u64,
+        epoch: u64,
+        step: u64,
+    ) -> Result<Prepared> {
         let targets = labels.one_hot(self.n_classes).to_kind(Kind::Float);
-        let mut batch = Batch { images: images.to_kind(Kind::Float), targets, views: 1 };
+        let mut batch = Batch {
+            images: images.to_kind(Kind::Float),
+            targets,
+            views: 1,
+        };
         let mut mix_targets = None;
         let mut normalised = false;
         for (i, (stage, aug)) in self.augmentations.iter_mut().enumerate() {
@@ -197,14 +258,25 @@ impl Pipeline {
             batch.images = self.norm.apply(&batch.images);
         }
         let mix_targets = mix_targets.unwrap_or_else(|| batch.targets.shallow_clone());
-        let (mix_targets, loss_targets) =
-            if self.soft_targets { (Some(mix_targets), Some(batch.targets)) } else { (None, None) };
-        Ok(Prepared { images: batch.images, labels, mix_targets, loss_targets, views: batch.views })
+        let (mix_targets, loss_targets) = if self.soft_targets {
+            (Some(mix_targets), Some(batch.targets))
+        } else {
+            (None, None)
+        };
+        Ok(Prepared {
+            images: batch.images,
+            labels,
+            mix_targets,
+            loss_targets,
+            views: batch.views,
+        })
     }
 }
 
 fn soft_cross_entropy(logits: &Tensor, targets: &Tensor) -> Tensor {
-    -(logits.log_softmax(1, Kind::Float) * targets).sum_dim_intlist(1, false, Kind::Float).mean(Kind::Float)
+    -(logits.log_softmax(1, Kind::Float) * targets)
+        .sum_dim_intlist(1, false, Kind::Float)
+        .mean(Kind::Float)
 }
 
 struct Trainer<'a> {
@@ -230,8 +302,13 @@ impl Trainer<'_> {
 
     fn clip_and_scale_grads(&self, clip: f64, subdivision: i64) -> Result<()> {
         tch::no_grad(|| -> Result<()> {
-            let grads: Vec<Tensor> =
-                self.tensors.iter().filter(|t| t.trainable).map(|t| t.tensor.grad()).filter(|g| g.defined()).collect();
+            let grads: Vec<Tensor> = self
+                .tensors
+                .iter()
+                .filter(|t| t.trainable)
+                .map(|t| t.tensor.grad())
+                .filter(|g| g.defined())
+                .collect();
             if clip > 0.0 && !grads.is_empty() {
                 let norms: Vec<Tensor> = grads.iter().map(|g| g.norm()).collect();
                 let total = Tensor::stack(&norms, 0).norm();
@@ -250,7 +327,13 @@ impl Trainer<'_> {
     }
 
     /// One optimisation step; returns (loss, acc1, acc5, lr).
-    fn step(&mut self, p: Prepared, epoch: u64, step: u64, global_step: u64) -> Result<(f64, f64, f64, f64)> {
+    fn step(
+        &mut self,
+        p: Prepared,
+        epoch: u64,
+        step: u64,
+        global_step: u64,
+    ) -> Result<(f64, f64, f64, f64)> {
         tch::manual_seed(mix_seed(&[self.seed, MODEL_STREAM, epoch, step]) as i64 & i64::MAX);
         self.zero_grad();
         let subdivision = self.config.int("train.subdivision").max(1);
@@ -261,7 +344,10 @@ impl Trainer<'_> {
         let mut losses = Vec::new();
         let row_chunks: Vec<(i64, i64)> = {
             let size = (n + subdivision - 1) / subdivision;
-            (0..subdivision).map(|i| (i * size, ((i + 1) * size).min(n) - i * size)).filter(|(_, l)| *l > 0).collect()
+            (0..subdivision)
+                .map(|i| (i * size, ((i + 1) * size).min(n) - i * size))
+                .filter(|(_, l)| *l > 0)
+                .collect()
         };
         for &(start, len) in &row_chunks {
             let mut logits_v = Vec::new();
@@ -279,7 +365,8 @@ impl Trainer<'_> {
                         }
                     }
                     Some(custom.unwrap_or_else(|| {
-                        let per_view: Vec<Tensor> = logits_v.iter().map(|l| soft_cross_entropy(l, &t)).collect();
+                        let per_view: Vec<Tensor> =
+                            logits_v.iter().map(|l| soft_cross_entropy(l, &t)).collect();
                         Tensor::stack(&per_view, 0).mean(Kind::Float)
                     }))
                 }
@@ -289,7 +376,10 @@ impl Trainer<'_> {
                 Some(l) => l,
                 None => {
                     let labels = p.labels.narrow(0, start, len);
-                    let per_view: Vec<Tensor> = logits_v.iter().map(|l| l.cross_entropy_for_logits(&labels)).collect();
+                    let per_view: Vec<Tensor> = logits_v
+                        .iter()
+                        .map(|l| l.cross_entropy_for_logits(&labels))
+                        .collect();
                     if per_view.len() == 1 {
                         per_view.into_iter().next().unwrap()
                     } else {
@@ -313,7 +403,9 @@ impl Trainer<'_> {
             Some(t) => topk_accuracy(&logits, t),
             None => topk_accuracy_labels(&logits, &p.labels),
         };
-        let loss = Tensor::stack(&losses, 0).mean(Kind::Float).double_value(&[]);
+        let loss = Tensor::stack(&losses, 0)
+            .mean(Kind::Float)
+            .double_value(&[]);
         if !loss.is_finite() {
             bail!("the training loss became {loss} at epoch {} step {} (lr {lr}); lower train.base_lr or check the data", epoch + 1, step + 1);
         }
@@ -338,12 +430,27 @@ impl Trainer<'_> {
             val.len(),
             secs
         );
-        self.metrics.record(epoch, global_step, "val", &m, lr, val.len() as f64 / secs.max(1e-9), self.start.elapsed().as_secs_f64())
+        self.metrics.record(
+            epoch,
+            global_step,
+            "val",
+            &m,
+            lr,
+            val.len() as f64 / secs.max(1e-9),
+            self.start.elapsed().as_secs_f64(),
+        )
     }
 }
 
 fn describe_components(s: &Setup, registry: &Registry) -> String {
-    let name = |e: &crate::registry::Entry| format!("{} ({} {})", e.info.name, registry.plugin(e).name, registry.plugin(e).version);
+    let name = |e: &crate::registry::Entry| {
+        format!(
+            "{} ({} {})",
+            e.info.name,
+            registry.plugin(e).name,
+            registry.plugin(e).version
+        )
+    };
     let mut lines = vec![format!("model: {}", name(&s.model))];
     if let Some(o) = &s.optimizer {
         lines.push(format!("optimizer: {}", name(o)));
@@ -352,7 +459,14 @@ fn describe_components(s: &Setup, registry: &Registry) -> String {
         lines.push(format!("scheduler: {}", name(sc)));
     }
     let augs: Vec<String> = s.augmentations.iter().map(name).collect();
-    lines.push(format!("augmentations: {}", if augs.is_empty() { "none".into() } else { augs.join(", ") }));
+    lines.push(format!(
+        "augmentations: {}",
+        if augs.is_empty() {
+            "none".into()
+        } else {
+            augs.join(", ")
+        }
+    ));
     lines.join("\n")
 }
 
@@ -397,7 +511,10 @@ pub fn run(registry: &Registry, request: &Request, args: &TrainArgs) -> Result<(
     }
     let model = build_model(registry, &s, device)?;
     let tensors = model.tensors()?;
-    let out = args.resume.clone().unwrap_or_else(|| PathBuf::from(c.str("train.output_dir")));
+    let out = args
+        .resume
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(c.str("train.output_dir")));
 
     if args.dry_run {
         println!("# effective config\n{}", c.to_yaml());
@@ -406,7 +523,14 @@ pub fn run(registry: &Registry, request: &Request, args: &TrainArgs) -> Result<(
         println!("parameters: {}", parameter_count(&tensors));
         println!("device: {device:?}");
         let found = |split| match s.dataset.locate(&s.dataset_dir, split) {
-            Ok(files) => format!("found ({})", files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", ")),
+            Ok(files) => format!(
+                "found ({})",
+                files
+                    .iter()
+                    .map(|f| f.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
             Err(e) => format!("NOT FOUND: {e}"),
         };
         println!("dataset: {} at {}", s.dataset.name, s.dataset_dir.display());
@@ -415,7 +539,11 @@ pub fn run(registry: &Registry, request: &Request, args: &TrainArgs) -> Result<(
         println!(
             "output: {}{}",
             out.display(),
-            if out.exists() && args.resume.is_none() { " (exists: training would refuse it)" } else { "" }
+            if out.exists() && args.resume.is_none() {
+                " (exists: training would refuse it)"
+            } else {
+                ""
+            }
         );
         return Ok(());
     }
@@ -429,15 +557,30 @@ pub fn run(registry: &Registry, request: &Request, args: &TrainArgs) -> Result<(
                 out.display()
             );
         }
-        std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
+        std::fs::create_dir_all(&out)
+            .with_context(|| format!("cannot create {}", out.display()))?;
         crate::io::write_atomic(&out.join("config.yaml"), c.to_yaml().as_bytes())?;
-        crate::io::write_atomic(&out.join("env.yaml"), crate::envinfo::to_yaml(&crate::envinfo::collect()).as_bytes())?;
+        crate::io::write_atomic(
+            &out.join("env.yaml"),
+            crate::envinfo::to_yaml(&crate::envinfo::collect()).as_bytes(),
+        )?;
     }
-    let log = std::fs::OpenOptions::new().create(true).append(true).open(out.join("log.txt"))?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(out.join("log.txt"))?;
     crate::logging::log_to_file(log);
-    tracing::info!("imgclf {} training in {}", env!("CARGO_PKG_VERSION"), out.display());
+    tracing::info!(
+        "imgclf {} training in {}",
+        env!("CARGO_PKG_VERSION"),
+        out.display()
+    );
     tracing::info!("{}", describe_components(&s, registry).replace('\n', "; "));
-    tracing::info!("{}; parameters: {}; device {device:?}", model.summary(), parameter_count(&tensors));
+    tracing::info!(
+        "{}; parameters: {}; device {device:?}",
+        model.summary(),
+        parameter_count(&tensors)
+    );
 
     // Data.
     let (train_set, val_set) = load_data(&s)?;
@@ -446,18 +589,33 @@ pub fn run(registry: &Registry, request: &Request, args: &TrainArgs) -> Result<(
     if batch_size == 0 {
         bail!("train.batch_size must be >= 1");
     }
-    let steps_per_epoch = data::batches_per_epoch(train_set.len(), batch_size, c.bool("train.dataloader.drop_last"));
+    let steps_per_epoch = data::batches_per_epoch(
+        train_set.len(),
+        batch_size,
+        c.bool("train.dataloader.drop_last"),
+    );
     if steps_per_epoch == 0 {
         bail!(
             "the training set has {} images, fewer than one batch of train.batch_size {batch_size} with drop_last; lower the batch size",
             train_set.len()
         );
     }
-    tracing::info!("train: {} images, {steps_per_epoch} steps/epoch; val: {} images", train_set.len(), val_set.len());
+    tracing::info!(
+        "train: {} images, {steps_per_epoch} steps/epoch; val: {} images",
+        train_set.len(),
+        val_set.len()
+    );
 
     // Components.
-    let opt_entry = s.optimizer.as_ref().expect("training setup has an optimizer");
-    let optimizer = registry.plugin(opt_entry).create_optimizer(&opt_entry.info.name, &c.section_json(""), param_groups(&tensors, c))?;
+    let opt_entry = s
+        .optimizer
+        .as_ref()
+        .expect("training setup has an optimizer");
+    let optimizer = registry.plugin(opt_entry).create_optimizer(
+        &opt_entry.info.name,
+        &c.section_json(""),
+        param_groups(&tensors, c),
+    )?;
     let schedule = build_schedule(registry, &s, steps_per_epoch as u64)?;
     let data_ctx = DataContext {
         n_channels: c.int("dataset.n_channels"),
@@ -469,11 +627,21 @@ pub fn run(registry: &Registry, request: &Request, args: &TrainArgs) -> Result<(
     };
     let mut augmentations = Vec::new();
     for e in &s.augmentations {
-        let aug = registry.plugin(e).create_augmentation(&e.info.name, &c.section_json(""), &data_ctx)?;
+        let aug =
+            registry
+                .plugin(e)
+                .create_augmentation(&e.info.name, &c.section_json(""), &data_ctx)?;
         augmentations.push((e.info.stage.unwrap_or(Stage::Erase), aug));
     }
-    let soft_targets = augmentations.iter().any(|(st, _)| matches!(st, Stage::Mix | Stage::Target));
-    let pipeline = Pipeline { augmentations, norm: Normalizer::new(s.dataset.mean, s.dataset.std, device), soft_targets, n_classes: data_ctx.n_classes };
+    let soft_targets = augmentations
+        .iter()
+        .any(|(st, _)| matches!(st, Stage::Mix | Stage::Target));
+    let pipeline = Pipeline {
+        augmentations,
+        norm: Normalizer::new(s.dataset.mean, s.dataset.std, device),
+        soft_targets,
+        n_classes: data_ctx.n_classes,
+    };
 
     let metrics = MetricsFile::new(&out);
     let mut trainer = Trainer {
@@ -491,7 +659,11 @@ pub fn run(registry: &Registry, request: &Request, args: &TrainArgs) -> Result<(
     };
 
     // Initial weights or resume.
-    let mut pos = Position { epoch: c.int("train.start_epoch") as u64, step_in_epoch: 0, global_step: 0 };
+    let mut pos = Position {
+        epoch: c.int("train.start_epoch") as u64,
+        step_in_epoch: 0,
+        global_step: 0,
+    };
     pos.global_step = pos.epoch * steps_per_epoch as u64;
     let resumed = match &args.resume {
         Some(dir) => checkpoint::newest(dir)?,
@@ -503,16 +675,25 @@ pub fn run(registry: &Registry, request: &Request, args: &TrainArgs) -> Result<(
         trainer.optimizer.load_state(loaded.optimizer)?;
         pos = *p;
         trainer.metrics.truncate_after(pos.global_step)?;
-        tracing::info!("resumed from {} (epoch {}, step {})", path.display(), pos.epoch, pos.global_step);
+        tracing::info!(
+            "resumed from {} (epoch {}, step {})",
+            path.display(),
+            pos.epoch,
+            pos.global_step
+        );
     } else {
         if args.resume.is_some() {
-            tracing::warn!("no complete checkpoint in {}: starting from the beginning", out.display());
+            tracing::warn!(
+                "no complete checkpoint in {}: starting from the beginning",
+                out.display()
+            );
             trainer.metrics.truncate_after(0)?;
         }
         let init = c.str("train.checkpoint");
         if !init.is_empty() {
             let path = Path::new(init);
-            let loaded = checkpoint::load(path).with_context(|| format!("train.checkpoint = '{init}'"))?;
+            let loaded =
+                checkpoint::load(path).with_context(|| format!("train.checkpoint = '{init}'"))?;
             checkpoint::copy_into_model(&trainer.tensors, &loaded.model, path)?;
             tracing::info!("initial weights from {init}");
         }
@@ -537,12 +718,20 @@ pub fn run(registry: &Registry, request: &Request, args: &TrainArgs) -> Result<(
     while pos.epoch < epochs {
         let epoch = pos.epoch; // 0-based index of the epoch being trained
         let order = data::epoch_order(train_set.len(), seed, epoch);
-        let rx = data::spawn_epoch(train_set.clone(), order, batch_size, steps_per_epoch, pos.step_in_epoch as usize);
+        let rx = data::spawn_epoch(
+            train_set.clone(),
+            order,
+            batch_size,
+            steps_per_epoch,
+            pos.step_in_epoch as usize,
+        );
         let bar = indicatif::ProgressBar::new(steps_per_epoch as u64);
         bar.set_style(
-            indicatif::ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg} [{elapsed_precise}<{eta_precise}]")
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-                .progress_chars("=> "),
+            indicatif::ProgressStyle::with_template(
+                "{prefix} [{bar:30}] {pos}/{len} {msg} [{elapsed_precise}<{eta_precise}]",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
         );
         bar.set_prefix(format!("epoch {}/{epochs}", epoch + 1));
         bar.set_position(pos.step_in_epoch);
@@ -553,7 +742,13 @@ pub fn run(registry: &Registry, request: &Request, args: &TrainArgs) -> Result<(
         let mut lr = 0.0;
         for raw in rx {
             let step = raw.index as u64;
-            let p = trainer.pipeline.prepare(raw.images.to_device(device), raw.labels.to_device(device), seed, epoch, step)?;
+            let p = trainer.pipeline.prepare(
+                raw.images.to_device(device),
+                raw.labels.to_device(device),
+                seed,
+                epoch,
+                step,
+            )?;
             let n = p.labels.size()[0] as usize;
             let (loss, a1, a5, step_lr) = trainer.step(p, epoch, step, pos.global_step)?;
             lr = step_lr;
@@ -561,9 +756,13 @@ pub fn run(registry: &Registry, request: &Request, args: &TrainArgs) -> Result<(
             pos.global_step += 1;
             pos.step_in_epoch = step + 1;
             bar.set_position(pos.step_in_epoch);
-            bar.set_message(format!("loss {:.4} acc@1 {:.4} lr {lr:.5}", meter.loss(), meter.acc1()));
+            bar.set_message(format!(
+                "loss {:.4} acc@1 {:.4} lr {lr:.5}",
+                meter.loss(),
+                meter.acc1()
+            ));
             let last = pos.step_in_epoch == steps_per_epoch as u64;
-            if pos.step_in_epoch % log_period == 0 || last {
+            if pos.step_in_epoch.is_multiple_of(log_period) || last {
                 let secs = t0.elapsed().as_secs_f64();
                 let ips = meter.n / secs.max(1e-9);
                 tracing::info!(
@@ -574,7 +773,15 @@ pub fn run(registry: &Registry, request: &Request, args: &TrainArgs) -> Result<(
                     meter.acc1(),
                     meter.acc5()
                 );
-                trainer.metrics.record(epoch + 1, pos.global_step, "train", &meter, lr, ips, trainer.start.elapsed().as_secs_f64())?;
+                trainer.metrics.record(
+                    epoch + 1,
+                    pos.global_step,
+                    "train",
+                    &meter,
+                    lr,
+                    ips,
+                    trainer.start.elapsed().as_secs_f64(),
+                )?;
             }
             if INTERRUPTED.load(Ordering::SeqCst) && !last {
                 bar.finish_and_clear();
@@ -593,21 +800,34 @@ pub fn run(registry: &Registry, request: &Request, args: &TrainArgs) -> Result<(
         tracing::info!("Elapsed {:.2}s", t0.elapsed().as_secs_f64());
         pos.epoch += 1;
         pos.step_in_epoch = 0;
-        if val_period > 0 && pos.epoch % val_period as u64 == 0 {
+        if val_period > 0 && pos.epoch.is_multiple_of(val_period as u64) {
             trainer.validate(&val_set, pos.epoch, pos.global_step, lr)?;
         }
-        if pos.epoch % ckpt_period == 0 || pos.epoch == epochs || INTERRUPTED.load(Ordering::SeqCst) {
+        if pos.epoch.is_multiple_of(ckpt_period)
+            || pos.epoch == epochs
+            || INTERRUPTED.load(Ordering::SeqCst)
+        {
             let path = trainer.checkpoint(&pos)?;
             tracing::info!("saved {}", path.display());
         }
         if INTERRUPTED.load(Ordering::SeqCst) {
-            tracing::warn!("interrupted; continue with `imgclf train --resume {}`", out.display());
+            tracing::warn!(
+                "interrupted; continue with `imgclf train --resume {}`",
+                out.display()
+            );
             std::process::exit(130);
         }
     }
-    let final_tensors: Vec<(String, Tensor)> = trainer.tensors.iter().map(|t| (t.name.clone(), t.tensor.shallow_clone())).collect();
+    let final_tensors: Vec<(String, Tensor)> = trainer
+        .tensors
+        .iter()
+        .map(|t| (t.name.clone(), t.tensor.shallow_clone()))
+        .collect();
     let path = out.join("model_final.safetensors");
     crate::io::save_safetensors(&path, &final_tensors, Default::default())?;
-    tracing::info!("saved {} (a PyTorch state dict: load_state_dict(safetensors.torch.load_file(...)))", path.display());
+    tracing::info!(
+        "saved {} (a PyTorch state dict: load_state_dict(safetensors.torch.load_file(...)))",
+        path.display()
+    );
     Ok(())
 }

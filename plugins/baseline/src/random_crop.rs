@@ -3,8 +3,8 @@
 
 use imgclf_plugin_api::rng::{step_rng, Rng};
 use imgclf_plugin_api::{
-    plugin_bail, Augmentation, AugmentationFactory, Batch, ComponentInfo, ConfigView, DataContext, KeyDecl, Kind,
-    Result, Stage,
+    plugin_bail, Augmentation, AugmentationFactory, Batch, ComponentInfo, ConfigView, DataContext,
+    KeyDecl, Kind, Result, Stage,
 };
 use tch::Tensor;
 
@@ -25,7 +25,9 @@ impl PaddingMode {
             "edge" => PaddingMode::Edge,
             "reflect" => PaddingMode::Reflect,
             "symmetric" => PaddingMode::Symmetric,
-            other => plugin_bail!("{SECTION}.padding_mode `{other}` is not one of constant, edge, reflect, symmetric"),
+            other => plugin_bail!(
+                "{SECTION}.padding_mode `{other}` is not one of constant, edge, reflect, symmetric"
+            ),
         })
     }
 
@@ -68,7 +70,11 @@ impl RandomCrop {
         let (n, c, h, w) = images.size4()?;
         let s = self.size;
         let mut index = Vec::with_capacity((n * s * s) as usize);
-        let mut filled = Vec::with_capacity(if self.mode == PaddingMode::Constant { (n * s * s) as usize } else { 0 });
+        let mut filled = Vec::with_capacity(if self.mode == PaddingMode::Constant {
+            (n * s * s) as usize
+        } else {
+            0
+        });
         for &(dy, dx) in offsets {
             for i in 0..s {
                 let row = self.mode.source(dy + i, self.padding, h);
@@ -90,10 +96,18 @@ impl RandomCrop {
             }
         }
         let device = images.device();
-        let index = Tensor::from_slice(&index).to_device(device).view([n, 1, s * s]).expand([n, c, s * s], false);
-        let out = images.flatten(2, 3).f_gather(2, &index, false)?.view([n, c, s, s]);
+        let index = Tensor::from_slice(&index)
+            .to_device(device)
+            .view([n, 1, s * s])
+            .expand([n, c, s * s], false);
+        let out = images
+            .flatten(2, 3)
+            .f_gather(2, &index, false)?
+            .view([n, c, s, s]);
         if self.mode == PaddingMode::Constant && filled.iter().any(|&f| f) {
-            let mask = Tensor::from_slice(&filled).to_device(device).view([n, 1, s, s]);
+            let mask = Tensor::from_slice(&filled)
+                .to_device(device)
+                .view([n, 1, s, s]);
             Ok(out.masked_fill(&mask, self.fill))
         } else {
             Ok(out)
@@ -104,14 +118,25 @@ impl RandomCrop {
 impl Augmentation for RandomCrop {
     fn apply(&mut self, batch: Batch, seed: u64) -> Result<Batch> {
         let (n, _, h, w) = batch.images.size4()?;
-        let (range_y, range_x) = (h + 2 * self.padding - self.size, w + 2 * self.padding - self.size);
+        let (range_y, range_x) = (
+            h + 2 * self.padding - self.size,
+            w + 2 * self.padding - self.size,
+        );
         if range_y < 0 || range_x < 0 {
-            plugin_bail!("random crop of {} px does not fit a {h}x{w} image padded by {}", self.size, self.padding);
+            plugin_bail!(
+                "random crop of {} px does not fit a {h}x{w} image padded by {}",
+                self.size,
+                self.padding
+            );
         }
         let mut rng = step_rng(seed);
-        let offsets: Vec<(i64, i64)> =
-            (0..n).map(|_| (rng.gen_range(0..=range_y), rng.gen_range(0..=range_x))).collect();
-        Ok(Batch { images: self.crop(&batch.images, &offsets)?, ..batch })
+        let offsets: Vec<(i64, i64)> = (0..n)
+            .map(|_| (rng.gen_range(0..=range_y), rng.gen_range(0..=range_x)))
+            .collect();
+        Ok(Batch {
+            images: self.crop(&batch.images, &offsets)?,
+            ..batch
+        })
     }
 }
 
@@ -119,15 +144,31 @@ pub struct RandomCropFactory;
 
 impl AugmentationFactory for RandomCropFactory {
     fn info(&self) -> ComponentInfo {
-        ComponentInfo::new(Kind::Augmentation, "random_crop", "Pad each side, then crop a random image_size window")
-            .papers(&["1512.03385"])
-            .switched_by("augmentation.use_random_crop", Stage::Geometric)
-            .keys(vec![
-                KeyDecl::int(&format!("{SECTION}.padding"), 4, "pixels of padding on each side"),
-                KeyDecl::int(&format!("{SECTION}.fill"), 0, "pixel value (0-255) of constant padding"),
-                KeyDecl::str(&format!("{SECTION}.padding_mode"), "constant", "how the border is padded")
-                    .choices(&["constant", "edge", "reflect", "symmetric"]),
-            ])
+        ComponentInfo::new(
+            Kind::Augmentation,
+            "random_crop",
+            "Pad each side, then crop a random image_size window",
+        )
+        .papers(&["1512.03385"])
+        .switched_by("augmentation.use_random_crop", Stage::Geometric)
+        .keys(vec![
+            KeyDecl::int(
+                &format!("{SECTION}.padding"),
+                4,
+                "pixels of padding on each side",
+            ),
+            KeyDecl::int(
+                &format!("{SECTION}.fill"),
+                0,
+                "pixel value (0-255) of constant padding",
+            ),
+            KeyDecl::str(
+                &format!("{SECTION}.padding_mode"),
+                "constant",
+                "how the border is padded",
+            )
+            .choices(&["constant", "edge", "reflect", "symmetric"]),
+        ])
     }
 
     fn build(&self, config: &ConfigView, ctx: &DataContext) -> Result<Box<dyn Augmentation>> {
@@ -160,17 +201,36 @@ mod tests {
 
     #[test]
     fn constant_padding_fills_and_offsets_shift_the_window() {
-        let c = RandomCrop { size: 3, padding: 1, fill: 0.0, mode: PaddingMode::Constant };
-        assert_eq!(values(&c.crop(&image(), &[(1, 1)]).unwrap()), (1..=9).map(|v| v as f32).collect::<Vec<_>>());
-        assert_eq!(values(&c.crop(&image(), &[(0, 0)]).unwrap()), vec![0., 0., 0., 0., 1., 2., 0., 4., 5.]);
-        assert_eq!(values(&c.crop(&image(), &[(2, 2)]).unwrap()), vec![5., 6., 0., 8., 9., 0., 0., 0., 0.]);
+        let c = RandomCrop {
+            size: 3,
+            padding: 1,
+            fill: 0.0,
+            mode: PaddingMode::Constant,
+        };
+        assert_eq!(
+            values(&c.crop(&image(), &[(1, 1)]).unwrap()),
+            (1..=9).map(|v| v as f32).collect::<Vec<_>>()
+        );
+        assert_eq!(
+            values(&c.crop(&image(), &[(0, 0)]).unwrap()),
+            vec![0., 0., 0., 0., 1., 2., 0., 4., 5.]
+        );
+        assert_eq!(
+            values(&c.crop(&image(), &[(2, 2)]).unwrap()),
+            vec![5., 6., 0., 8., 9., 0., 0., 0., 0.]
+        );
     }
 
     #[test]
     fn padding_modes_match_numpy_pad() {
         // Row 0 of a window at (0, 0) with padding 2 on [[1,2,3],...]: columns -2, -1, 0.
         let row0 = |mode| {
-            let c = RandomCrop { size: 3, padding: 2, fill: 0.0, mode };
+            let c = RandomCrop {
+                size: 3,
+                padding: 2,
+                fill: 0.0,
+                mode,
+            };
             values(&c.crop(&image(), &[(2, 0)]).unwrap())[..3].to_vec()
         };
         assert_eq!(row0(PaddingMode::Edge), vec![1., 1., 1.]);
@@ -180,14 +240,27 @@ mod tests {
 
     #[test]
     fn offsets_are_uniform_over_the_padded_range_and_seeded() {
-        let mut c = RandomCrop { size: 3, padding: 1, fill: -1.0, mode: PaddingMode::Constant };
-        let batch = || Batch { images: image().repeat([4000, 1, 1, 1]), targets: Tensor::zeros([4000, 10], (K::Float, Device::Cpu)), views: 1 };
+        let mut c = RandomCrop {
+            size: 3,
+            padding: 1,
+            fill: -1.0,
+            mode: PaddingMode::Constant,
+        };
+        let batch = || Batch {
+            images: image().repeat([4000, 1, 1, 1]),
+            targets: Tensor::zeros([4000, 10], (K::Float, Device::Cpu)),
+            views: 1,
+        };
         let a = c.apply(batch(), 7).unwrap().images;
         let b = c.apply(batch(), 7).unwrap().images;
         assert!(a.equal(&b));
         // The centre pixel of the window equals 5 only at offset (1,1): probability 1/9.
         let centre = a.select(2, 1).select(2, 1).flatten(0, -1);
-        let frac = centre.eq(5.0).to_kind(K::Float).mean(K::Float).double_value(&[]);
+        let frac = centre
+            .eq(5.0)
+            .to_kind(K::Float)
+            .mean(K::Float)
+            .double_value(&[]);
         assert!((frac - 1.0 / 9.0).abs() < 0.02, "{frac}");
     }
 }

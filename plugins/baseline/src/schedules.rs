@@ -2,7 +2,8 @@
 //! reference's `LambdaLR` does: iteration `k` (from 0) trains with `base_lr * factor(k)`.
 
 use imgclf_plugin_api::{
-    plugin_bail, ComponentInfo, ConfigView, Kind, Result, ScheduleContext, Scheduler, SchedulerFactory,
+    plugin_bail, ComponentInfo, ConfigView, Kind, Result, ScheduleContext, Scheduler,
+    SchedulerFactory,
 };
 
 /// Multiplies the rate by `lr_decay` at each milestone epoch. An iteration exactly on a
@@ -33,10 +34,15 @@ impl SchedulerFactory for MultistepFactory {
     fn build(&self, config: &ConfigView, ctx: &ScheduleContext) -> Result<Box<dyn Scheduler>> {
         let milestones = config.int_list("scheduler.milestones")?;
         if milestones.windows(2).any(|w| w[0] >= w[1]) || milestones.iter().any(|&m| m < 0) {
-            plugin_bail!("scheduler.milestones must be increasing non-negative epochs, got {milestones:?}");
+            plugin_bail!(
+                "scheduler.milestones must be increasing non-negative epochs, got {milestones:?}"
+            );
         }
         Ok(Box::new(Multistep {
-            boundaries: milestones.iter().map(|&m| m as u64 * ctx.steps_per_epoch).collect(),
+            boundaries: milestones
+                .iter()
+                .map(|&m| m as u64 * ctx.steps_per_epoch)
+                .collect(),
             lr_decay: config.float("scheduler.lr_decay")?,
         }))
     }
@@ -51,7 +57,8 @@ pub struct Cosine {
 impl Scheduler for Cosine {
     fn factor(&self, step: u64) -> f64 {
         let t = step as f64 / self.steps.max(1) as f64;
-        self.lr_min_factor + (1.0 - self.lr_min_factor) * 0.5 * (1.0 + (t * std::f64::consts::PI).cos())
+        self.lr_min_factor
+            + (1.0 - self.lr_min_factor) * 0.5 * (1.0 + (t * std::f64::consts::PI).cos())
     }
 }
 
@@ -81,7 +88,10 @@ mod tests {
 
     #[test]
     fn multistep_boundary_iteration_keeps_previous_rate() {
-        let s = Multistep { boundaries: vec![80 * 10, 120 * 10], lr_decay: 0.1 };
+        let s = Multistep {
+            boundaries: vec![80 * 10, 120 * 10],
+            lr_decay: 0.1,
+        };
         assert_eq!(s.factor(0), 1.0);
         assert_eq!(s.factor(800), 1.0);
         assert!((s.factor(801) - 0.1).abs() < 1e-15);
@@ -91,7 +101,10 @@ mod tests {
 
     #[test]
     fn cosine_starts_at_one_and_ends_at_min() {
-        let s = Cosine { steps: 100, lr_min_factor: 0.001 };
+        let s = Cosine {
+            steps: 100,
+            lr_min_factor: 0.001,
+        };
         assert_eq!(s.factor(0), 1.0);
         assert!((s.factor(50) - (0.001 + 0.999 * 0.5)).abs() < 1e-12);
         assert!((s.factor(100) - 0.001).abs() < 1e-12);

@@ -2,7 +2,8 @@
 //! step for step as PyTorch computes it.
 
 use imgclf_plugin_api::{
-    ComponentInfo, ConfigView, Error, Kind, NamedTensor, Optimizer, OptimizerFactory, ParamGroup, Result,
+    ComponentInfo, ConfigView, Error, Kind, NamedTensor, Optimizer, OptimizerFactory, ParamGroup,
+    Result,
 };
 use tch::Tensor;
 
@@ -16,13 +17,23 @@ pub struct Sgd {
 impl Sgd {
     pub fn new(groups: Vec<ParamGroup>, momentum: f64, nesterov: bool) -> Result<Self> {
         if nesterov && momentum <= 0.0 {
-            return Err(Error::msg("train.nesterov needs train.momentum > 0 (as torch.optim.SGD requires)"));
+            return Err(Error::msg(
+                "train.nesterov needs train.momentum > 0 (as torch.optim.SGD requires)",
+            ));
         }
         let params = groups
             .into_iter()
-            .flat_map(|g| g.params.into_iter().map(move |p| (p.name, p.tensor, g.weight_decay, None)))
+            .flat_map(|g| {
+                g.params
+                    .into_iter()
+                    .map(move |p| (p.name, p.tensor, g.weight_decay, None))
+            })
             .collect();
-        Ok(Sgd { momentum, nesterov, params })
+        Ok(Sgd {
+            momentum,
+            nesterov,
+            params,
+        })
     }
 }
 
@@ -34,7 +45,11 @@ impl Optimizer for Sgd {
                 if !g.defined() {
                     continue;
                 }
-                let mut d_p = if *wd != 0.0 { g.f_add(&(&*p * *wd))? } else { g };
+                let mut d_p = if *wd != 0.0 {
+                    g.f_add(&(&*p * *wd))?
+                } else {
+                    g
+                };
                 if self.momentum != 0.0 {
                     let b = match buf {
                         Some(b) => {
@@ -47,7 +62,11 @@ impl Optimizer for Sgd {
                             b
                         }
                     };
-                    d_p = if self.nesterov { d_p.f_add(&(&b * self.momentum))? } else { b };
+                    d_p = if self.nesterov {
+                        d_p.f_add(&(&b * self.momentum))?
+                    } else {
+                        b
+                    };
                 }
                 let _ = p.f_sub_(&(d_p * lr))?;
             }
@@ -84,7 +103,9 @@ impl Optimizer for Sgd {
             }
         }
         if let Some(extra) = by_name.keys().next() {
-            return Err(Error(format!("optimizer state has an entry `{extra}` for no parameter of this model")));
+            return Err(Error(format!(
+                "optimizer state has an entry `{extra}` for no parameter of this model"
+            )));
         }
         Ok(())
     }
@@ -102,26 +123,41 @@ impl OptimizerFactory for SgdFactory {
     }
 
     fn build(&self, config: &ConfigView, groups: Vec<ParamGroup>) -> Result<Box<dyn Optimizer>> {
-        Ok(Box::new(Sgd::new(groups, config.float("train.momentum")?, config.bool("train.nesterov")?)?))
+        Ok(Box::new(Sgd::new(
+            groups,
+            config.float("train.momentum")?,
+            config.bool("train.nesterov")?,
+        )?))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tch::{Device, Kind as K};
+    use tch::Kind as K;
 
     fn param(values: &[f32]) -> NamedTensor {
-        NamedTensor { name: "w".into(), tensor: Tensor::from_slice(values).set_requires_grad(true), trainable: true }
+        NamedTensor {
+            name: "w".into(),
+            tensor: Tensor::from_slice(values).set_requires_grad(true),
+            trainable: true,
+        }
     }
 
     #[test]
     fn nesterov_momentum_weight_decay_match_hand_computation() {
         let p = param(&[1.0, -2.0]);
         let w = p.tensor.shallow_clone();
-        let mut opt = Sgd::new(vec![ParamGroup { weight_decay: 0.1, params: vec![p] }], 0.9, true).unwrap();
+        let mut opt = Sgd::new(
+            vec![ParamGroup {
+                weight_decay: 0.1,
+                params: vec![p],
+            }],
+            0.9,
+            true,
+        )
+        .unwrap();
         // Step 1: grad g1 = [0.5, 0.5]. d = g + wd*w = [0.6, 0.3]; buf = d; nesterov d' = d + 0.9*buf = 1.9 d.
-        w.grad().defined().then(|| ());
         let loss = (&w * Tensor::from_slice(&[0.5f32, 0.5])).sum(K::Float);
         loss.backward();
         opt.step(0.1).unwrap();
@@ -135,7 +171,9 @@ mod tests {
         let d2: Vec<f64> = w1.iter().map(|v| 0.5 + 0.1 * v).collect();
         let buf1 = [0.6, 0.3];
         let buf2: Vec<f64> = buf1.iter().zip(&d2).map(|(b, d)| 0.9 * b + d).collect();
-        let exp2: Vec<f64> = (0..2).map(|i| w1[i] - 0.1 * (d2[i] + 0.9 * buf2[i])).collect();
+        let exp2: Vec<f64> = (0..2)
+            .map(|i| w1[i] - 0.1 * (d2[i] + 0.9 * buf2[i]))
+            .collect();
         let _ = w.grad().zero_();
         let loss = (&w * Tensor::from_slice(&[0.5f32, 0.5])).sum(K::Float);
         loss.backward();
@@ -149,17 +187,32 @@ mod tests {
         assert_eq!(state.len(), 1);
         assert_eq!(state[0].name, "w.momentum_buffer");
         let p2 = param(&[0.0, 0.0]);
-        let mut opt2 = Sgd::new(vec![ParamGroup { weight_decay: 0.1, params: vec![p2] }], 0.9, true).unwrap();
+        let mut opt2 = Sgd::new(
+            vec![ParamGroup {
+                weight_decay: 0.1,
+                params: vec![p2],
+            }],
+            0.9,
+            true,
+        )
+        .unwrap();
         opt2.load_state(state).unwrap();
         assert_eq!(opt2.state()[0].tensor.size(), vec![2]);
-        let _ = Device::Cpu;
     }
 
     #[test]
     fn plain_momentum_without_nesterov_uses_buffer() {
         let p = param(&[1.0]);
         let w = p.tensor.shallow_clone();
-        let mut opt = Sgd::new(vec![ParamGroup { weight_decay: 0.0, params: vec![p] }], 0.9, false).unwrap();
+        let mut opt = Sgd::new(
+            vec![ParamGroup {
+                weight_decay: 0.0,
+                params: vec![p],
+            }],
+            0.9,
+            false,
+        )
+        .unwrap();
         for _ in 0..2 {
             if w.grad().defined() {
                 let _ = w.grad().zero_();

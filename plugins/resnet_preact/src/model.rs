@@ -3,7 +3,8 @@
 
 use imgclf_plugin_api::nn::{BatchNorm2d, Conv2d, ConvConfig, InitMode, ParamStore, Scope};
 use imgclf_plugin_api::{
-    plugin_bail, ComponentInfo, ConfigView, KeyDecl, Kind, Model, ModelContext, ModelFactory, NamedTensor, Result,
+    plugin_bail, ComponentInfo, ConfigView, KeyDecl, Kind, Model, ModelContext, ModelFactory,
+    NamedTensor, Result,
 };
 use tch::Tensor;
 
@@ -56,13 +57,38 @@ impl BlockType {
 impl Config {
     pub fn keys() -> Vec<KeyDecl> {
         vec![
-            KeyDecl::int(&format!("{SECTION}.depth"), 110, "network depth: 6n+2 (basic) or 9n+2 (bottleneck)"),
-            KeyDecl::int_list(&format!("{SECTION}.n_blocks"), &[2, 2, 2, 2], "blocks per stage (ImageNet models only; unused here)"),
-            KeyDecl::str(&format!("{SECTION}.block_type"), "basic", "residual block").choices(&["basic", "bottleneck"]),
-            KeyDecl::int(&format!("{SECTION}.initial_channels"), 16, "channels of the first stage"),
-            KeyDecl::bool(&format!("{SECTION}.remove_first_relu"), false, "drop the ReLU after the first BN of each block"),
-            KeyDecl::bool(&format!("{SECTION}.add_last_bn"), false, "add a BN after the last conv of each block"),
-            KeyDecl::bool_list(&format!("{SECTION}.preact_stage"), &[true, true, true], "per stage: first block pre-activates the shortcut too"),
+            KeyDecl::int(
+                &format!("{SECTION}.depth"),
+                110,
+                "network depth: 6n+2 (basic) or 9n+2 (bottleneck)",
+            ),
+            KeyDecl::int_list(
+                &format!("{SECTION}.n_blocks"),
+                &[2, 2, 2, 2],
+                "blocks per stage (ImageNet models only; unused here)",
+            ),
+            KeyDecl::str(&format!("{SECTION}.block_type"), "basic", "residual block")
+                .choices(&["basic", "bottleneck"]),
+            KeyDecl::int(
+                &format!("{SECTION}.initial_channels"),
+                16,
+                "channels of the first stage",
+            ),
+            KeyDecl::bool(
+                &format!("{SECTION}.remove_first_relu"),
+                false,
+                "drop the ReLU after the first BN of each block",
+            ),
+            KeyDecl::bool(
+                &format!("{SECTION}.add_last_bn"),
+                false,
+                "add a BN after the last conv of each block",
+            ),
+            KeyDecl::bool_list(
+                &format!("{SECTION}.preact_stage"),
+                &[true, true, true],
+                "per stage: first block pre-activates the shortcut too",
+            ),
         ]
     }
 
@@ -70,11 +96,15 @@ impl Config {
         let block_type = match c.str(&format!("{SECTION}.block_type"))?.as_str() {
             "basic" => BlockType::Basic,
             "bottleneck" => BlockType::Bottleneck,
-            other => plugin_bail!("{SECTION}.block_type `{other}` is not one of 'basic', 'bottleneck'"),
+            other => {
+                plugin_bail!("{SECTION}.block_type `{other}` is not one of 'basic', 'bottleneck'")
+            }
         };
         let stages = c.bool_list(&format!("{SECTION}.preact_stage"))?;
         let preact_stage: [bool; 3] = stages.as_slice().try_into().map_err(|_| {
-            imgclf_plugin_api::Error(format!("{SECTION}.preact_stage needs 3 values (one per stage), got {stages:?}"))
+            imgclf_plugin_api::Error(format!(
+                "{SECTION}.preact_stage needs 3 values (one per stage), got {stages:?}"
+            ))
         })?;
         Ok(Config {
             depth: c.int(&format!("{SECTION}.depth"))?,
@@ -103,7 +133,18 @@ impl Block {
     fn new(s: &Scope, c_in: i64, c_out: i64, stride: i64, cfg: &Config, preact: bool) -> Block {
         let init = cfg.init_mode;
         let conv = |name: &str, i, o, k, stride| {
-            Conv2d::new(&s.sub(name), i, o, k, ConvConfig { stride, padding: k / 2, ..Default::default() }, init)
+            Conv2d::new(
+                &s.sub(name),
+                i,
+                o,
+                k,
+                ConvConfig {
+                    stride,
+                    padding: k / 2,
+                    ..Default::default()
+                },
+                init,
+            )
         };
         let (bns, convs, c_last) = match cfg.block_type {
             BlockType::Basic => {
@@ -124,9 +165,18 @@ impl Block {
                 (vec![bn1, bn2, bn3], vec![conv1, conv2, conv3], "bn4")
             }
         };
-        let last_bn = cfg.add_last_bn.then(|| BatchNorm2d::new(&s.sub(c_last), c_out));
+        let last_bn = cfg
+            .add_last_bn
+            .then(|| BatchNorm2d::new(&s.sub(c_last), c_out));
         let shortcut = (c_in != c_out).then(|| conv("shortcut.conv", c_in, c_out, 1, stride));
-        Block { bns, convs, last_bn, shortcut, remove_first_relu: cfg.remove_first_relu, preact }
+        Block {
+            bns,
+            convs,
+            last_bn,
+            shortcut,
+            remove_first_relu: cfg.remove_first_relu,
+            preact,
+        }
     }
 
     /// # Shapes
@@ -170,7 +220,11 @@ impl ResNetPreact {
     pub fn new(cfg: &Config, ctx: &ModelContext) -> Result<Self> {
         let n_blocks = cfg.block_type.blocks_per_stage(cfg.depth)?;
         let e = cfg.block_type.expansion();
-        let ch = [cfg.initial_channels, cfg.initial_channels * 2 * e, cfg.initial_channels * 4 * e];
+        let ch = [
+            cfg.initial_channels,
+            cfg.initial_channels * 2 * e,
+            cfg.initial_channels * 4 * e,
+        ];
         let store = ParamStore::new(ctx.device);
         let root = store.root();
         let conv = Conv2d::new(
@@ -178,7 +232,10 @@ impl ResNetPreact {
             ctx.n_channels,
             ch[0],
             3,
-            ConvConfig { padding: 1, ..Default::default() },
+            ConvConfig {
+                padding: 1,
+                ..Default::default()
+            },
             cfg.init_mode,
         );
         let mut stages = Vec::new();
@@ -187,20 +244,43 @@ impl ResNetPreact {
             let s = root.sub(format!("stage{}", i + 1));
             let blocks = (0..n_blocks)
                 .map(|b| {
-                    let (ci, st, preact) = if b == 0 { (c_in, stride, cfg.preact_stage[i]) } else { (c_out, 1, false) };
-                    Block::new(&s.sub(format!("block{}", b + 1)), ci, c_out, st, cfg, preact)
+                    let (ci, st, preact) = if b == 0 {
+                        (c_in, stride, cfg.preact_stage[i])
+                    } else {
+                        (c_out, 1, false)
+                    };
+                    Block::new(
+                        &s.sub(format!("block{}", b + 1)),
+                        ci,
+                        c_out,
+                        st,
+                        cfg,
+                        preact,
+                    )
                 })
                 .collect();
             stages.push(blocks);
             c_in = c_out;
         }
         let bn = BatchNorm2d::new(&root.sub("bn"), ch[2]);
-        let fc = imgclf_plugin_api::nn::Linear::new(&root.sub("fc"), ch[2], ctx.n_classes, cfg.init_mode);
+        let fc = imgclf_plugin_api::nn::Linear::new(
+            &root.sub("fc"),
+            ch[2],
+            ctx.n_classes,
+            cfg.init_mode,
+        );
         let description = format!(
             "ResNet-preact-{} ({:?} blocks, {} per stage, channels {:?}, remove_first_relu {}, add_last_bn {}, preact_stage {:?})",
             cfg.depth, cfg.block_type, n_blocks, ch, cfg.remove_first_relu, cfg.add_last_bn, cfg.preact_stage
         );
-        Ok(ResNetPreact { store, conv, stages, bn, fc, description })
+        Ok(ResNetPreact {
+            store,
+            conv,
+            stages,
+            bn,
+            fc,
+            description,
+        })
     }
 }
 
@@ -214,7 +294,12 @@ impl Model for ResNetPreact {
                 y = block.forward(&y, train);
             }
         }
-        let y = self.bn.forward(&y, train).relu().adaptive_avg_pool2d([1, 1]).flatten(1, -1);
+        let y = self
+            .bn
+            .forward(&y, train)
+            .relu()
+            .adaptive_avg_pool2d([1, 1])
+            .flatten(1, -1);
         Ok(self.fc.forward(&y))
     }
 
@@ -231,12 +316,19 @@ pub struct ResNetPreactFactory;
 
 impl ModelFactory for ResNetPreactFactory {
     fn info(&self) -> ComponentInfo {
-        ComponentInfo::new(Kind::Model, "resnet_preact", "Pre-activation ResNet for CIFAR-sized images")
-            .papers(&["1603.05027"])
-            .keys(Config::keys())
+        ComponentInfo::new(
+            Kind::Model,
+            "resnet_preact",
+            "Pre-activation ResNet for CIFAR-sized images",
+        )
+        .papers(&["1603.05027"])
+        .keys(Config::keys())
     }
 
     fn build(&self, config: &ConfigView, ctx: &ModelContext) -> Result<Box<dyn Model>> {
-        Ok(Box::new(ResNetPreact::new(&Config::from_view(config)?, ctx)?))
+        Ok(Box::new(ResNetPreact::new(
+            &Config::from_view(config)?,
+            ctx,
+        )?))
     }
 }
