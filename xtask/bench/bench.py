@@ -4,6 +4,7 @@ Called by `cargo xtask bench` as
 
     python xtask/bench/bench.py --imgclf BIN --root ROOT [--steps N] [--batch B]
                                 [--threads T] [--repeats R] [--eval]
+                                [--device {cpu,cuda}]
 
 Both sides train ResNet-preact-20 on the first B*N real Fashion-MNIST training
 images (1x28x28, 10 classes) for one epoch of N steps with batch B:
@@ -27,6 +28,13 @@ sched_setaffinity) to the first T cores. With --eval, eval-mode forward
 throughput is compared too: `imgclf evaluate` over the test split (timed
 as the whole process, and as the marginal rate against a tiny test split to
 remove start-up cost) against a no_grad forward loop in PyTorch.
+
+With --device cuda (default cpu) imgclf gets the override `device cuda`
+(the config says `device: cpu`; imgclf enables cudnn benchmark by default)
+and the PyTorch worker moves the model and each uint8 batch to the GPU, does
+the same batched augmentation there, sets torch.backends.cudnn.benchmark =
+True, and calls torch.cuda.synchronize() before reading the clock. The GPU
+name (torch.cuda.get_device_name()) is recorded in the results and table.
 
 Prints a markdown table and writes JSON to ROOT/target/bench/results.json.
 """
@@ -161,17 +169,35 @@ def _model(torch, root: str):
     return ResNetPreact(depth=20, n_channels=1, image_size=28, n_classes=10)
 
 
+def _torch_device(torch, name: str):
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit("bench: --device cuda but torch.cuda.is_available() is False")
+        torch.backends.cudnn.benchmark = True
+    return torch.device(name)
+
+
+def _sync(torch, dev) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def _gpu_name(torch, dev) -> Optional[str]:
+    return torch.cuda.get_device_name(dev) if dev.type == "cuda" else None
+
+
 def worker_torch_train(a) -> Dict:
     import torch
     import torch.nn.functional as F
 
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
+    dev = _torch_device(torch, a.device)
     images, labels = _load_split(torch, a.root, a.data, "train")
     n, c, h, w = images.shape
     b = a.batch
     steps = n // b  # drop_last
-    model = _model(torch, a.root)
+    model = _model(torch, a.root).to(dev)
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=BASE_LR, momentum=MOMENTUM,
                           nesterov=True, weight_decay=WEIGHT_DECAY)
@@ -181,27 +207,29 @@ def worker_torch_train(a) -> Dict:
         return BASE_LR * (LR_MIN_FACTOR + (1 - LR_MIN_FACTOR) * 0.5 *
                           (1 + math.cos(step / total_steps * math.pi)))
 
-    ar_h = torch.arange(h)
-    ar_w = torch.arange(w)
-    ar_c = torch.arange(c)
+    ar_h = torch.arange(h, device=dev)
+    ar_w = torch.arange(w, device=dev)
+    ar_c = torch.arange(c, device=dev)
+    ar_b = torch.arange(b, device=dev)
     seen = 0.0
     loss_sum = correct1 = correct5 = 0.0
 
+    _sync(torch, dev)
     t0 = time.perf_counter()
     order = torch.randperm(n)
     for step in range(steps):
         idx = order[step * b:(step + 1) * b]
-        x = images[idx].float()  # B,C,H,W
-        y = labels[idx]
+        x = images[idx].to(dev).float()  # B,C,H,W (uint8 copied, then float on dev)
+        y = labels[idx].to(dev)
         # random crop, pad 4 with zeros, one offset per image
         xp = F.pad(x, (PAD, PAD, PAD, PAD))
-        oy = torch.randint(0, 2 * PAD + 1, (b,))
-        ox = torch.randint(0, 2 * PAD + 1, (b,))
+        oy = torch.randint(0, 2 * PAD + 1, (b,), device=dev)
+        ox = torch.randint(0, 2 * PAD + 1, (b,), device=dev)
         rows = (oy[:, None] + ar_h[None, :])[:, None, :, None]
         cols = (ox[:, None] + ar_w[None, :])[:, None, None, :]
-        x = xp[torch.arange(b)[:, None, None, None], ar_c[None, :, None, None], rows, cols]
+        x = xp[ar_b[:, None, None, None], ar_c[None, :, None, None], rows, cols]
         # horizontal flip with p = 0.5
-        flip = torch.rand(b) < 0.5
+        flip = torch.rand(b, device=dev) < 0.5
         x = torch.where(flip[:, None, None, None], x.flip(3), x)
         x = (x / 255.0 - MEAN) / STD
 
@@ -220,6 +248,7 @@ def worker_torch_train(a) -> Dict:
             correct5 += float(hit.any(dim=1).sum())
             loss_sum += float(loss) * b
         seen += b
+    _sync(torch, dev)
     secs = time.perf_counter() - t0
     return {
         "images_per_sec": seen / secs,
@@ -230,6 +259,8 @@ def worker_torch_train(a) -> Dict:
         "acc1": correct1 / seen,
         "acc5": correct5 / seen,
         "threads": torch.get_num_threads(),
+        "device": a.device,
+        "gpu": _gpu_name(torch, dev),
     }
 
 
@@ -237,6 +268,7 @@ def worker_torch_eval(a) -> Dict:
     import torch
 
     torch.set_num_threads(a.threads)
+    dev = _torch_device(torch, a.device)
     images, _labels = _load_split(torch, a.root, a.data, "t10k")
     model = _model(torch, a.root)
     if a.weights:
@@ -244,19 +276,23 @@ def worker_torch_eval(a) -> Dict:
         from reference_models import load_safetensors  # noqa: E402
 
         model.load_state_dict(load_safetensors(a.weights), strict=True)
+    model = model.to(dev)
     model.eval()
     n = images.shape[0]
     b = a.batch
+    _sync(torch, dev)
     t0 = time.perf_counter()
     with torch.no_grad():
         for i in range(0, n, b):
-            x = (images[i:i + b].float() / 255.0 - MEAN) / STD
+            x = (images[i:i + b].to(dev).float() / 255.0 - MEAN) / STD
             out = model(x)
             out.softmax(dim=1)
             out.argmax(dim=1)
+    _sync(torch, dev)
     secs = time.perf_counter() - t0
     return {"images_per_sec": n / secs, "elapsed_s": secs, "images": n,
-            "threads": torch.get_num_threads()}
+            "threads": torch.get_num_threads(), "device": a.device,
+            "gpu": _gpu_name(torch, dev)}
 
 
 # --------------------------------------------------------------------------
@@ -279,7 +315,7 @@ def run_checked(cmd: List[str], cwd: str, log: str, env=None) -> float:
 def run_worker(kind: str, a, data: str, log: str, prefix: List[str], weights: str = "") -> Dict:
     cmd = prefix + [sys.executable, os.path.abspath(__file__), "--worker", kind,
                     "--root", a.root, "--data", data, "--batch", str(a.batch),
-                    "--threads", str(a.threads)]
+                    "--threads", str(a.threads), "--device", a.device]
     if weights:
         cmd += ["--weights", weights]
     with open(log, "w") as f:
@@ -290,6 +326,11 @@ def run_worker(kind: str, a, data: str, log: str, prefix: List[str], weights: st
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
+def device_override(a) -> List[str]:
+    # the config says `device: cpu`; on cpu leave the command exactly as before
+    return ["device", "cuda"] if a.device == "cuda" else []
+
+
 def imgclf_train(a, data: str, out: str, log: str, prefix: List[str]) -> Dict:
     if os.path.exists(out):
         shutil.rmtree(out)
@@ -297,6 +338,7 @@ def imgclf_train(a, data: str, out: str, log: str, prefix: List[str]) -> Dict:
                     "dataset.dataset_dir", data, "train.output_dir", out,
                     "train.val_period", "0", "train.log_period", "1000000",
                     "scheduler.epochs", "1", "train.batch_size", str(a.batch)]
+    cmd += device_override(a)
     wall = run_checked(cmd, a.root, log)
     recs = []
     with open(os.path.join(out, "metrics.jsonl")) as f:
@@ -320,6 +362,7 @@ def imgclf_eval(a, data: str, ckpt: str, out: str, log: str, prefix: List[str]) 
     cmd = prefix + [a.imgclf, "evaluate", "--config", CONFIG,
                     "dataset.dataset_dir", data, "test.checkpoint", ckpt,
                     "test.output_dir", out, "test.batch_size", str(a.batch)]
+    cmd += device_override(a)
     return run_checked(cmd, a.root, log)
 
 
@@ -342,6 +385,11 @@ def driver(a) -> int:
     a.imgclf = os.path.abspath(a.imgclf)
     if not os.access(a.imgclf, os.X_OK):
         raise SystemExit(f"bench: {a.imgclf} is not an executable")
+    gpu = None
+    if a.device == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit("bench: --device cuda but torch.cuda.is_available() is False")
+        gpu = torch.cuda.get_device_name()
     cores = usable_cores()
     if a.threads is None:
         a.threads = os.cpu_count() or cores
@@ -361,7 +409,8 @@ def driver(a) -> int:
 
     runs: Dict[str, List[Dict]] = {"imgclf": [], "torch": []}
     print(f"bench: {a.steps} steps x batch {a.batch} = {a.batch * a.steps} images, "
-          f"{a.threads} threads, {a.repeats} run(s) each, alternating", flush=True)
+          f"{a.threads} threads, {a.repeats} run(s) each, alternating"
+          + (f", device cuda ({gpu})" if gpu else ""), flush=True)
     for r in range(a.repeats):
         out = os.path.join(work, f"imgclf-{r}")
         res = imgclf_train(a, data, out, os.path.join(work, f"imgclf-{r}.log"), prefix)
@@ -405,6 +454,8 @@ def driver(a) -> int:
     result = {
         "benchmark": "train throughput, ResNet-preact-20, Fashion-MNIST 1x28x28",
         "device": cpu_model(),
+        "compute_device": a.device,
+        "gpu": gpu,
         "cores": cores,
         "threads": a.threads,
         "imgclf_threads": imgclf_threads,
@@ -428,6 +479,8 @@ def driver(a) -> int:
     print()
     print(f"Device: {result['device']} ({cores} usable cores); threads: {a.threads}; "
           f"batch {a.batch}; {a.steps} steps; torch {torch.__version__}")
+    if gpu:
+        print(f"GPU: {gpu} (--device cuda; both sides train on the GPU)")
     print()
     head = "| side | " + " | ".join(f"run {i + 1} img/s" for i in range(a.repeats)) + " | best img/s |"
     print(head)
@@ -472,6 +525,9 @@ def main(argv=None) -> int:
     p.add_argument("--dataset-src", default="/usr/share/datasets/fashion-mnist",
                    help="Fashion-MNIST IDX files (plain or .gz)")
     p.add_argument("--keep", action="store_true", help="keep the work folder")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="where both sides train (default cpu); cuda appends the imgclf "
+                        "override `device cuda` and runs the PyTorch side on the GPU")
     # internal: worker processes
     p.add_argument("--worker", choices=["torch-train", "torch-eval"], help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)

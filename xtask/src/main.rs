@@ -392,7 +392,12 @@ fn main() -> Result<()> {
             dist(&torch()?)?;
         }
         "test" => test(&torch()?, &rest)?,
-        "ci" => ci(&torch()?)?,
+        "ci" => {
+            let t = torch()?;
+            test(&t, &[])?;
+            lint(&t)?;
+        }
+        "lint" => lint(&torch()?)?,
         "docs" => docs(&torch()?, rest.iter().any(|a| a == "--check"))?,
         "quickstart" => quickstart(&torch()?, &rest)?,
         "bench" => bench(&torch()?, &rest)?,
@@ -402,7 +407,8 @@ fn main() -> Result<()> {
                 "usage: cargo xtask <command>\n\
                  \x20 quickstart [KEY VALUE]...  build everything, train ResNet-preact-20 on Fashion-MNIST for one epoch\n\
                  \x20 test [cargo test args]     build everything (and the fixture plugins) and run the whole test suite\n\
-                 \x20 ci                         what CI runs: fmt check, clippy -D warnings, tests, docs check\n\
+                 \x20 ci                         what CI runs: test, then lint\n\
+                 \x20 lint                       fmt check, clippy -D warnings, README plugin table check\n\
                  \x20 dist                       release build into target/dist/{{bin,lib/imgclf/plugins}}\n\
                  \x20 build [--release]          build host, plugins and fixtures into target/<profile>/\n\
                  \x20 bench [--steps N]          training throughput of imgclf vs PyTorch eager, same machine, same run\n\
