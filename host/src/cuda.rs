@@ -14,8 +14,12 @@ fn libtorch_dir() -> Option<PathBuf> {
 }
 
 /// Loads `libtorch_cuda.so` if it exists next to `libtorch_cpu.so` (or on the loader's search
-/// path). Must run first in `main`. Returns what happened, for `imgclf env`.
+/// path). Must run first in `main`. Returns what happened, for `imgclf env`. `IMGCLF_NO_CUDA=1`
+/// skips it (CPU only: faster start, less memory).
 pub fn preload() -> String {
+    if std::env::var_os("IMGCLF_NO_CUDA").is_some_and(|v| !v.is_empty() && v != "0") {
+        return "not loaded (IMGCLF_NO_CUDA is set)".into();
+    }
     let mut candidates: Vec<PathBuf> = libtorch_dir()
         .into_iter()
         .map(|d| d.join("libtorch_cuda.so"))

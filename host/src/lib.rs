@@ -1,6 +1,7 @@
 //! The imgclf host: plugin discovery, configuration, datasets, the training loop and the
 //! commands of the `imgclf` binary.
 
+pub mod allocator;
 pub mod cli;
 pub mod config;
 pub mod cuda;

@@ -1,6 +1,7 @@
 //! Batches for training and validation. A background thread gathers the images of each batch
-//! (in a seeded per-epoch order) into one uint8 tensor while the model computes, so data
-//! loading overlaps compute.
+//! (in a seeded per-epoch order) into one contiguous buffer while the model computes, so data
+//! loading overlaps compute. The thread never calls into libtorch: an ATen op there would start
+//! a second OpenMP thread team competing with the training thread's for the same cores.
 
 use crate::datasets::ImageSet;
 use imgclf_plugin_api::rng::{mix_seed, step_rng};
@@ -9,29 +10,49 @@ use std::sync::mpsc::{sync_channel, Receiver};
 use std::sync::Arc;
 use tch::{Kind, Tensor};
 
-/// uint8 images N x C x H x W and int64 labels, on the CPU.
+/// The images (uint8, N x C x H x W, row-major) and labels of one batch, as plain buffers.
 pub struct RawBatch {
     pub index: usize,
-    pub images: Tensor,
-    pub labels: Tensor,
+    pub images: Vec<u8>,
+    pub labels: Vec<i64>,
+    pub shape: [i64; 4],
 }
 
-/// Gathers the given samples into one batch.
-pub fn gather(set: &ImageSet, indices: &[usize]) -> (Tensor, Tensor) {
+impl RawBatch {
+    /// uint8 images and int64 labels as CPU tensors (call on the training thread).
+    pub fn tensors(&self) -> (Tensor, Tensor) {
+        (
+            Tensor::from_slice(&self.images).view(self.shape),
+            Tensor::from_slice(&self.labels).to_kind(Kind::Int64),
+        )
+    }
+}
+
+fn gather_raw(set: &ImageSet, indices: &[usize], index: usize) -> RawBatch {
     let per = set.channels * set.height * set.width;
-    let mut buf = Vec::with_capacity(indices.len() * per);
+    let mut images = Vec::with_capacity(indices.len() * per);
     let mut labels = Vec::with_capacity(indices.len());
     for &i in indices {
-        buf.extend_from_slice(set.image(i));
+        images.extend_from_slice(set.image(i));
         labels.push(set.labels[i]);
     }
-    let images = Tensor::from_slice(&buf).view([
+    let shape = [
         indices.len() as i64,
         set.channels as i64,
         set.height as i64,
         set.width as i64,
-    ]);
-    (images, Tensor::from_slice(&labels).to_kind(Kind::Int64))
+    ];
+    RawBatch {
+        index,
+        images,
+        labels,
+        shape,
+    }
+}
+
+/// Gathers the given samples into one batch of tensors.
+pub fn gather(set: &ImageSet, indices: &[usize]) -> (Tensor, Tensor) {
+    gather_raw(set, indices, 0).tensors()
 }
 
 /// The training order of one epoch: a permutation seeded by (train.seed, epoch).
@@ -64,13 +85,8 @@ pub fn spawn_epoch(
         .spawn(move || {
             for b in start..n_batches {
                 let end = ((b + 1) * batch_size).min(order.len());
-                let (images, labels) = gather(&set, &order[b * batch_size..end]);
                 if tx
-                    .send(RawBatch {
-                        index: b,
-                        images,
-                        labels,
-                    })
+                    .send(gather_raw(&set, &order[b * batch_size..end], b))
                     .is_err()
                 {
                     return; // the trainer stopped early (Ctrl-C, error)
@@ -116,13 +132,15 @@ mod tests {
             .into_iter()
             .collect();
         assert_eq!(got.iter().map(|b| b.index).collect::<Vec<_>>(), vec![1, 2]);
-        assert_eq!(got[1].labels.size(), vec![2]);
-        let labels = Vec::<i64>::try_from(&got[0].labels).unwrap();
+        assert_eq!(got[1].labels.len(), 2);
         assert_eq!(
-            labels,
+            got[0].labels,
             order[4..8].iter().map(|&i| i as i64).collect::<Vec<_>>()
         );
-        let first = Vec::<u8>::try_from(&got[0].images.flatten(0, -1)).unwrap();
+        let (images, labels) = got[0].tensors();
+        assert_eq!(images.size(), vec![4, 1, 2, 2]);
+        assert_eq!(Vec::<i64>::try_from(&labels).unwrap(), got[0].labels);
+        let first = Vec::<u8>::try_from(&images.flatten(0, -1)).unwrap();
         assert_eq!(&first[..4], s.image(order[4]));
     }
 }

@@ -742,13 +742,11 @@ pub fn run(registry: &Registry, request: &Request, args: &TrainArgs) -> Result<(
         let mut lr = 0.0;
         for raw in rx {
             let step = raw.index as u64;
-            let p = trainer.pipeline.prepare(
-                raw.images.to_device(device),
-                raw.labels.to_device(device),
-                seed,
-                epoch,
-                step,
-            )?;
+            let (images, labels) = raw.tensors();
+            let (images, labels) = (images.to_device(device), labels.to_device(device));
+            let p = trainer
+                .pipeline
+                .prepare(images, labels, seed, epoch, step)?;
             let n = p.labels.size()[0] as usize;
             let (loss, a1, a5, step_lr) = trainer.step(p, epoch, step, pos.global_step)?;
             lr = step_lr;
