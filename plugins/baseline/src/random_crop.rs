@@ -68,47 +68,36 @@ impl RandomCrop {
     /// `0..=H + 2 * padding - size`.
     pub fn crop(&self, images: &Tensor, offsets: &[(i64, i64)]) -> Result<Tensor> {
         let (n, c, h, w) = images.size4()?;
-        let s = self.size;
-        let mut index = Vec::with_capacity((n * s * s) as usize);
-        let mut filled = Vec::with_capacity(if self.mode == PaddingMode::Constant {
-            (n * s * s) as usize
-        } else {
-            0
-        });
-        for &(dy, dx) in offsets {
-            for i in 0..s {
-                let row = self.mode.source(dy + i, self.padding, h);
-                for j in 0..s {
-                    let col = self.mode.source(dx + j, self.padding, w);
-                    match (row, col) {
-                        (Some(r), Some(c)) => {
-                            index.push(r * w + c);
-                            if self.mode == PaddingMode::Constant {
-                                filled.push(false);
-                            }
-                        }
-                        _ => {
-                            index.push(0);
-                            filled.push(true);
-                        }
-                    }
-                }
-            }
-        }
-        let device = images.device();
-        let index = Tensor::from_slice(&index)
-            .to_device(device)
+        let (s, device) = (self.size, images.device());
+        // Source index of every padded coordinate (-1 where constant padding fills): tiny
+        // tables, so only O(N) numbers travel to the device, not O(N * H * W) indices.
+        let table = |len: i64| -> Tensor {
+            let t: Vec<i64> = (0..len + 2 * self.padding)
+                .map(|q| self.mode.source(q, self.padding, len).unwrap_or(-1))
+                .collect();
+            Tensor::from_slice(&t).to_device(device)
+        };
+        let (dy, dx): (Vec<i64>, Vec<i64>) = offsets.iter().copied().unzip();
+        let window = Tensor::arange(s, (tch::Kind::Int64, device)).unsqueeze(0);
+        let rows = table(h).index_select(
+            0,
+            &(Tensor::from_slice(&dy).to_device(device).unsqueeze(1) + &window).flatten(0, 1),
+        );
+        let cols = table(w).index_select(
+            0,
+            &(Tensor::from_slice(&dx).to_device(device).unsqueeze(1) + &window).flatten(0, 1),
+        );
+        let (rows, cols) = (rows.view([n, s, 1]), cols.view([n, 1, s]));
+        let index = (rows.clamp_min(0) * w + cols.clamp_min(0))
             .view([n, 1, s * s])
             .expand([n, c, s * s], false);
         let out = images
             .flatten(2, 3)
             .f_gather(2, &index, false)?
             .view([n, c, s, s]);
-        if self.mode == PaddingMode::Constant && filled.iter().any(|&f| f) {
-            let mask = Tensor::from_slice(&filled)
-                .to_device(device)
-                .view([n, 1, s, s]);
-            Ok(out.masked_fill(&mask, self.fill))
+        if self.mode == PaddingMode::Constant {
+            let filled = rows.lt(0).logical_or(&cols.lt(0)).view([n, 1, s, s]);
+            Ok(out.masked_fill(&filled, self.fill))
         } else {
             Ok(out)
         }
