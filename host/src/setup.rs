@@ -5,7 +5,8 @@
 //! through the registry.
 
 use crate::config::{
-    host_schema, Config, ConfigBuilder, KeySpec, Schema, Source, Value, ValueType,
+    host_schema, reference_plugin_keys, Config, ConfigBuilder, KeySpec, Schema, Source, Value,
+    ValueType,
 };
 use crate::datasets::{self, DatasetInfo};
 use crate::registry::{Entry, Registry};
@@ -119,6 +120,12 @@ pub fn full_schema(registry: &Registry) -> Result<Schema> {
                     )?;
                 }
             }
+        }
+    }
+    // Reference keys whose plugin is not loaded: accepted at their defaults only.
+    for spec in reference_plugin_keys() {
+        if schema.get(&spec.key).is_none() && !schema.contains_section(&spec.key) {
+            schema.add(spec)?;
         }
     }
     Ok(schema)

@@ -10,6 +10,7 @@ mod builder;
 mod error;
 mod frozen;
 mod host;
+mod reference;
 mod schema;
 mod value;
 
@@ -20,5 +21,6 @@ pub use builder::ConfigBuilder;
 pub use error::{ConfigError, Source};
 pub use frozen::Config;
 pub use host::host_schema;
+pub use reference::{reference_plugin_keys, NOT_INSTALLED};
 pub use schema::{KeySpec, Schema, HOST_OWNER};
 pub use value::{Value, ValueType};
