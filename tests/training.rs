@@ -293,7 +293,7 @@ fn evaluate_round_trips_model_final_and_bad_checkpoints_are_clear_errors() {
     // The PyTorch reference architecture loads the state dict strictly and predicts the same
     // logits (when the PyTorch used for building is at hand).
     if let Some(python) = std::env::var_os("IMGCLF_PYTHON") {
-        let status = Command::new(python)
+        let out = Command::new(python)
             .arg(workspace().join("tests/python/check_predictions.py"))
             .args([
                 "--weights",
@@ -319,11 +319,13 @@ fn evaluate_round_trips_model_final_and_bad_checkpoints_are_clear_errors() {
                 "--std",
                 "0.3530",
             ])
-            .status()
+            .output()
             .unwrap();
         assert!(
-            status.success(),
-            "PyTorch reference disagrees with imgclf's predictions"
+            out.status.success(),
+            "PyTorch reference disagrees with imgclf's predictions:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
         );
     }
 

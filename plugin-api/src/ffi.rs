@@ -31,6 +31,9 @@ use tch::{Device, Tensor};
 // ------------------------------------------------------------------ root module
 
 /// The root module a plugin exports (see [`crate::export_plugin!`]).
+///
+/// ABI evolution: append new methods below the one marked `#[sabi(last_prefix_field)]`, never
+/// move that marker within a major version, and record the change in `plugin-api/CHANGELOG.md`.
 #[repr(C)]
 #[derive(StableAbi)]
 #[sabi(kind(Prefix(prefix_ref = PluginModRef)))]
@@ -100,6 +103,10 @@ impl From<BatchFfi> for Batch {
 
 // ------------------------------------------------------------------ trait objects
 
+/// A live model in a plugin: forward pass and its tensors (shared with the host).
+///
+/// ABI evolution: append new methods below the one marked `#[sabi(last_prefix_field)]`, never
+/// move that marker within a major version, and record the change in `plugin-api/CHANGELOG.md`.
 #[sabi_trait]
 pub trait ModelObj: Send {
     fn forward(&mut self, images: TensorRef<'_>, train: bool) -> RResult<TensorHandle, RString>;
@@ -108,6 +115,10 @@ pub trait ModelObj: Send {
     fn summary(&self) -> RString;
 }
 
+/// A live batch augmentation in a plugin, with an optional loss of its own.
+///
+/// ABI evolution: append new methods below the one marked `#[sabi(last_prefix_field)]`, never
+/// move that marker within a major version, and record the change in `plugin-api/CHANGELOG.md`.
 #[sabi_trait]
 pub trait AugmentationObj: Send {
     fn apply(&mut self, batch: BatchFfi, seed: u64) -> RResult<BatchFfi, RString>;
@@ -120,6 +131,10 @@ pub trait AugmentationObj: Send {
     ) -> RResult<ROption<TensorHandle>, RString>;
 }
 
+/// A live optimizer in a plugin: in-place steps and its state as named tensors.
+///
+/// ABI evolution: append new methods below the one marked `#[sabi(last_prefix_field)]`, never
+/// move that marker within a major version, and record the change in `plugin-api/CHANGELOG.md`.
 #[sabi_trait]
 pub trait OptimizerObj: Send {
     fn step(&mut self, lr: f64) -> RResult<(), RString>;
@@ -128,6 +143,10 @@ pub trait OptimizerObj: Send {
     fn load_state(&mut self, state: RVec<NamedTensorFfi>) -> RResult<(), RString>;
 }
 
+/// A live learning-rate schedule in a plugin: the factor of each iteration.
+///
+/// ABI evolution: append new methods below the one marked `#[sabi(last_prefix_field)]`, never
+/// move that marker within a major version, and record the change in `plugin-api/CHANGELOG.md`.
 #[sabi_trait]
 pub trait SchedulerObj: Send {
     #[sabi(last_prefix_field)]

@@ -138,9 +138,9 @@ fn ld_path(t: &Torch) -> std::ffi::OsString {
     std::env::join_paths(paths).unwrap_or_default()
 }
 
-/// Names of the plugin crates (directories under plugins/).
-fn plugin_crates() -> Result<Vec<String>> {
-    let mut names: Vec<String> = std::fs::read_dir(root().join("plugins"))?
+/// Names of the crate directories directly under `dir` (relative to the workspace), sorted.
+fn crates_in(dir: &str) -> Result<Vec<String>> {
+    let mut names: Vec<String> = std::fs::read_dir(root().join(dir))?
         .filter_map(|e| e.ok())
         .filter(|e| e.path().join("Cargo.toml").exists())
         .map(|e| e.file_name().to_string_lossy().to_string())
@@ -149,14 +149,14 @@ fn plugin_crates() -> Result<Vec<String>> {
     Ok(names)
 }
 
+/// The plugin crates (one per paper, under plugins/).
+fn plugin_crates() -> Result<Vec<String>> {
+    crates_in("plugins")
+}
+
+/// The deliberately broken plugins the tests load (under tests/fixtures/).
 fn fixture_crates() -> Result<Vec<String>> {
-    let mut names: Vec<String> = std::fs::read_dir(root().join("tests/fixtures"))?
-        .filter_map(|e| e.ok())
-        .filter(|e| e.path().join("Cargo.toml").exists())
-        .map(|e| e.file_name().to_string_lossy().to_string())
-        .collect();
-    names.sort();
-    Ok(names)
+    crates_in("tests/fixtures")
 }
 
 fn lib_name(krate: &str) -> String {

@@ -7,11 +7,32 @@ use imgclf_plugin_api::{
 };
 use tch::Tensor;
 
+/// One parameter: its name, the parameter (a view into the flat buffer when flattened), its
+/// weight decay, and whether its momentum buffer exists yet (PyTorch creates it at the first
+/// step that has a gradient).
+struct Param {
+    name: String,
+    tensor: Tensor,
+    weight_decay: f64,
+    offset: i64,
+    numel: i64,
+    has_buffer: bool,
+}
+
+/// All parameters in one contiguous buffer, so a step is a handful of kernels over one tensor
+/// instead of several per parameter (PyTorch gets the same effect on CUDA from its
+/// multi-tensor `foreach` kernels, which libtorch's C API does not expose).
+struct Flat {
+    params: Tensor,
+    weight_decay: Tensor,
+    momentum: Tensor,
+}
+
 pub struct Sgd {
     momentum: f64,
     nesterov: bool,
-    /// (name, parameter, weight decay, momentum buffer once the first step made it).
-    params: Vec<(String, Tensor, f64, Option<Tensor>)>,
+    params: Vec<Param>,
+    flat: Flat,
 }
 
 impl Sgd {
@@ -21,68 +42,160 @@ impl Sgd {
                 "train.nesterov needs train.momentum > 0 (as torch.optim.SGD requires)",
             ));
         }
-        let params = groups
-            .into_iter()
-            .flat_map(|g| {
-                g.params
-                    .into_iter()
-                    .map(move |p| (p.name, p.tensor, g.weight_decay, None))
-            })
+        let mut params = Vec::new();
+        let mut offset = 0;
+        for g in groups {
+            for p in g.params {
+                let numel = p.tensor.numel() as i64;
+                params.push(Param {
+                    name: p.name,
+                    tensor: p.tensor,
+                    weight_decay: g.weight_decay,
+                    offset,
+                    numel,
+                    has_buffer: false,
+                });
+                offset += numel;
+            }
+        }
+        let (kind, device) = params
+            .first()
+            .map(|p| (p.tensor.kind(), p.tensor.device()))
+            .unwrap_or((tch::Kind::Float, tch::Device::Cpu));
+        if let Some(p) = params
+            .iter()
+            .find(|p| p.tensor.kind() != kind || p.tensor.device() != device)
+        {
+            return Err(Error(format!(
+                "parameter `{}` is {:?} on {:?}, the others {kind:?} on {device:?}: SGD needs one dtype and device",
+                p.name,
+                p.tensor.kind(),
+                p.tensor.device()
+            )));
+        }
+        let flat_params = Tensor::zeros([offset], (kind, device));
+        let decay: Vec<Tensor> = params
+            .iter()
+            .map(|p| Tensor::full([p.numel], p.weight_decay, (kind, device)))
             .collect();
+        tch::no_grad(|| -> Result<()> {
+            for p in &mut params {
+                let view = flat_params
+                    .narrow(0, p.offset, p.numel)
+                    .view(p.tensor.size().as_slice());
+                view.shallow_clone().f_copy_(&p.tensor)?;
+                // Re-home the parameter's data into the flat buffer; the model holds the same
+                // tensor object, so it trains the flat buffer from now on.
+                p.tensor.f_set_data(&view)?;
+            }
+            Ok(())
+        })?;
+        let weight_decay = if decay.is_empty() {
+            Tensor::zeros([0], (kind, device))
+        } else {
+            Tensor::cat(&decay, 0)
+        };
+        let flat = Flat {
+            params: flat_params,
+            weight_decay,
+            momentum: Tensor::zeros([offset], (kind, device)),
+        };
         Ok(Sgd {
             momentum,
             nesterov,
             params,
+            flat,
         })
+    }
+
+    fn buffer(&self, p: &Param) -> Tensor {
+        self.flat
+            .momentum
+            .narrow(0, p.offset, p.numel)
+            .view(p.tensor.size().as_slice())
+    }
+
+    /// `d = g + wd * p`, momentum, Nesterov and the update on one tensor (every gradient defined).
+    /// A buffer that does not exist yet is zero, so `m * 0 + d` equals PyTorch's `clone(d)`.
+    fn step_flat(&mut self, grads: &[Tensor], lr: f64) -> Result<()> {
+        let flat_grads: Vec<Tensor> = grads.iter().map(|g| g.reshape([-1])).collect();
+        let mut d = Tensor::f_cat(&flat_grads, 0)?;
+        if self.params.iter().any(|p| p.weight_decay != 0.0) {
+            d = d.f_addcmul(&self.flat.weight_decay, &self.flat.params)?;
+        }
+        if self.momentum != 0.0 {
+            let _ = self
+                .flat
+                .momentum
+                .f_mul_scalar_(self.momentum)?
+                .f_add_(&d)?;
+            d = if self.nesterov {
+                d.f_add(&self.flat.momentum.f_mul_scalar(self.momentum)?)?
+            } else {
+                self.flat.momentum.shallow_clone()
+            };
+            self.params.iter_mut().for_each(|p| p.has_buffer = true);
+        }
+        let _ = self.flat.params.f_sub_(&d.f_mul_scalar(lr)?)?;
+        Ok(())
+    }
+
+    /// The same per parameter, skipping parameters without a gradient as PyTorch does.
+    fn step_each(&mut self, lr: f64) -> Result<()> {
+        for i in 0..self.params.len() {
+            let g = self.params[i].tensor.grad();
+            if !g.defined() {
+                continue;
+            }
+            let p = &self.params[i];
+            let mut d = if p.weight_decay != 0.0 {
+                g.f_add(&p.tensor.f_mul_scalar(p.weight_decay)?)?
+            } else {
+                g
+            };
+            if self.momentum != 0.0 {
+                let mut buf = self.buffer(p);
+                if p.has_buffer {
+                    let _ = buf.f_mul_scalar_(self.momentum)?.f_add_(&d)?;
+                } else {
+                    buf.f_copy_(&d)?;
+                }
+                d = if self.nesterov {
+                    d.f_add(&buf.f_mul_scalar(self.momentum)?)?
+                } else {
+                    buf
+                };
+                self.params[i].has_buffer = true;
+            }
+            let _ = self.params[i]
+                .tensor
+                .shallow_clone()
+                .f_sub_(&d.f_mul_scalar(lr)?)?;
+        }
+        Ok(())
     }
 }
 
 impl Optimizer for Sgd {
     fn step(&mut self, lr: f64) -> Result<()> {
-        tch::no_grad(|| -> Result<()> {
-            for (_, p, wd, buf) in &mut self.params {
-                let g = p.grad();
-                if !g.defined() {
-                    continue;
-                }
-                let mut d_p = if *wd != 0.0 {
-                    g.f_add(&(&*p * *wd))?
-                } else {
-                    g
-                };
-                if self.momentum != 0.0 {
-                    let b = match buf {
-                        Some(b) => {
-                            let _ = b.f_mul_scalar_(self.momentum)?.f_add_(&d_p)?;
-                            b.shallow_clone()
-                        }
-                        None => {
-                            let b = d_p.detach().copy();
-                            *buf = Some(b.shallow_clone());
-                            b
-                        }
-                    };
-                    d_p = if self.nesterov {
-                        d_p.f_add(&(&b * self.momentum))?
-                    } else {
-                        b
-                    };
-                }
-                let _ = p.f_sub_(&(d_p * lr))?;
+        tch::no_grad(|| {
+            let grads: Vec<Tensor> = self.params.iter().map(|p| p.tensor.grad()).collect();
+            if grads.iter().all(Tensor::defined) {
+                self.step_flat(&grads, lr)
+            } else {
+                self.step_each(lr)
             }
-            Ok(())
         })
     }
 
     fn state(&self) -> Vec<NamedTensor> {
         self.params
             .iter()
-            .filter_map(|(name, _, _, buf)| {
-                buf.as_ref().map(|b| NamedTensor {
-                    name: format!("{name}.momentum_buffer"),
-                    tensor: b.shallow_clone(),
-                    trainable: false,
-                })
+            .filter(|p| p.has_buffer)
+            .map(|p| NamedTensor {
+                name: format!("{}.momentum_buffer", p.name),
+                tensor: self.buffer(p),
+                trainable: false,
             })
             .collect()
     }
@@ -90,16 +203,20 @@ impl Optimizer for Sgd {
     fn load_state(&mut self, state: Vec<NamedTensor>) -> Result<()> {
         let mut by_name: std::collections::HashMap<String, Tensor> =
             state.into_iter().map(|t| (t.name, t.tensor)).collect();
-        for (name, p, _, buf) in &mut self.params {
-            if let Some(t) = by_name.remove(&format!("{name}.momentum_buffer")) {
-                if t.size() != p.size() {
+        for i in 0..self.params.len() {
+            let key = format!("{}.momentum_buffer", self.params[i].name);
+            if let Some(t) = by_name.remove(&key) {
+                let p = &self.params[i];
+                if t.size() != p.tensor.size() {
                     return Err(Error(format!(
-                        "momentum buffer of `{name}` has shape {:?}, the parameter {:?}",
+                        "momentum buffer of `{}` has shape {:?}, the parameter {:?}",
+                        p.name,
                         t.size(),
-                        p.size()
+                        p.tensor.size()
                     )));
                 }
-                *buf = Some(t.to_device(p.device()).to_kind(p.kind()));
+                tch::no_grad(|| self.buffer(p).f_copy_(&t))?;
+                self.params[i].has_buffer = true;
             }
         }
         if let Some(extra) = by_name.keys().next() {
@@ -222,6 +339,61 @@ mod tests {
         }
         // buf1 = 2, w = -1; buf2 = 0.9*2 + 2 = 3.8, w = -4.8
         assert!((w.double_value(&[0]) + 4.8).abs() < 1e-6);
+    }
+
+    #[test]
+    fn flat_and_per_parameter_steps_agree_and_params_without_grad_are_untouched() {
+        let make = || {
+            let a = Tensor::from_slice(&[0.5f32, -1.5, 2.0])
+                .view([3, 1])
+                .set_requires_grad(true);
+            let b = Tensor::from_slice(&[3.0f32]).set_requires_grad(true);
+            let unused = Tensor::from_slice(&[7.0f32]).set_requires_grad(true);
+            let named = |n: &str, t: &Tensor| NamedTensor {
+                name: n.into(),
+                tensor: t.shallow_clone(),
+                trainable: true,
+            };
+            let groups = vec![
+                ParamGroup {
+                    weight_decay: 0.01,
+                    params: vec![named("a", &a), named("b", &b)],
+                },
+                ParamGroup {
+                    weight_decay: 0.0,
+                    params: vec![named("unused", &unused)],
+                },
+            ];
+            (a, b, unused, Sgd::new(groups, 0.9, true).unwrap())
+        };
+        let loss = |a: &Tensor, b: &Tensor| (a * a).sum(K::Float) * b;
+        // Flat path: every parameter gets a gradient (the unused one a zero gradient).
+        let (a1, b1, u1, mut flat) = make();
+        // Per-parameter path: `unused` has no gradient at all.
+        let (a2, b2, u2, mut each) = make();
+        for _ in 0..3 {
+            for t in [&a1, &b1, &u1, &a2, &b2] {
+                if t.grad().defined() {
+                    let _ = t.grad().zero_();
+                }
+            }
+            (loss(&a1, &b1) + &u1 * 0.0).sum(K::Float).backward();
+            loss(&a2, &b2).backward();
+            flat.step(0.1).unwrap();
+            each.step(0.1).unwrap();
+        }
+        assert!(a1.allclose(&a2, 1e-6, 1e-6, false) && b1.allclose(&b2, 1e-6, 1e-6, false));
+        assert_eq!(
+            u2.double_value(&[0]),
+            7.0,
+            "no gradient, no update (as PyTorch)"
+        );
+        assert_eq!(
+            each.state().len(),
+            2,
+            "no momentum buffer for a parameter that never had a gradient"
+        );
+        assert_eq!(flat.state().len(), 3);
     }
 
     #[test]

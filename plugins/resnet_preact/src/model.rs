@@ -184,25 +184,26 @@ impl Block {
     fn forward(&self, x: &Tensor, train: bool) -> Tensor {
         let (x, mut y) = if self.preact {
             // The shortcut also sees the pre-activated input.
-            let x = self.bns[0].forward(x, train).relu();
+            let x = self.bns[0].forward(x, train).relu_();
             let y = self.convs[0].forward(&x);
             (x, y)
         } else {
             let mut y = self.bns[0].forward(x, train);
             if !self.remove_first_relu {
-                y = y.relu();
+                y = y.relu_();
             }
             (x.shallow_clone(), self.convs[0].forward(&y))
         };
         for (bn, conv) in self.bns[1..].iter().zip(&self.convs[1..]) {
-            y = conv.forward(&bn.forward(&y, train).relu());
+            y = conv.forward(&bn.forward(&y, train).relu_());
         }
         if let Some(bn) = &self.last_bn {
             y = bn.forward(&y, train);
         }
         match &self.shortcut {
-            Some(conv) => y + conv.forward(&x),
-            None => y + x,
+            // In place, as the reference's `y += self.shortcut(x)`.
+            Some(conv) => y.g_add_(&conv.forward(&x)),
+            None => y.g_add_(&x),
         }
     }
 }
@@ -297,7 +298,7 @@ impl Model for ResNetPreact {
         let y = self
             .bn
             .forward(&y, train)
-            .relu()
+            .relu_()
             .adaptive_avg_pool2d([1, 1])
             .flatten(1, -1);
         Ok(self.fc.forward(&y))
