@@ -119,6 +119,20 @@ fn an_abi_incompatible_plugin_is_refused_clearly_and_hides_nothing() {
 }
 
 #[test]
+fn a_plugin_built_against_another_libtorch_is_refused() {
+    let dir = fixture_dir("version_mismatch");
+    let v = list_json(&["--plugin-path", dir.to_str().unwrap()]);
+    let errors = v["errors"].as_array().unwrap();
+    assert_eq!(errors.len(), 1, "{v}");
+    let msg = errors[0]["message"].as_str().unwrap();
+    assert_eq!(
+        msg,
+        "built against libtorch 2.10.0, this imgclf uses libtorch 2.11.0: rebuild the plugin"
+    );
+    component(&v, "resnet_preact", "resnet_preact");
+}
+
+#[test]
 fn a_file_that_is_not_a_plugin_is_reported_with_the_others() {
     let d = scratch("not-a-plugin");
     std::fs::write(d.join("libgarbage.so"), b"not an ELF file").unwrap();

@@ -509,14 +509,33 @@ pub fn plugin_module(
     version: &'static str,
     description: &'static str,
 ) -> PluginModRef {
+    plugin_module_built_against(
+        name,
+        version,
+        description,
+        crate::API_VERSION,
+        crate::LIBTORCH_VERSION,
+    )
+}
+
+/// [`plugin_module`] claiming other interface and libtorch versions: only for testing that the
+/// host refuses mismatched plugins.
+#[doc(hidden)]
+pub fn plugin_module_built_against(
+    name: &'static str,
+    version: &'static str,
+    description: &'static str,
+    api_version: &'static str,
+    libtorch_version: &'static str,
+) -> PluginModRef {
     std::panic::set_hook(Box::new(move |info| {
         let msg = clean_torch_message(&info.to_string());
         tracing_free_eprint(&format!("imgclf plugin `{name}`: {msg}"));
     }));
     use abi_stable::prefix_type::PrefixTypeTrait;
     PluginMod {
-        api_version: RStr::from_str(crate::API_VERSION),
-        libtorch_version: RStr::from_str(crate::LIBTORCH_VERSION),
+        api_version: RStr::from_str(api_version),
+        libtorch_version: RStr::from_str(libtorch_version),
         name: RStr::from_str(name),
         version: RStr::from_str(version),
         description: RStr::from_str(description),

@@ -333,3 +333,112 @@ impl ModelFactory for ResNetPreactFactory {
         )?))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::{Device, Kind};
+
+    fn config(depth: i64, block_type: BlockType) -> Config {
+        Config {
+            depth,
+            block_type,
+            initial_channels: 16,
+            remove_first_relu: false,
+            add_last_bn: false,
+            preact_stage: [true, true, true],
+            init_mode: InitMode::KaimingFanOut,
+        }
+    }
+
+    fn ctx(n_channels: i64, image_size: i64) -> ModelContext {
+        ModelContext {
+            n_channels,
+            image_size,
+            n_classes: 10,
+            device: Device::Cpu,
+        }
+    }
+
+    fn params(m: &ResNetPreact) -> i64 {
+        m.tensors()
+            .iter()
+            .filter(|t| t.trainable)
+            .map(|t| t.tensor.numel() as i64)
+            .sum()
+    }
+
+    #[test]
+    fn parameter_counts_match_the_reference() {
+        assert_eq!(
+            params(&ResNetPreact::new(&config(20, BlockType::Basic), &ctx(3, 32)).unwrap()),
+            272_282
+        );
+        assert_eq!(
+            params(&ResNetPreact::new(&config(20, BlockType::Basic), &ctx(1, 28)).unwrap()),
+            271_994
+        );
+        assert_eq!(
+            params(&ResNetPreact::new(&config(164, BlockType::Bottleneck), &ctx(3, 32)).unwrap()),
+            1_619_290
+        );
+        let mut c = config(56, BlockType::Basic);
+        (c.remove_first_relu, c.add_last_bn, c.preact_stage) = (true, true, [true, false, false]);
+        assert_eq!(
+            params(&ResNetPreact::new(&c, &ctx(3, 32)).unwrap()),
+            857_594
+        );
+    }
+
+    #[test]
+    fn names_follow_the_reference_state_dict() {
+        let m = ResNetPreact::new(&config(20, BlockType::Basic), &ctx(3, 32)).unwrap();
+        let names: Vec<String> = m.tensors().into_iter().map(|t| t.name).collect();
+        assert_eq!(names[0], "conv.weight");
+        assert_eq!(
+            names[1..7],
+            [
+                "stage1.block1.bn1.weight",
+                "stage1.block1.bn1.bias",
+                "stage1.block1.bn1.running_mean",
+                "stage1.block1.bn1.running_var",
+                "stage1.block1.bn1.num_batches_tracked",
+                "stage1.block1.conv1.weight"
+            ]
+        );
+        assert!(names.contains(&"stage2.block1.shortcut.conv.weight".to_string()));
+        assert!(
+            !names.contains(&"stage1.block1.shortcut.conv.weight".to_string()),
+            "identity shortcut in stage 1"
+        );
+        assert_eq!(names[names.len() - 2..], ["fc.weight", "fc.bias"]);
+    }
+
+    #[test]
+    fn forward_shapes_and_invalid_depths() {
+        tch::manual_seed(0);
+        let mut m = ResNetPreact::new(&config(8, BlockType::Basic), &ctx(1, 28)).unwrap();
+        let y = m
+            .forward(
+                &Tensor::randn([3, 1, 28, 28], (Kind::Float, Device::Cpu)),
+                false,
+            )
+            .unwrap();
+        assert_eq!(y.size(), vec![3, 10]);
+        let e = m
+            .forward(
+                &Tensor::randn([3, 3, 28, 28], (Kind::Float, Device::Cpu)),
+                false,
+            )
+            .unwrap_err();
+        assert!(e.0.contains("channels") || e.0.contains("expected"), "{e}");
+        let e = ResNetPreact::new(&config(21, BlockType::Basic), &ctx(3, 32))
+            .err()
+            .unwrap();
+        assert!(e.0.contains("depth 21 is invalid"), "{e}");
+        assert!(
+            ResNetPreact::new(&config(22, BlockType::Bottleneck), &ctx(3, 32)).is_err(),
+            "bottleneck needs 9n+2"
+        );
+    }
+}
