@@ -301,6 +301,9 @@ impl Trainer<'_> {
     }
 
     fn clip_and_scale_grads(&self, clip: f64, subdivision: i64) -> Result<()> {
+        if clip <= 0.0 && subdivision <= 1 {
+            return Ok(()); // the common case: nothing to do, skip collecting the gradients
+        }
         tch::no_grad(|| -> Result<()> {
             let grads: Vec<Tensor> = self
                 .tensors
