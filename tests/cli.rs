@@ -252,7 +252,7 @@ fn config_errors_name_the_key_its_source_and_the_fix() {
     assert!(e.contains("model.resnet_preact.depth 21 is invalid"), "{e}");
     let e = train_err(&["--plugin", "resnet_preakt", "--dry-run"]);
     assert!(
-        e.contains("no such plugin") && e.contains("did you mean resnet_preact"),
+        e.contains("no such plugin") && e.contains("did you mean") && e.contains("resnet_preact?"),
         "{e}"
     );
     let e = train_err(&["augmentation.use_cutmix", "True", "--dry-run"]);
