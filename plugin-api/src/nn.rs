@@ -36,6 +36,26 @@ impl InitMode {
     }
 }
 
+/// Blocks per stage of a 3-stage CIFAR residual network of `depth` layers whose blocks have
+/// `layers_per_block` weighted layers per stage-unit (basic 6, bottleneck 9: depth = kn+2).
+/// An invalid depth is an error naming `{section}.depth` and the valid form.
+pub fn blocks_per_stage(
+    section: &str,
+    depth: i64,
+    layers_per_block: i64,
+    block: &str,
+) -> crate::Result<i64> {
+    let n = (depth - 2) / layers_per_block;
+    if n < 1 || n * layers_per_block + 2 != depth {
+        return Err(crate::Error(format!(
+            "{section}.depth {depth} is invalid for {block} blocks: it must be {layers_per_block}n+2 (e.g. {}, {})",
+            layers_per_block + 2,
+            layers_per_block * 18 + 2
+        )));
+    }
+    Ok(n)
+}
+
 /// Ordered registry of a model's tensors. Cheap to clone (shared).
 #[derive(Clone)]
 pub struct ParamStore {

@@ -1,7 +1,9 @@
 //! The post-activation ResNet for CIFAR-sized inputs (conv-BN-ReLU blocks, ReLU after the
 //! residual addition, projection shortcuts with BN), with the reference's state-dict names.
 
-use imgclf_plugin_api::nn::{BatchNorm2d, Conv2d, ConvConfig, InitMode, Linear, ParamStore, Scope};
+use imgclf_plugin_api::nn::{
+    self, BatchNorm2d, Conv2d, ConvConfig, InitMode, Linear, ParamStore, Scope,
+};
 use imgclf_plugin_api::{
     plugin_bail, ComponentInfo, ConfigView, KeyDecl, Kind, Model, ModelContext, ModelFactory,
     NamedTensor, Result,
@@ -60,20 +62,11 @@ impl Config {
 
     /// Blocks per stage, checking the depth.
     fn blocks_per_stage(&self) -> Result<i64> {
-        let layers = if self.bottleneck { 9 } else { 6 };
-        let n = (self.depth - 2) / layers;
-        if n < 1 || n * layers + 2 != self.depth {
-            plugin_bail!(
-                "{SECTION}.depth {} is invalid for {} blocks: it must be {layers}n+2",
-                self.depth,
-                if self.bottleneck {
-                    "bottleneck"
-                } else {
-                    "basic"
-                }
-            );
+        if self.bottleneck {
+            nn::blocks_per_stage(SECTION, self.depth, 9, "bottleneck")
+        } else {
+            nn::blocks_per_stage(SECTION, self.depth, 6, "basic")
         }
-        Ok(n)
     }
 }
 

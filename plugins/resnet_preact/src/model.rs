@@ -1,7 +1,7 @@
 //! The pre-activation ResNet for CIFAR-sized inputs, with the reference's options
 //! (`remove_first_relu`, `add_last_bn`, `preact_stage`) and state-dict names.
 
-use imgclf_plugin_api::nn::{BatchNorm2d, Conv2d, ConvConfig, InitMode, ParamStore, Scope};
+use imgclf_plugin_api::nn::{self, BatchNorm2d, Conv2d, ConvConfig, InitMode, ParamStore, Scope};
 use imgclf_plugin_api::{
     plugin_bail, ComponentInfo, ConfigView, KeyDecl, Kind, Model, ModelContext, ModelFactory,
     NamedTensor, Result,
@@ -37,20 +37,10 @@ impl BlockType {
     }
     /// Blocks per stage for a given depth, checking it is a valid depth.
     fn blocks_per_stage(self, depth: i64) -> Result<i64> {
-        let per_block_layers = match self {
-            BlockType::Basic => 6,
-            BlockType::Bottleneck => 9,
-        };
-        let n = (depth - 2) / per_block_layers;
-        if n < 1 || n * per_block_layers + 2 != depth {
-            plugin_bail!(
-                "{SECTION}.depth {depth} is invalid for {:?} blocks: it must be {per_block_layers}n+2 (e.g. {}, {})",
-                self,
-                per_block_layers + 2,
-                per_block_layers * 18 + 2
-            );
+        match self {
+            BlockType::Basic => nn::blocks_per_stage(SECTION, depth, 6, "basic"),
+            BlockType::Bottleneck => nn::blocks_per_stage(SECTION, depth, 9, "bottleneck"),
         }
-        Ok(n)
     }
 }
 
