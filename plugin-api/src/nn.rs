@@ -191,9 +191,15 @@ impl Conv2d {
             "weight",
             init.kaiming_normal(&[c_out, c_in / cfg.groups, k, k], s.device()),
         );
-        let bias = cfg
-            .bias
-            .then(|| s.param("bias", Tensor::zeros([c_out], (Kind::Float, s.device()))));
+        // The reference's initializer leaves a convolution's bias alone, so it keeps PyTorch's
+        // default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+        let bound = 1.0 / ((c_in / cfg.groups * k * k) as f64).sqrt();
+        let bias = cfg.bias.then(|| {
+            s.param(
+                "bias",
+                Tensor::empty([c_out], (Kind::Float, s.device())).uniform_(-bound, bound),
+            )
+        });
         Conv2d {
             weight,
             bias,
@@ -292,6 +298,11 @@ impl Linear {
     pub fn forward(&self, x: &Tensor) -> Tensor {
         x.linear(&self.weight, Some(&self.bias))
     }
+    /// [`Linear::forward`] that reports a feature-size mismatch as an error (a model whose
+    /// flattened features depend on the image size meets a differently sized image).
+    pub fn f_forward(&self, x: &Tensor) -> crate::Result<Tensor> {
+        Ok(x.f_linear(&self.weight, Some(&self.bias))?)
+    }
 }
 
 #[cfg(test)]
@@ -324,6 +335,26 @@ mod tests {
             ]
         );
         assert_eq!(store.parameter_count(), 8 * 3 * 9 + 16);
+    }
+
+    #[test]
+    fn conv_bias_keeps_pytorch_default_uniform_init() {
+        tch::manual_seed(0);
+        let store = ParamStore::new(Device::Cpu);
+        let cfg = ConvConfig {
+            bias: true,
+            ..Default::default()
+        };
+        let c = Conv2d::new(&store.root(), 8, 512, 3, cfg, InitMode::KaimingFanOut);
+        let b = c.bias.unwrap();
+        let bound = 1.0 / (8.0f64 * 9.0).sqrt();
+        let (lo, hi) = (b.min().double_value(&[]), b.max().double_value(&[]));
+        assert!(lo >= -bound && hi <= bound, "[{lo}, {hi}] outside ±{bound}");
+        // 512 draws of U(-b, b) reach close to both ends.
+        assert!(
+            lo < -0.9 * bound && hi > 0.9 * bound,
+            "[{lo}, {hi}] vs ±{bound}"
+        );
     }
 
     #[test]
