@@ -44,7 +44,8 @@ class PreactBasicBlock(nn.Module):
 
     def __init__(self, in_ch: int, out_ch: int, stride: int,
                  remove_first_relu: bool, add_last_bn: bool,
-                 preact: bool = False) -> None:
+                 preact: bool = False,
+                 se_reduction: Optional[int] = None) -> None:
         super().__init__()
         self.remove_first_relu = remove_first_relu
         self.add_last_bn = add_last_bn
@@ -58,6 +59,8 @@ class PreactBasicBlock(nn.Module):
                                bias=False)
         if add_last_bn:
             self.bn3 = nn.BatchNorm2d(out_ch)
+        self.se = None if se_reduction is None else SELayer(out_ch,
+                                                            se_reduction)
         self.shortcut = nn.Sequential()
         if in_ch != out_ch:
             self.shortcut.add_module(
@@ -78,6 +81,8 @@ class PreactBasicBlock(nn.Module):
         y = self.conv2(F.relu(self.bn2(y)))
         if self.add_last_bn:
             y = self.bn3(y)
+        if self.se is not None:
+            y = self.se(y)
         return y + self.shortcut(x)
 
 
@@ -88,7 +93,8 @@ class PreactBottleneckBlock(nn.Module):
 
     def __init__(self, in_ch: int, out_ch: int, stride: int,
                  remove_first_relu: bool, add_last_bn: bool,
-                 preact: bool = False) -> None:
+                 preact: bool = False,
+                 se_reduction: Optional[int] = None) -> None:
         super().__init__()
         self.remove_first_relu = remove_first_relu
         self.add_last_bn = add_last_bn
@@ -105,6 +111,8 @@ class PreactBottleneckBlock(nn.Module):
                                bias=False)
         if add_last_bn:
             self.bn4 = nn.BatchNorm2d(out_ch)
+        self.se = None if se_reduction is None else SELayer(out_ch,
+                                                            se_reduction)
         self.shortcut = nn.Sequential()
         if in_ch != out_ch:
             self.shortcut.add_module(
@@ -125,6 +133,8 @@ class PreactBottleneckBlock(nn.Module):
         y = self.conv3(F.relu(self.bn3(y)))
         if self.add_last_bn:
             y = self.bn4(y)
+        if self.se is not None:
+            y = self.se(y)
         return y + self.shortcut(x)
 
 
@@ -155,8 +165,10 @@ class ResNetPreact(nn.Module):
                  n_channels: int = 3,
                  image_size: int = 32,
                  n_classes: int = 10,
-                 init_mode: str = "kaiming_fan_out") -> None:
+                 init_mode: str = "kaiming_fan_out",
+                 se_reduction: Optional[int] = None) -> None:
         super().__init__()
+        self.se_reduction = se_reduction
         if block_type == "basic":
             block, per = PreactBasicBlock, 6
         elif block_type == "bottleneck":
@@ -209,7 +221,8 @@ class ResNetPreact(nn.Module):
                       stride=stride if first else 1,
                       remove_first_relu=self.remove_first_relu,
                       add_last_bn=self.add_last_bn,
-                      preact=preact if first else False))
+                      preact=preact if first else False,
+                      se_reduction=self.se_reduction))
         return stage
 
     def _features(self, x: torch.Tensor) -> torch.Tensor:
@@ -223,6 +236,745 @@ class ResNetPreact(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self._features(x)
         return self.fc(x.view(x.size(0), -1))
+
+
+class SELayer(nn.Module):
+    """Squeeze-and-excitation: channel gates from the global average."""
+
+    def __init__(self, channels: int, reduction: int) -> None:
+        super().__init__()
+        hidden = channels // reduction
+        self.fc1 = nn.Linear(channels, hidden)
+        self.fc2 = nn.Linear(hidden, channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c = x.shape[0], x.shape[1]
+        g = F.adaptive_avg_pool2d(x, output_size=1).reshape(n, c)
+        g = torch.sigmoid(self.fc2(F.relu(self.fc1(g))))
+        return x * g.reshape(n, c, 1, 1)
+
+
+class SEResNetPreact(ResNetPreact):
+    """Pre-activation ResNet with an SE layer on every residual branch.
+
+    The reference always initialises it kaiming fan-out (it ignores
+    ``model.init_mode``), which ``init_mode`` here defaults to.
+    """
+
+    def __init__(self, se_reduction: int = 16, **kwargs) -> None:
+        super().__init__(se_reduction=se_reduction, **kwargs)
+
+
+# --------------------------------------------------------------------------
+# The other CIFAR architectures of the reference (models/cifar/*.py)
+# --------------------------------------------------------------------------
+
+
+def _kaiming_mode(init_mode: str) -> str:
+    if init_mode not in ("kaiming_fan_out", "kaiming_fan_in"):
+        raise ValueError(f"unknown init_mode {init_mode!r}")
+    return init_mode[len("kaiming_"):]
+
+
+def _blocks_per_stage(depth: int, per: int, offset: int, what: str) -> int:
+    n = (depth - offset) // per
+    if n < 1 or n * per + offset != depth:
+        raise ValueError(f"depth {depth} invalid for {what} "
+                         f"(need {per}n+{offset})")
+    return n
+
+
+class _CifarNet(nn.Module):
+    """Shared tail: flatten the conv features into ``fc``, reference init."""
+
+    def _features(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _finish(self, n_channels: int, image_size: int, n_classes: int,
+                init_mode: str) -> None:
+        mode = _kaiming_mode(init_mode)
+        with torch.no_grad():
+            probe = torch.zeros(1, n_channels, image_size, image_size)
+            self.feature_size = int(self._features(probe).numel())
+        self.fc = nn.Linear(self.feature_size, n_classes)
+        self.apply(lambda m: init_weights(m, mode))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self._features(x)
+        return self.fc(x.reshape(x.size(0), -1))
+
+
+class VGG(_CifarNet):
+    """Five stages of [conv3x3(+bias) (-BN) -ReLU] x n, each closed by 2x2 max-pool.
+
+    The flattened last feature map (not pooled to 1x1) feeds ``fc``; on 28x28
+    inputs the fifth pool meets a 1x1 map and PyTorch refuses it.
+    """
+
+    def __init__(self,
+                 stage_channels: Sequence[int] = (64, 128, 256, 512, 512),
+                 n_layers: Sequence[int] = (2, 2, 3, 3, 3),
+                 use_bn: bool = True,
+                 n_channels: int = 3,
+                 image_size: int = 32,
+                 n_classes: int = 10,
+                 init_mode: str = "kaiming_fan_out") -> None:
+        super().__init__()
+        if len(stage_channels) != 5 or len(n_layers) != 5:
+            raise ValueError("VGG needs five stage widths and layer counts")
+        c_in = n_channels
+        for s, (width, count) in enumerate(zip(stage_channels, n_layers)):
+            stage = nn.Sequential()
+            for j in range(count):
+                stage.add_module(f"conv{j}", nn.Conv2d(
+                    c_in if j == 0 else width, width, 3, stride=1, padding=1))
+                if use_bn:
+                    stage.add_module(f"bn{j}", nn.BatchNorm2d(width))
+                stage.add_module(f"relu{j}", nn.ReLU())
+            stage.add_module("pool", nn.MaxPool2d(kernel_size=2, stride=2))
+            setattr(self, f"stage{s + 1}", stage)
+            c_in = width
+        self._finish(n_channels, image_size, n_classes, init_mode)
+
+    def _features(self, x: torch.Tensor) -> torch.Tensor:
+        for s in range(1, 6):
+            x = getattr(self, f"stage{s}")(x)
+        return x
+
+
+def _projection(c_in: int, c_out: int, stride: int,
+                with_bn: bool) -> nn.Sequential:
+    """Empty (identity) when the widths agree, else 1x1 conv (+ BN)."""
+    sc = nn.Sequential()
+    if c_in != c_out:
+        sc.add_module("conv", nn.Conv2d(c_in, c_out, 1, stride=stride,
+                                        padding=0, bias=False))
+        if with_bn:
+            sc.add_module("bn", nn.BatchNorm2d(c_out))
+    return sc
+
+
+class ResNetBasicBlock(nn.Module):
+    """conv-BN-ReLU-conv-BN, add, ReLU (post-activation)."""
+
+    expansion = 1
+
+    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1,
+                               bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, stride=1, padding=1,
+                               bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.shortcut = _projection(c_in, c_out, stride, with_bn=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.bn1(self.conv1(x)))
+        y = self.bn2(self.conv2(y))
+        return F.relu(y + self.shortcut(x))
+
+
+class ResNetBottleneckBlock(nn.Module):
+    """1x1 reduce, 3x3 (strided), 1x1 expand, each conv-BN; add, ReLU."""
+
+    expansion = 4
+
+    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+        super().__init__()
+        mid = c_out // self.expansion
+        self.conv1 = nn.Conv2d(c_in, mid, 1, stride=1, padding=0, bias=False)
+        self.bn1 = nn.BatchNorm2d(mid)
+        self.conv2 = nn.Conv2d(mid, mid, 3, stride=stride, padding=1,
+                               bias=False)
+        self.bn2 = nn.BatchNorm2d(mid)
+        self.conv3 = nn.Conv2d(mid, c_out, 1, stride=1, padding=0, bias=False)
+        self.bn3 = nn.BatchNorm2d(c_out)
+        self.shortcut = _projection(c_in, c_out, stride, with_bn=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.bn1(self.conv1(x)))
+        y = F.relu(self.bn2(self.conv2(y)))
+        y = self.bn3(self.conv3(y))
+        return F.relu(y + self.shortcut(x))
+
+
+def _sequential_stage(make, widths: Sequence[int], stride: int
+                      ) -> nn.Sequential:
+    """block1..blockN; block i maps widths[i] -> widths[i+1], only block1 strides."""
+    stage = nn.Sequential()
+    for i in range(len(widths) - 1):
+        stage.add_module(f"block{i + 1}",
+                         make(widths[i], widths[i + 1],
+                              stride if i == 0 else 1))
+    return stage
+
+
+class ResNet(_CifarNet):
+    """CIFAR ResNet (He et al. 2015): stem conv-BN-ReLU, three stages."""
+
+    def __init__(self,
+                 depth: int = 110,
+                 block_type: str = "basic",
+                 initial_channels: int = 16,
+                 n_channels: int = 3,
+                 image_size: int = 32,
+                 n_classes: int = 10,
+                 init_mode: str = "kaiming_fan_out") -> None:
+        super().__init__()
+        if block_type == "basic":
+            block, n = ResNetBasicBlock, _blocks_per_stage(depth, 6, 2,
+                                                           "basic blocks")
+        elif block_type == "bottleneck":
+            block, n = ResNetBottleneckBlock, _blocks_per_stage(
+                depth, 9, 2, "bottleneck blocks")
+        else:
+            raise ValueError(f"unknown block_type {block_type!r}")
+        w0 = initial_channels
+        w1 = initial_channels * 2 * block.expansion
+        w2 = initial_channels * 4 * block.expansion
+        self.conv = nn.Conv2d(n_channels, w0, 3, stride=1, padding=1,
+                              bias=False)
+        self.bn = nn.BatchNorm2d(w0)
+        self.stage1 = _sequential_stage(block, [w0] * (n + 1), 1)
+        self.stage2 = _sequential_stage(block, [w0] + [w1] * n, 2)
+        self.stage3 = _sequential_stage(block, [w1] + [w2] * n, 2)
+        self._finish(n_channels, image_size, n_classes, init_mode)
+
+    def _features(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn(self.conv(x)))
+        x = self.stage3(self.stage2(self.stage1(x)))
+        return F.adaptive_avg_pool2d(x, output_size=1)
+
+
+class WRNBlock(nn.Module):
+    """Pre-activation basic block with dropout between the convolutions.
+
+    When the widths differ, BN-ReLU is applied to the input of both paths;
+    otherwise only to the residual path (identity shortcut sees the raw x).
+    """
+
+    def __init__(self, c_in: int, c_out: int, stride: int,
+                 drop_rate: float) -> None:
+        super().__init__()
+        self.drop_rate = drop_rate
+        self.both = c_in != c_out
+        self.bn1 = nn.BatchNorm2d(c_in)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1,
+                               bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, stride=1, padding=1,
+                               bias=False)
+        self.shortcut = _projection(c_in, c_out, stride, with_bn=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = F.relu(self.bn1(x))
+        if self.both:
+            x = a
+        y = self.conv1(a)
+        if self.drop_rate > 0:
+            y = F.dropout(y, p=self.drop_rate, training=self.training)
+        y = self.conv2(F.relu(self.bn2(y)))
+        return y + self.shortcut(x)
+
+
+class WRN(_CifarNet):
+    """Wide ResNet (Zagoruyko & Komodakis 2016), depth 6n+4."""
+
+    def __init__(self,
+                 depth: int = 28,
+                 initial_channels: int = 16,
+                 widening_factor: int = 10,
+                 drop_rate: float = 0.0,
+                 n_channels: int = 3,
+                 image_size: int = 32,
+                 n_classes: int = 10,
+                 init_mode: str = "kaiming_fan_out") -> None:
+        super().__init__()
+        n = _blocks_per_stage(depth, 6, 4, "WRN")
+        k = widening_factor
+        w = [initial_channels, initial_channels * k,
+             initial_channels * 2 * k, initial_channels * 4 * k]
+
+        def make(a, b, s):
+            return WRNBlock(a, b, s, drop_rate)
+
+        self.conv = nn.Conv2d(n_channels, w[0], 3, stride=1, padding=1,
+                              bias=False)
+        self.stage1 = _sequential_stage(make, [w[0]] + [w[1]] * n, 1)
+        self.stage2 = _sequential_stage(make, [w[1]] + [w[2]] * n, 2)
+        self.stage3 = _sequential_stage(make, [w[2]] + [w[3]] * n, 2)
+        self.bn = nn.BatchNorm2d(w[3])
+        self._finish(n_channels, image_size, n_classes, init_mode)
+
+    def _features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stage3(self.stage2(self.stage1(self.conv(x))))
+        return F.adaptive_avg_pool2d(F.relu(self.bn(x)), output_size=1)
+
+
+class DenseBasicBlock(nn.Module):
+    """BN-ReLU-conv3x3 to ``growth`` maps, concatenated after the input."""
+
+    def __init__(self, c_in: int, growth: int, drop_rate: float) -> None:
+        super().__init__()
+        self.drop_rate = drop_rate
+        self.bn = nn.BatchNorm2d(c_in)
+        self.conv = nn.Conv2d(c_in, growth, 3, stride=1, padding=1,
+                              bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(F.relu(self.bn(x)))
+        if self.drop_rate > 0:
+            y = F.dropout(y, p=self.drop_rate, training=self.training)
+        return torch.cat([x, y], dim=1)
+
+
+class DenseBottleneckBlock(nn.Module):
+    """BN-ReLU-conv1x1 to 4*growth, BN-ReLU-conv3x3 to growth; concat."""
+
+    def __init__(self, c_in: int, growth: int, drop_rate: float) -> None:
+        super().__init__()
+        self.drop_rate = drop_rate
+        self.bn1 = nn.BatchNorm2d(c_in)
+        self.conv1 = nn.Conv2d(c_in, 4 * growth, 1, stride=1, padding=0,
+                               bias=False)
+        self.bn2 = nn.BatchNorm2d(4 * growth)
+        self.conv2 = nn.Conv2d(4 * growth, growth, 3, stride=1, padding=1,
+                               bias=False)
+
+    def _drop(self, y: torch.Tensor) -> torch.Tensor:
+        if self.drop_rate > 0:
+            y = F.dropout(y, p=self.drop_rate, training=self.training)
+        return y
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self._drop(self.conv1(F.relu(self.bn1(x))))
+        y = self._drop(self.conv2(F.relu(self.bn2(y))))
+        return torch.cat([x, y], dim=1)
+
+
+class DenseTransition(nn.Module):
+    """BN-ReLU-conv1x1 (compression), dropout, 2x2 average pool."""
+
+    def __init__(self, c_in: int, c_out: int, drop_rate: float) -> None:
+        super().__init__()
+        self.drop_rate = drop_rate
+        self.bn = nn.BatchNorm2d(c_in)
+        self.conv = nn.Conv2d(c_in, c_out, 1, stride=1, padding=0,
+                              bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv(F.relu(self.bn(x)))
+        if self.drop_rate > 0:
+            x = F.dropout(x, p=self.drop_rate, training=self.training)
+        return F.avg_pool2d(x, kernel_size=2, stride=2)
+
+
+class DenseNet(_CifarNet):
+    """DenseNet(-BC) for CIFAR: three dense stages, transitions after two."""
+
+    def __init__(self,
+                 depth: int = 100,
+                 block_type: str = "bottleneck",
+                 growth_rate: int = 12,
+                 drop_rate: float = 0.0,
+                 compression_rate: float = 0.5,
+                 n_channels: int = 3,
+                 image_size: int = 32,
+                 n_classes: int = 10,
+                 init_mode: str = "kaiming_fan_out") -> None:
+        super().__init__()
+        if block_type == "basic":
+            block, n = DenseBasicBlock, _blocks_per_stage(depth, 3, 4,
+                                                          "basic blocks")
+        elif block_type == "bottleneck":
+            block, n = DenseBottleneckBlock, _blocks_per_stage(
+                depth, 6, 4, "bottleneck blocks")
+        else:
+            raise ValueError(f"unknown block_type {block_type!r}")
+        g = growth_rate
+        c = 2 * g
+        self.conv = nn.Conv2d(n_channels, c, 3, stride=1, padding=1,
+                              bias=False)
+        for s in range(3):
+            stage = nn.Sequential()
+            for j in range(n):
+                stage.add_module(f"block{j + 1}",
+                                 block(c + j * g, g, drop_rate))
+            c = int(c + n * g)
+            if s < 2:
+                c_out = int(c * compression_rate)
+                stage.add_module("transition",
+                                 DenseTransition(c, c_out, drop_rate))
+                c = c_out
+            setattr(self, f"stage{s + 1}", stage)
+        self.bn = nn.BatchNorm2d(c)
+        self._finish(n_channels, image_size, n_classes, init_mode)
+
+    def _features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stage3(self.stage2(self.stage1(self.conv(x))))
+        return F.adaptive_avg_pool2d(F.relu(self.bn(x)), output_size=1)
+
+
+def _zero_pad_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
+    extra = channels - x.size(1)
+    if extra == 0:
+        return x
+    zeros = x.new_zeros(x.size(0), extra, x.size(2), x.size(3))
+    return torch.cat([x, zeros], dim=1)
+
+
+class PyramidBasicBlock(nn.Module):
+    """BN-conv-BN-ReLU-conv-BN; shortcut: 2x2 avg-pool when strided, zero-padded channels."""
+
+    expansion = 1
+
+    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(c_in)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1,
+                               bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, stride=1, padding=1,
+                               bias=False)
+        self.bn3 = nn.BatchNorm2d(c_out)
+        self.stride = stride
+
+    def _shortcut(self, x: torch.Tensor, channels: int) -> torch.Tensor:
+        if self.stride > 1:
+            x = F.avg_pool2d(x, kernel_size=2, stride=2)
+        return _zero_pad_channels(x, channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv1(self.bn1(x))
+        y = self.conv2(F.relu(self.bn2(y)))
+        y = self.bn3(y)
+        return y + self._shortcut(x, y.size(1))
+
+
+class PyramidBottleneckBlock(PyramidBasicBlock):
+    """BN-conv1x1-BN-ReLU-conv3x3(strided)-BN-ReLU-conv1x1-BN; same shortcut."""
+
+    expansion = 4
+
+    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+        nn.Module.__init__(self)
+        mid = c_out // self.expansion
+        self.bn1 = nn.BatchNorm2d(c_in)
+        self.conv1 = nn.Conv2d(c_in, mid, 1, stride=1, padding=0, bias=False)
+        self.bn2 = nn.BatchNorm2d(mid)
+        self.conv2 = nn.Conv2d(mid, mid, 3, stride=stride, padding=1,
+                               bias=False)
+        self.bn3 = nn.BatchNorm2d(mid)
+        self.conv3 = nn.Conv2d(mid, c_out, 1, stride=1, padding=0, bias=False)
+        self.bn4 = nn.BatchNorm2d(c_out)
+        self.stride = stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv1(self.bn1(x))
+        y = self.conv2(F.relu(self.bn2(y)))
+        y = self.conv3(F.relu(self.bn3(y)))
+        y = self.bn4(y)
+        return y + self._shortcut(x, y.size(1))
+
+
+def pyramid_widths(initial_channels: int, alpha, n_blocks_total: int,
+                   expansion: int) -> list:
+    """Per-block widths of PyramidNet: the running sum of alpha/N, rounded
+    half-to-even (numpy's rounding), times the expansion (the stem's not)."""
+    w = [float(initial_channels)]
+    step = alpha / n_blocks_total
+    for _ in range(n_blocks_total):
+        w.append(w[-1] + step)
+    out = [int(np.round(v)) * expansion for v in w]
+    out[0] //= expansion
+    return out
+
+
+class PyramidNet(_CifarNet):
+    """PyramidNet (Han et al. 2016): widths grow by alpha/N per block."""
+
+    def __init__(self,
+                 depth: int = 272,
+                 initial_channels: int = 16,
+                 block_type: str = "bottleneck",
+                 alpha=200,
+                 n_channels: int = 3,
+                 image_size: int = 32,
+                 n_classes: int = 10,
+                 init_mode: str = "kaiming_fan_out") -> None:
+        super().__init__()
+        if block_type == "basic":
+            block, n = PyramidBasicBlock, _blocks_per_stage(depth, 6, 2,
+                                                            "basic blocks")
+        elif block_type == "bottleneck":
+            block, n = PyramidBottleneckBlock, _blocks_per_stage(
+                depth, 9, 2, "bottleneck blocks")
+        else:
+            raise ValueError(f"unknown block_type {block_type!r}")
+        w = pyramid_widths(initial_channels, alpha, 3 * n, block.expansion)
+        self.widths = w
+        self.conv = nn.Conv2d(n_channels, w[0], 3, stride=1, padding=1,
+                              bias=False)
+        self.bn1 = nn.BatchNorm2d(w[0])
+        self.stage1 = _sequential_stage(block, w[0:n + 1], 1)
+        self.stage2 = _sequential_stage(block, w[n:2 * n + 1], 2)
+        self.stage3 = _sequential_stage(block, w[2 * n:3 * n + 1], 2)
+        self.bn2 = nn.BatchNorm2d(w[-1])
+        self._finish(n_channels, image_size, n_classes, init_mode)
+
+    def _features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.bn1(self.conv(x))  # no ReLU after the stem
+        x = self.stage3(self.stage2(self.stage1(x)))
+        return F.adaptive_avg_pool2d(F.relu(self.bn2(x)), output_size=1)
+
+
+class ResNeXtBlock(nn.Module):
+    """Bottleneck with a grouped 3x3 conv: cardinality x base*2^stage wide."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int, stage_index: int,
+                 base_channels: int, cardinality: int) -> None:
+        super().__init__()
+        mid = cardinality * base_channels * 2 ** stage_index
+        self.conv1 = nn.Conv2d(c_in, mid, 1, stride=1, padding=0, bias=False)
+        self.bn1 = nn.BatchNorm2d(mid)
+        self.conv2 = nn.Conv2d(mid, mid, 3, stride=stride, padding=1,
+                               groups=cardinality, bias=False)
+        self.bn2 = nn.BatchNorm2d(mid)
+        self.conv3 = nn.Conv2d(mid, c_out, 1, stride=1, padding=0, bias=False)
+        self.bn3 = nn.BatchNorm2d(c_out)
+        self.shortcut = _projection(c_in, c_out, stride, with_bn=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.bn1(self.conv1(x)))
+        y = F.relu(self.bn2(self.conv2(y)))
+        y = self.bn3(self.conv3(y))
+        return F.relu(y + self.shortcut(x))
+
+
+class ResNeXt(_CifarNet):
+    """ResNeXt (Xie et al. 2016) for CIFAR, depth 9n+2."""
+
+    def __init__(self,
+                 depth: int = 29,
+                 initial_channels: int = 64,
+                 cardinality: int = 8,
+                 base_channels: int = 4,
+                 n_channels: int = 3,
+                 image_size: int = 32,
+                 n_classes: int = 10,
+                 init_mode: str = "kaiming_fan_out") -> None:
+        super().__init__()
+        n = _blocks_per_stage(depth, 9, 2, "ResNeXt")
+        w = [initial_channels, initial_channels * 4, initial_channels * 8,
+             initial_channels * 16]
+        self.conv = nn.Conv2d(n_channels, w[0], 3, stride=1, padding=1,
+                              bias=False)
+        self.bn = nn.BatchNorm2d(w[0])
+        for s in range(3):
+            def make(a, b, stride, s=s):
+                return ResNeXtBlock(a, b, stride, s, base_channels,
+                                    cardinality)
+            setattr(self, f"stage{s + 1}", _sequential_stage(
+                make, [w[s]] + [w[s + 1]] * n, 1 if s == 0 else 2))
+        self._finish(n_channels, image_size, n_classes, init_mode)
+
+    def _features(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn(self.conv(x)))
+        x = self.stage3(self.stage2(self.stage1(x)))
+        return F.adaptive_avg_pool2d(x, output_size=1)
+
+
+class _Shake(torch.autograd.Function):
+    """y = a*x1 + (1-a)*x2 forward; the gradient mixes with b instead of a."""
+
+    @staticmethod
+    def forward(ctx, x1, x2, a, b):
+        ctx.save_for_backward(b)
+        return x1 * a + x2 * (1 - a)
+
+    @staticmethod
+    def backward(ctx, g):
+        (b,) = ctx.saved_tensors
+        return g * b, g * (1 - b), None, None
+
+
+def shake_coefficients(batch: int, per_image: bool, random: bool,
+                       device) -> torch.Tensor:
+    """0.5 unless random; one U(0,1) per batch or (per_image) per sample."""
+    if not random:
+        return torch.full((1,), 0.5, device=device)
+    if per_image:
+        return torch.rand(batch, device=device).reshape(batch, 1, 1, 1)
+    return torch.rand(1, device=device)
+
+
+class ShakeResidualPath(nn.Module):
+    """ReLU-conv3x3(strided)-BN-ReLU-conv3x3-BN."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1,
+                               bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, stride=1, padding=1,
+                               bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn1(self.conv1(F.relu(x))))
+        return self.bn2(self.conv2(x))
+
+
+class ShakeSkip(nn.Module):
+    """ReLU, then two strided 1x1 convs to half the width each, the second
+    on the input shifted one pixel up-left (zero-filled); concat, BN."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out // 2, 1, stride=1, padding=0,
+                               bias=False)
+        self.conv2 = nn.Conv2d(c_in, c_out // 2, 1, stride=1, padding=0,
+                               bias=False)
+        self.bn = nn.BatchNorm2d(c_out)
+        self.stride = stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(x)
+        s = self.stride
+        a = self.conv1(x[:, :, ::s, ::s])
+        shifted = torch.zeros_like(x)
+        shifted[:, :, :-1, :-1] = x[:, :, 1:, 1:]
+        b = self.conv2(shifted[:, :, ::s, ::s])
+        return self.bn(torch.cat([a, b], dim=1))
+
+
+class ShakeBlock(nn.Module):
+    """Two residual paths mixed by shake-shake; identity or skip shortcut."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int,
+                 shake_forward: bool, shake_backward: bool,
+                 shake_image: bool) -> None:
+        super().__init__()
+        self.shake = (shake_forward, shake_backward, shake_image)
+        self.residual_path1 = ShakeResidualPath(c_in, c_out, stride)
+        self.residual_path2 = ShakeResidualPath(c_in, c_out, stride)
+        self.shortcut = nn.Sequential()
+        if c_in != c_out:
+            self.shortcut.add_module("skip", ShakeSkip(c_in, c_out, stride))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y1 = self.residual_path1(x)
+        y2 = self.residual_path2(x)
+        fwd, bwd, per_image = self.shake if self.training else (False,) * 3
+        a = shake_coefficients(x.size(0), per_image, fwd, x.device)
+        b = shake_coefficients(x.size(0), per_image, bwd, x.device)
+        return self.shortcut(x) + _Shake.apply(y1, y2, a, b)
+
+
+class ShakeShake(_CifarNet):
+    """Shake-Shake (Gastaldi 2017) 2-branch ResNet; stem is 16 wide."""
+
+    def __init__(self,
+                 depth: int = 26,
+                 initial_channels: int = 96,
+                 shake_forward: bool = True,
+                 shake_backward: bool = True,
+                 shake_image: bool = True,
+                 n_channels: int = 3,
+                 image_size: int = 32,
+                 n_classes: int = 10,
+                 init_mode: str = "kaiming_fan_out") -> None:
+        super().__init__()
+        n = _blocks_per_stage(depth, 6, 2, "shake-shake")
+        w = [16, initial_channels, initial_channels * 2,
+             initial_channels * 4]
+
+        def make(a, b, s):
+            return ShakeBlock(a, b, s, shake_forward, shake_backward,
+                              shake_image)
+
+        self.conv = nn.Conv2d(n_channels, 16, 3, stride=1, padding=1,
+                              bias=False)
+        self.bn = nn.BatchNorm2d(16)
+        self.stage1 = _sequential_stage(make, [w[0]] + [w[1]] * n, 1)
+        self.stage2 = _sequential_stage(make, [w[1]] + [w[2]] * n, 2)
+        self.stage3 = _sequential_stage(make, [w[2]] + [w[3]] * n, 2)
+        self._finish(n_channels, image_size, n_classes, init_mode)
+
+    def _features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.bn(self.conv(x))  # no ReLU: each path starts with one
+        x = self.stage3(self.stage2(self.stage1(x)))
+        return F.adaptive_avg_pool2d(F.relu(x), output_size=1)
+
+
+# --------------------------------------------------------------------------
+# Config-driven construction (the reference's `model.<name>` sections)
+# --------------------------------------------------------------------------
+
+# `model.<name>.*` defaults of the reference (config/defaults.py); `n_blocks`
+# only serves the ImageNet variants and is accepted and ignored here.
+REFERENCE_DEFAULTS: Dict[str, Dict[str, object]] = {
+    "vgg": {"n_channels": [64, 128, 256, 512, 512],
+            "n_layers": [2, 2, 3, 3, 3], "use_bn": True},
+    "resnet": {"depth": 110, "n_blocks": [2, 2, 2, 2],
+               "block_type": "basic", "initial_channels": 16},
+    "resnet_preact": {"depth": 110, "n_blocks": [2, 2, 2, 2],
+                      "block_type": "basic", "initial_channels": 16,
+                      "remove_first_relu": False, "add_last_bn": False,
+                      "preact_stage": [True, True, True]},
+    "wrn": {"depth": 28, "initial_channels": 16, "widening_factor": 10,
+            "drop_rate": 0.0},
+    "densenet": {"depth": 100, "n_blocks": [6, 12, 24, 16],
+                 "block_type": "bottleneck", "growth_rate": 12,
+                 "drop_rate": 0.0, "compression_rate": 0.5},
+    "pyramidnet": {"depth": 272, "n_blocks": [3, 24, 36, 3],
+                   "initial_channels": 16, "block_type": "bottleneck",
+                   "alpha": 200},
+    "resnext": {"depth": 29, "n_blocks": [3, 4, 6, 3],
+                "initial_channels": 64, "cardinality": 8,
+                "base_channels": 4},
+    "shake_shake": {"depth": 26, "initial_channels": 96,
+                    "shake_forward": True, "shake_backward": True,
+                    "shake_image": True},
+    "se_resnet_preact": {"depth": 110, "initial_channels": 16,
+                         "se_reduction": 16, "block_type": "basic",
+                         "remove_first_relu": False, "add_last_bn": False,
+                         "preact_stage": [True, True, True]},
+}
+
+_CLASSES = {
+    "vgg": VGG, "resnet": ResNet, "resnet_preact": ResNetPreact,
+    "wrn": WRN, "densenet": DenseNet, "pyramidnet": PyramidNet,
+    "resnext": ResNeXt, "shake_shake": ShakeShake,
+    "se_resnet_preact": SEResNetPreact,
+}
+
+
+def build_model(name: str, section: Optional[Mapping[str, object]] = None,
+                n_channels: int = 3, image_size: int = 32,
+                n_classes: int = 10,
+                init_mode: str = "kaiming_fan_out") -> nn.Module:
+    """The reference's ``models/cifar/<name>.py`` network for a config.
+
+    ``section`` holds ``model.<name>.*`` values (the rest keep the reference
+    defaults); ``init_mode`` is ``model.init_mode`` (ignored by
+    se_resnet_preact, which the reference always initialises fan-out).
+    """
+    if name not in _CLASSES:
+        raise ValueError(f"unknown model {name!r}; known: {sorted(_CLASSES)}")
+    opts = dict(REFERENCE_DEFAULTS[name])
+    for k, v in (section or {}).items():
+        if k not in opts:
+            raise ValueError(f"model.{name}.{k} is not a reference key")
+        opts[k] = v
+    opts.pop("n_blocks", None)
+    if name == "vgg":
+        opts["stage_channels"] = opts.pop("n_channels")
+    if name == "se_resnet_preact":
+        init_mode = "kaiming_fan_out"
+    return _CLASSES[name](n_channels=n_channels, image_size=image_size,
+                          n_classes=n_classes, init_mode=init_mode, **opts)
 
 
 # --------------------------------------------------------------------------

@@ -1,0 +1,209 @@
+"""Reference weights and eval-mode logits for imgclf's architecture test.
+
+One process (torch imports slowly) handles every case of a JSON manifest
+written by tests/architectures.rs:
+
+  {"cases": [{"id": "...", "model": "pyramidnet",
+              "section": {"depth": 14, "alpha": 3, ...},   # model.<model>.*
+              "init_mode": "kaiming_fan_out",
+              "dataset": {"name": "CIFAR10", "dir": "..."},
+              "out_dir": "...", "seed": 7}, ...]}
+
+For each case it builds the network of tests/python/reference_models.py (an
+independent re-implementation of hysts/pytorch_image_classification's
+models/cifar/), randomises every weight, BN affine parameter and BN running
+statistic (so that no BN is the identity), and writes into out_dir:
+
+  weights.safetensors   the state dict under the reference's names
+  expected.safetensors  "logits": eval-mode logits on the dataset's test
+                        split, normalised as the reference does
+                        (float32 x/255, then (x - mean)/std in float64)
+
+A case whose reference network cannot be built (VGG on 28x28: its fifth
+max-pool meets a 1x1 map) gets no files; the reason is recorded instead.
+
+Before the cases, the models are checked against the reference's parameter
+counts and state-dict lists (tests/data/reference/state_dict, built on the
+meta device so the 68M-parameter ResNeXt costs nothing); a mismatch there is
+an error of this ground truth, not of imgclf.
+
+Writes {"reference_check": [...], "cases": {id: {...}}} to --results and
+exits 0 unless the reference check or the script itself failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import traceback
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from reference_models import (  # noqa: E402
+    build_model, find_idx, read_idx, save_safetensors)
+from check_reference_models import check_all  # noqa: E402
+
+# transforms/__init__.py of the reference: per-channel mean and std.
+REFERENCE_STATS = {
+    "CIFAR10": ([0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]),
+    "CIFAR100": ([0.5071, 0.4865, 0.4409], [0.2673, 0.2564, 0.2762]),
+    "MNIST": ([0.1307], [0.3081]),
+    "FashionMNIST": ([0.2860], [0.3530]),
+    "KMNIST": ([0.1904], [0.3475]),
+}
+N_CLASSES = {"CIFAR10": 10, "CIFAR100": 100, "MNIST": 10,
+             "FashionMNIST": 10, "KMNIST": 10}
+
+
+def read_cifar_binary_test(dataset_dir: str, name: str) -> np.ndarray:
+    """Test images of the binary CIFAR release, N x 32 x 32 x 3 uint8."""
+    if name == "CIFAR10":
+        path, label_bytes = os.path.join(dataset_dir, "cifar-10-batches-bin",
+                                         "test_batch.bin"), 1
+    else:
+        path, label_bytes = os.path.join(dataset_dir, "cifar-100-binary",
+                                         "test.bin"), 2
+    raw = np.fromfile(path, dtype=np.uint8)
+    record = label_bytes + 3 * 32 * 32
+    if raw.size % record:
+        raise ValueError(f"{path}: {raw.size} bytes, not whole records")
+    planes = raw.reshape(-1, record)[:, label_bytes:].reshape(-1, 3, 32, 32)
+    return np.ascontiguousarray(planes.transpose(0, 2, 3, 1))
+
+
+def read_test_images(name: str, dataset_dir: str) -> np.ndarray:
+    """N x H x W x C uint8 test images (the reference's PIL-image layout)."""
+    if name.startswith("CIFAR"):
+        return read_cifar_binary_test(dataset_dir, name)
+    images = read_idx(find_idx(dataset_dir, "t10k-images-idx3-ubyte"))
+    return images[:, :, :, None]
+
+
+def normalise(images_nhwc: np.ndarray, mean, std) -> torch.Tensor:
+    """The reference's test transform (Normalize, then ToTensor)."""
+    x = images_nhwc.astype(np.float32) / 255.0
+    x = (x - np.asarray(mean)) / np.asarray(std)
+    return torch.from_numpy(
+        np.ascontiguousarray(x.transpose(0, 3, 1, 2).astype(np.float32)))
+
+
+def randomise_(model: nn.Module, x: torch.Tensor, seed: int) -> None:
+    """Random weights, BN affine parameters and BN running statistics.
+
+    The running statistics start as the statistics of one training-mode pass
+    over ``x`` (so activations stay O(1) through deep stacks) and are then
+    perturbed, so that eval mode differs from both the identity and the
+    batch statistics.
+    """
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(t, lo, hi):
+        return torch.rand(t.shape, generator=g) * (hi - lo) + lo
+
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)) and m.bias is not None:
+                m.bias.copy_(rand(m.bias, -0.2, 0.2))
+        for bn in bns:
+            bn.weight.copy_(rand(bn.weight, 0.5, 1.5))
+            bn.bias.copy_(rand(bn.bias, -0.3, 0.3))
+            bn.reset_running_stats()
+            bn.momentum = None  # cumulative average: exactly this pass
+        model.train()
+        torch.manual_seed(seed)
+        model(x)
+        for bn in bns:
+            std = bn.running_var.clamp_min(1e-4).sqrt()
+            bn.running_mean.add_(rand(bn.running_mean, -0.2, 0.2) * std)
+            bn.running_var.mul_(rand(bn.running_var, 0.7, 1.4))
+            bn.num_batches_tracked.fill_(int(torch.randint(
+                1, 10000, (1,), generator=g)))
+            bn.momentum = 0.1
+    model.eval()
+
+
+def run_case(case: dict, images_cache: dict) -> dict:
+    name = case["dataset"]["name"]
+    key = (name, case["dataset"]["dir"])
+    if key not in images_cache:
+        images_cache[key] = read_test_images(name, case["dataset"]["dir"])
+    images = images_cache[key]
+    mean, std = REFERENCE_STATS[name]
+    n, h, w, c = images.shape
+    if h != w:
+        raise ValueError(f"{name}: non-square images {h}x{w}")
+    torch.manual_seed(case["seed"])
+    try:
+        model = build_model(case["model"], case["section"], n_channels=c,
+                            image_size=h, n_classes=N_CLASSES[name],
+                            init_mode=case.get("init_mode",
+                                               "kaiming_fan_out"))
+    except (RuntimeError, ValueError) as e:
+        return {"status": "reference_error",
+                "message": str(e).strip().splitlines()[0]}
+    x = normalise(images, mean, std)
+    randomise_(model, x, case["seed"])
+    with torch.no_grad():
+        logits = model(x)
+    if not bool(torch.isfinite(logits).all()):
+        raise ValueError("non-finite reference logits")
+    out = case["out_dir"]
+    os.makedirs(out, exist_ok=True)
+    save_safetensors(os.path.join(out, "weights.safetensors"),
+                     model.state_dict(), {"format": "pt"})
+    save_safetensors(os.path.join(out, "expected.safetensors"),
+                     {"logits": logits})
+    return {
+        "status": "ok",
+        "images": n,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "tensors": len(model.state_dict()),
+        "feature_size": getattr(model, "feature_size", None),
+        "logit_absmax": float(logits.abs().max()),
+        "logit_std": float(logits.std()),
+    }
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--manifest", required=True)
+    p.add_argument("--results", required=True)
+    p.add_argument("--reference-dir",
+                   help="tests/data/reference/state_dict, checked first")
+    p.add_argument("--configs", help="configs/ of the repo (for the check)")
+    p.add_argument("--threads", type=int, default=0)
+    a = p.parse_args(argv)
+    if a.threads > 0:
+        torch.set_num_threads(a.threads)
+    with open(a.manifest) as f:
+        manifest = json.load(f)
+    results = {"reference_check": [], "cases": {}}
+    ok = True
+    if a.reference_dir:
+        for line in check_all(a.reference_dir, a.configs):
+            results["reference_check"].append(line)
+            ok &= not line.startswith("FAIL")
+    cache: dict = {}
+    for case in manifest["cases"]:
+        try:
+            r = run_case(case, cache)
+        except Exception:  # recorded per case; the others still run
+            r = {"status": "script_error",
+                 "message": traceback.format_exc(limit=4)}
+            ok = False
+        results["cases"][case["id"]] = r
+    with open(a.results, "w") as f:
+        json.dump(results, f, indent=1, default=lambda o: (
+            None if isinstance(o, float) and math.isnan(o) else str(o)))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
