@@ -104,6 +104,17 @@ pub fn full_schema(registry: &Registry) -> Result<Schema> {
                         k.choices.iter().filter_map(value_from_json).collect();
                     spec = spec.with_choices(choices);
                 }
+                // Components of one plugin may share a key (adam and amsgrad both read
+                // optim.adam.betas); the same declaration twice is one key.
+                if let Some(existing) = schema.get(&spec.key) {
+                    if existing.owner == spec.owner
+                        && existing.ty == spec.ty
+                        && existing.default == spec.default
+                        && existing.choices == spec.choices
+                    {
+                        continue;
+                    }
+                }
                 schema.add(spec).with_context(|| {
                     format!(
                         "plugin `{owner}` ({})",

@@ -2,5 +2,5 @@
 
 imgclf_plugin_api::export_plugin!(
     name: "baseline",
-    description: "The reference's baseline recipe: SGD, multistep and cosine schedules, random crop and flip",
+    description: "The reference's baseline recipe: SGD; constant, multistep, linear and cosine schedules; random crop and flip",
 );

@@ -12,7 +12,9 @@ pub mod schedules;
 pub mod sgd;
 
 imgclf_plugin_api::register!(optimizer: sgd::SgdFactory);
+imgclf_plugin_api::register!(scheduler: schedules::ConstantFactory);
 imgclf_plugin_api::register!(scheduler: schedules::MultistepFactory);
+imgclf_plugin_api::register!(scheduler: schedules::LinearFactory);
 imgclf_plugin_api::register!(scheduler: schedules::CosineFactory);
 imgclf_plugin_api::register!(augmentation: random_crop::RandomCropFactory);
 imgclf_plugin_api::register!(augmentation: flip::FlipFactory);

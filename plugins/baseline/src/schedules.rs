@@ -1,5 +1,6 @@
-//! Step (`multistep`) and `cosine` learning-rate factors, stepped per iteration as the
-//! reference's `LambdaLR` does: iteration `k` (from 0) trains with `base_lr * factor(k)`.
+//! `constant`, step (`multistep`), `linear` and `cosine` learning-rate factors, stepped per
+//! iteration as the reference's `LambdaLR` does: iteration `k` (from 0) trains with
+//! `base_lr * factor(k)`.
 
 use imgclf_plugin_api::{
     plugin_bail, ComponentInfo, ConfigView, Kind, Result, ScheduleContext, Scheduler,
@@ -44,6 +45,58 @@ impl SchedulerFactory for MultistepFactory {
                 .map(|&m| m as u64 * ctx.steps_per_epoch)
                 .collect(),
             lr_decay: config.float("scheduler.lr_decay")?,
+        }))
+    }
+}
+
+/// The base rate throughout.
+pub struct Constant;
+
+impl Scheduler for Constant {
+    fn factor(&self, _step: u64) -> f64 {
+        1.0
+    }
+}
+
+pub struct ConstantFactory;
+
+impl SchedulerFactory for ConstantFactory {
+    fn info(&self) -> ComponentInfo {
+        ComponentInfo::new(Kind::Scheduler, "constant", "Constant rate train.base_lr")
+    }
+
+    fn build(&self, _config: &ConfigView, _ctx: &ScheduleContext) -> Result<Box<dyn Scheduler>> {
+        Ok(Box::new(Constant))
+    }
+}
+
+/// Straight line from 1 to `lr_min_factor` over the schedule's iterations.
+pub struct Linear {
+    steps: u64,
+    lr_min_factor: f64,
+}
+
+impl Scheduler for Linear {
+    fn factor(&self, step: u64) -> f64 {
+        1.0 + (self.lr_min_factor - 1.0) * step as f64 / self.steps.max(1) as f64
+    }
+}
+
+pub struct LinearFactory;
+
+impl SchedulerFactory for LinearFactory {
+    fn info(&self) -> ComponentInfo {
+        ComponentInfo::new(
+            Kind::Scheduler,
+            "linear",
+            "Linear decay to scheduler.lr_min_factor over the run",
+        )
+    }
+
+    fn build(&self, config: &ConfigView, ctx: &ScheduleContext) -> Result<Box<dyn Scheduler>> {
+        Ok(Box::new(Linear {
+            steps: ctx.epochs * ctx.steps_per_epoch,
+            lr_min_factor: config.float("scheduler.lr_min_factor")?,
         }))
     }
 }
@@ -97,6 +150,21 @@ mod tests {
         assert!((s.factor(801) - 0.1).abs() < 1e-15);
         assert!((s.factor(1200) - 0.1).abs() < 1e-15);
         assert!((s.factor(1201) - 0.01).abs() < 1e-15);
+    }
+
+    #[test]
+    fn constant_and_linear_from_start_to_final_iteration() {
+        assert_eq!(Constant.factor(0), 1.0);
+        assert_eq!(Constant.factor(12345), 1.0);
+        let s = Linear {
+            steps: 200,
+            lr_min_factor: 0.001,
+        };
+        assert_eq!(s.factor(0), 1.0);
+        assert!((s.factor(100) - 0.5005).abs() < 1e-15);
+        // The last trained iteration is 199: one step short of lr_min_factor.
+        assert!((s.factor(199) - (1.0 - 0.999 * 199.0 / 200.0)).abs() < 1e-15);
+        assert!((s.factor(200) - 0.001).abs() < 1e-15);
     }
 
     #[test]

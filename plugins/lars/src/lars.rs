@@ -1,0 +1,286 @@
+//! The reference's `LARSOptimizer`, step for step.
+//!
+//! Per parameter `w` with gradient `g`, weight decay `wd` and scheduled rate `lr`:
+//! `local = ||w|| / (eps + ||g|| + wd ||w||)`, or 1 when `||w|| < threshold`;
+//! `buf = momentum · buf + lr · local · (g + wd w)`; `w -= buf`. The rate is inside the
+//! momentum buffer (unlike SGD's), and there is no LARS coefficient η: `train.base_lr` plays
+//! its part.
+
+use imgclf_plugin_api::{
+    plugin_bail, ComponentInfo, ConfigView, KeyDecl, Kind, NamedTensor, Optimizer,
+    OptimizerFactory, ParamGroup, Result,
+};
+use tch::Tensor;
+
+struct Slot {
+    name: String,
+    param: Tensor,
+    weight_decay: f64,
+    /// The momentum buffer, created (zero) at the parameter's first step with a gradient.
+    buffer: Option<Tensor>,
+}
+
+pub struct Lars {
+    momentum: f64,
+    eps: f64,
+    threshold: f64,
+    slots: Vec<Slot>,
+}
+
+impl Lars {
+    pub fn new(groups: Vec<ParamGroup>, momentum: f64, eps: f64, threshold: f64) -> Result<Self> {
+        if momentum < 0.0 {
+            plugin_bail!("train.momentum must be >= 0 for LARS, got {momentum}");
+        }
+        if eps < 0.0 || threshold < 0.0 {
+            plugin_bail!(
+                "optim.lars.eps ({eps}) and optim.lars.threshold ({threshold}) must be >= 0"
+            );
+        }
+        let mut slots = Vec::new();
+        for g in groups {
+            if g.weight_decay < 0.0 {
+                plugin_bail!(
+                    "train.weight_decay must be >= 0 for LARS, got {}",
+                    g.weight_decay
+                );
+            }
+            for p in g.params {
+                slots.push(Slot {
+                    name: p.name,
+                    param: p.tensor,
+                    weight_decay: g.weight_decay,
+                    buffer: None,
+                });
+            }
+        }
+        Ok(Lars {
+            momentum,
+            eps,
+            threshold,
+            slots,
+        })
+    }
+}
+
+impl Optimizer for Lars {
+    fn step(&mut self, lr: f64) -> Result<()> {
+        let (momentum, eps, threshold) = (self.momentum, self.eps, self.threshold);
+        tch::no_grad(|| -> Result<()> {
+            for s in &mut self.slots {
+                let mut d = s.param.grad();
+                if !d.defined() {
+                    continue;
+                }
+                let wd = s.weight_decay;
+                let w_norm = s.param.f_norm()?;
+                let g_norm = d.f_norm()?;
+                let local =
+                    w_norm.f_div(&g_norm.f_add_scalar(eps)?.f_add(&w_norm.f_mul_scalar(wd)?)?)?;
+                let local = local
+                    .f_ones_like()?
+                    .f_where_self(&w_norm.f_lt(threshold)?, &local)?;
+                if wd != 0.0 {
+                    d = d.f_add(&s.param.f_mul_scalar(wd)?)?;
+                }
+                let scaled = local.f_mul_scalar(lr)?.f_mul(&d)?;
+                let buf = s.buffer.get_or_insert_with(|| s.param.zeros_like());
+                let _ = buf.f_mul_scalar_(momentum)?.f_add_(&scaled)?;
+                let _ = s.param.shallow_clone().f_sub_(buf)?;
+            }
+            Ok(())
+        })
+    }
+
+    fn state(&self) -> Vec<NamedTensor> {
+        self.slots
+            .iter()
+            .filter_map(|s| {
+                s.buffer.as_ref().map(|b| NamedTensor {
+                    name: format!("{}.momentum_buffer", s.name),
+                    tensor: b.shallow_clone(),
+                    trainable: false,
+                })
+            })
+            .collect()
+    }
+
+    fn load_state(&mut self, state: Vec<NamedTensor>) -> Result<()> {
+        let mut by_name: std::collections::HashMap<String, Tensor> =
+            state.into_iter().map(|t| (t.name, t.tensor)).collect();
+        for s in &mut self.slots {
+            let key = format!("{}.momentum_buffer", s.name);
+            if let Some(t) = by_name.remove(&key) {
+                if t.size() != s.param.size() {
+                    plugin_bail!(
+                        "optimizer state `{key}` has shape {:?}, the parameter {:?}",
+                        t.size(),
+                        s.param.size()
+                    );
+                }
+                let buf = s.param.zeros_like();
+                tch::no_grad(|| buf.shallow_clone().f_copy_(&t))?;
+                s.buffer = Some(buf);
+            }
+        }
+        if let Some(extra) = by_name.keys().next() {
+            plugin_bail!("optimizer state has an entry `{extra}` for no parameter of this model (was it written by another optimizer?)");
+        }
+        Ok(())
+    }
+}
+
+pub struct LarsFactory;
+
+impl OptimizerFactory for LarsFactory {
+    fn info(&self) -> ComponentInfo {
+        ComponentInfo::new(
+            Kind::Optimizer,
+            "lars",
+            "LARS: per-layer rate ||w|| / (||g|| + wd ||w||), momentum train.momentum, no LARS coefficient",
+        )
+        .papers(&["1708.03888", "1801.03137"])
+        .keys(vec![
+            KeyDecl::float(
+                "optim.lars.eps",
+                1e-9,
+                "Added to the denominator of the layer-wise rate",
+            ),
+            KeyDecl::float(
+                "optim.lars.threshold",
+                1e-2,
+                "Layers whose weight norm is below this use a layer-wise rate of 1",
+            ),
+        ])
+    }
+
+    fn build(&self, config: &ConfigView, groups: Vec<ParamGroup>) -> Result<Box<dyn Optimizer>> {
+        Ok(Box::new(Lars::new(
+            groups,
+            config.float("train.momentum")?,
+            config.float("optim.lars.eps")?,
+            config.float("optim.lars.threshold")?,
+        )?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::Kind as K;
+
+    fn setup(groups: &[(&[f32], f64)], momentum: f64) -> (Vec<Tensor>, Lars) {
+        let mut ws = Vec::new();
+        let mut pgs = Vec::new();
+        for (i, (values, wd)) in groups.iter().enumerate() {
+            let w = Tensor::from_slice(values).set_requires_grad(true);
+            pgs.push(ParamGroup {
+                weight_decay: *wd,
+                params: vec![NamedTensor {
+                    name: format!("w{i}"),
+                    tensor: w.shallow_clone(),
+                    trainable: true,
+                }],
+            });
+            ws.push(w);
+        }
+        (ws, Lars::new(pgs, momentum, 1e-9, 1e-2).unwrap())
+    }
+
+    fn backward(ws: &[Tensor], grads: &[&[f32]]) {
+        let mut loss = Tensor::zeros([], (K::Float, tch::Device::Cpu));
+        for (w, g) in ws.iter().zip(grads) {
+            if w.grad().defined() {
+                let _ = w.grad().zero_();
+            }
+            loss = loss + (w * Tensor::from_slice(g)).sum(K::Float);
+        }
+        loss.backward();
+    }
+
+    fn values(w: &Tensor) -> Vec<f64> {
+        Vec::<f32>::try_from(&w.detach())
+            .unwrap()
+            .into_iter()
+            .map(f64::from)
+            .collect()
+    }
+
+    #[test]
+    fn two_steps_match_hand_computation_and_small_weights_use_rate_one() {
+        // w0 = [3, 4] (norm 5), g = [0.6, 0.8] (norm 1), wd 0.1:
+        // local = 5 / (1e-9 + 1 + 0.5) = 10/3; d = g + 0.1 w = [0.9, 1.2];
+        // buf = 0.1 * 10/3 * d = [0.3, 0.4]; w = [2.7, 3.6].
+        // w1 = [0.001, 0] has norm 1e-3 < threshold: local = 1, no decay: buf = lr g.
+        let (ws, mut opt) = setup(&[(&[3.0, 4.0], 0.1), (&[0.001, 0.0], 0.0)], 0.9);
+        backward(&ws, &[&[0.6, 0.8], &[2.0, -1.0]]);
+        opt.step(0.1).unwrap();
+        let w0 = values(&ws[0]);
+        let w1 = values(&ws[1]);
+        for (g, e) in w0.iter().zip([2.7, 3.6]) {
+            assert!((g - e).abs() < 1e-6, "{w0:?}");
+        }
+        for (g, e) in w1.iter().zip([0.001 - 0.2, 0.1]) {
+            assert!((g - e).abs() < 1e-6, "{w1:?}");
+        }
+        // Step 2, same gradients: w0 = [2.7, 3.6] (norm 4.5), local = 4.5 / (1 + 0.45);
+        // d = [0.6 + 0.27, 0.8 + 0.36]; buf = 0.9 [0.3, 0.4] + 0.1 local d.
+        backward(&ws, &[&[0.6, 0.8], &[2.0, -1.0]]);
+        opt.step(0.1).unwrap();
+        let local = 4.5 / (1e-9 + 1.0 + 0.45);
+        let exp: Vec<f64> = [(2.7, 0.3, 0.87), (3.6, 0.4, 1.16)]
+            .iter()
+            .map(|(w, b, d)| w - (0.9 * b + 0.1 * local * d))
+            .collect();
+        let w0 = values(&ws[0]);
+        for (g, e) in w0.iter().zip(&exp) {
+            assert!((g - e).abs() < 1e-6, "{w0:?} vs {exp:?}");
+        }
+        // w1 now has norm ~0.22 > threshold: the layer-wise rate applies.
+        let w1_prev = [0.001 - 0.2, 0.1];
+        let n: f64 = w1_prev.iter().map(|v| v * v).sum::<f64>().sqrt();
+        let local1 = n / (1e-9 + 5f64.sqrt());
+        let exp1: Vec<f64> = w1_prev
+            .iter()
+            .zip([(0.2, 2.0), (-0.1, -1.0)])
+            .map(|(w, (b, g))| w - (0.9 * b + 0.1 * local1 * g))
+            .collect();
+        let w1 = values(&ws[1]);
+        for (g, e) in w1.iter().zip(&exp1) {
+            assert!((g - e).abs() < 1e-6, "{w1:?} vs {exp1:?}");
+        }
+    }
+
+    #[test]
+    fn state_round_trip_resumes_exactly() {
+        let grads: [&[f32]; 3] = [&[0.3, -0.2], &[0.1, 0.4], &[-0.7, 0.05]];
+        let (ws, mut opt) = setup(&[(&[1.0, 2.0], 0.01)], 0.9);
+        for g in grads {
+            backward(&ws, &[g]);
+            opt.step(0.05).unwrap();
+        }
+        let straight = Vec::<f32>::try_from(&ws[0].detach()).unwrap();
+
+        let (ws, mut opt) = setup(&[(&[1.0, 2.0], 0.01)], 0.9);
+        for g in &grads[..2] {
+            backward(&ws, &[g]);
+            opt.step(0.05).unwrap();
+        }
+        let state: Vec<NamedTensor> = opt
+            .state()
+            .into_iter()
+            .map(|t| NamedTensor {
+                tensor: t.tensor.copy(),
+                ..t
+            })
+            .collect();
+        assert_eq!(state.len(), 1);
+        assert_eq!(state[0].name, "w0.momentum_buffer");
+        let now = Vec::<f32>::try_from(&ws[0].detach()).unwrap();
+        let (ws2, mut opt2) = setup(&[(&now, 0.01)], 0.9);
+        opt2.load_state(state).unwrap();
+        backward(&ws2, &[grads[2]]);
+        opt2.step(0.05).unwrap();
+        assert_eq!(Vec::<f32>::try_from(&ws2[0].detach()).unwrap(), straight);
+    }
+}
