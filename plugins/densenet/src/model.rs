@@ -1,0 +1,364 @@
+//! DenseNet for CIFAR-sized inputs: three dense stages whose layers each append `growth_rate`
+//! channels (basic BN-ReLU-conv3x3, or bottleneck BN-ReLU-conv1x1(4k)-BN-ReLU-conv3x3), joined by
+//! transitions (BN-ReLU-conv1x1 compressing by `compression_rate`, 2x2 average pool); optional
+//! dropout after every convolution; state-dict names as the reference's.
+
+use imgclf_plugin_api::nn::{BatchNorm2d, Conv2d, ConvConfig, InitMode, Linear, ParamStore, Scope};
+use imgclf_plugin_api::{
+    plugin_bail, ComponentInfo, ConfigView, KeyDecl, Kind, Model, ModelContext, ModelFactory,
+    NamedTensor, Result,
+};
+use tch::Tensor;
+
+const SECTION: &str = "model.densenet";
+
+/// `model.densenet.*`: the reference's CIFAR config is DenseNet-BC-100 (k=12): bottleneck
+/// layers and compression 0.5; basic layers with compression 1 give the original DenseNet.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Config {
+    pub depth: i64,
+    pub bottleneck: bool,
+    pub growth_rate: i64,
+    pub drop_rate: f64,
+    pub compression_rate: f64,
+    pub init_mode: InitMode,
+}
+
+impl Config {
+    pub fn keys() -> Vec<KeyDecl> {
+        vec![
+            KeyDecl::int(
+                &format!("{SECTION}.depth"),
+                100,
+                "network depth: 3n+4 (basic) or 6n+4 (bottleneck)",
+            ),
+            KeyDecl::int_list(
+                &format!("{SECTION}.n_blocks"),
+                &[6, 12, 24, 16],
+                "layers per dense block (ImageNet models only; unused here)",
+            ),
+            KeyDecl::str(
+                &format!("{SECTION}.block_type"),
+                "bottleneck",
+                "dense layer",
+            )
+            .choices(&["basic", "bottleneck"]),
+            KeyDecl::int(
+                &format!("{SECTION}.growth_rate"),
+                12,
+                "k: channels each dense layer adds",
+            ),
+            KeyDecl::float(
+                &format!("{SECTION}.drop_rate"),
+                0.0,
+                "dropout after every convolution (training only)",
+            ),
+            KeyDecl::float(
+                &format!("{SECTION}.compression_rate"),
+                0.5,
+                "theta: a transition keeps floor(theta * C) channels",
+            ),
+        ]
+    }
+
+    pub fn from_view(c: &ConfigView) -> Result<Self> {
+        let bottleneck = match c.str(&format!("{SECTION}.block_type"))?.as_str() {
+            "basic" => false,
+            "bottleneck" => true,
+            other => {
+                plugin_bail!("{SECTION}.block_type `{other}` is not one of 'basic', 'bottleneck'")
+            }
+        };
+        let cfg = Config {
+            depth: c.int(&format!("{SECTION}.depth"))?,
+            bottleneck,
+            growth_rate: c.int(&format!("{SECTION}.growth_rate"))?,
+            drop_rate: c.float(&format!("{SECTION}.drop_rate"))?,
+            compression_rate: c.float(&format!("{SECTION}.compression_rate"))?,
+            init_mode: InitMode::parse(&c.str("model.init_mode")?)?,
+        };
+        if !(0.0..1.0).contains(&cfg.drop_rate) {
+            plugin_bail!("{SECTION}.drop_rate {} must be in [0, 1)", cfg.drop_rate);
+        }
+        if !(cfg.compression_rate > 0.0 && cfg.compression_rate <= 1.0) {
+            plugin_bail!(
+                "{SECTION}.compression_rate {} must be in (0, 1]",
+                cfg.compression_rate
+            );
+        }
+        if cfg.growth_rate < 1 {
+            plugin_bail!("{SECTION}.growth_rate must be at least 1");
+        }
+        Ok(cfg)
+    }
+
+    /// Dense layers per stage, checking the depth.
+    fn layers_per_stage(&self) -> Result<i64> {
+        let per = if self.bottleneck { 6 } else { 3 };
+        let n = (self.depth - 4) / per;
+        if n < 1 || per * n + 4 != self.depth {
+            plugin_bail!(
+                "{SECTION}.depth {} is invalid for {} layers: it must be {per}n+4 (e.g. {}, {})",
+                self.depth,
+                if self.bottleneck {
+                    "bottleneck"
+                } else {
+                    "basic"
+                },
+                per + 4,
+                if self.bottleneck { 100 } else { 40 }
+            );
+        }
+        Ok(n)
+    }
+
+    /// Channels after a transition: `int(c * compression_rate)` as the reference computes it.
+    fn compress(&self, c: i64) -> i64 {
+        (c as f64 * self.compression_rate) as i64
+    }
+}
+
+/// BN-ReLU-conv pairs applied in sequence, each conv followed by dropout when enabled.
+struct Composite {
+    layers: Vec<(BatchNorm2d, Conv2d)>,
+    drop_rate: f64,
+}
+
+impl Composite {
+    /// `specs` are (bn/conv name suffix, input channels, output channels, kernel size).
+    fn new(s: &Scope, specs: &[(&str, i64, i64, i64)], cfg: &Config) -> Composite {
+        let layers = specs
+            .iter()
+            .map(|&(suffix, ci, co, k)| {
+                let bn = BatchNorm2d::new(&s.sub(format!("bn{suffix}")), ci);
+                let cc = ConvConfig {
+                    padding: k / 2,
+                    ..Default::default()
+                };
+                let conv = Conv2d::new(
+                    &s.sub(format!("conv{suffix}")),
+                    ci,
+                    co,
+                    k,
+                    cc,
+                    cfg.init_mode,
+                );
+                (bn, conv)
+            })
+            .collect();
+        Composite {
+            layers,
+            drop_rate: cfg.drop_rate,
+        }
+    }
+
+    fn forward(&self, x: &Tensor, train: bool) -> Tensor {
+        let mut y = x.shallow_clone();
+        for (bn, conv) in &self.layers {
+            y = conv.forward(&bn.forward(&y, train).relu_());
+            if self.drop_rate > 0.0 {
+                y = y.dropout(self.drop_rate, train);
+            }
+        }
+        y
+    }
+}
+
+struct Stage {
+    /// Each layer's output is concatenated to its input.
+    layers: Vec<Composite>,
+    transition: Option<Composite>,
+}
+
+impl Stage {
+    /// # Shapes
+    /// N x C x H x W -> N x (C + n k) x H x W, then with a transition
+    /// N x floor(theta (C + n k)) x H/2 x W/2
+    fn forward(&self, x: &Tensor, train: bool) -> Tensor {
+        let mut y = x.shallow_clone();
+        for layer in &self.layers {
+            let new = layer.forward(&y, train);
+            y = Tensor::cat(&[y, new], 1);
+        }
+        match &self.transition {
+            Some(t) => {
+                t.forward(&y, train)
+                    .avg_pool2d([2, 2], [2, 2], [0, 0], false, true, None::<i64>)
+            }
+            None => y,
+        }
+    }
+}
+
+pub struct DenseNet {
+    store: ParamStore,
+    conv: Conv2d,
+    stages: Vec<Stage>,
+    bn: BatchNorm2d,
+    fc: Linear,
+    description: String,
+}
+
+impl DenseNet {
+    pub fn new(cfg: &Config, ctx: &ModelContext) -> Result<Self> {
+        let n = cfg.layers_per_stage()?;
+        let k = cfg.growth_rate;
+        let store = ParamStore::new(ctx.device);
+        let root = store.root();
+        let cc = ConvConfig {
+            padding: 1,
+            ..Default::default()
+        };
+        let mut c = 2 * k;
+        let conv = Conv2d::new(&root.sub("conv"), ctx.n_channels, c, 3, cc, cfg.init_mode);
+        let mut stages = Vec::new();
+        for i in 0..3 {
+            let s = root.sub(format!("stage{}", i + 1));
+            let layers = (0..n)
+                .map(|j| {
+                    let ci = c + j * k;
+                    let b = s.sub(format!("block{}", j + 1));
+                    if cfg.bottleneck {
+                        Composite::new(&b, &[("1", ci, 4 * k, 1), ("2", 4 * k, k, 3)], cfg)
+                    } else {
+                        Composite::new(&b, &[("", ci, k, 3)], cfg)
+                    }
+                })
+                .collect();
+            c += n * k;
+            let transition = (i < 2).then(|| {
+                let out = cfg.compress(c);
+                let t = Composite::new(&s.sub("transition"), &[("", c, out, 1)], cfg);
+                c = out;
+                t
+            });
+            stages.push(Stage { layers, transition });
+        }
+        let bn = BatchNorm2d::new(&root.sub("bn"), c);
+        let fc = Linear::new(&root.sub("fc"), c, ctx.n_classes, cfg.init_mode);
+        let description =
+            format!(
+            "DenseNet{}-{} (k={k}, {n} {} layers per stage, compression {}, {c} final channels)",
+            if cfg.bottleneck && cfg.compression_rate < 1.0 { "-BC" } else { "" },
+            cfg.depth,
+            if cfg.bottleneck { "bottleneck" } else { "basic" },
+            cfg.compression_rate
+        );
+        Ok(DenseNet {
+            store,
+            conv,
+            stages,
+            bn,
+            fc,
+            description,
+        })
+    }
+}
+
+impl Model for DenseNet {
+    /// # Shapes
+    /// N x C x H x W -> N x n_classes
+    fn forward(&mut self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let mut y = self.conv.f_forward_checked(x)?;
+        for stage in &self.stages {
+            y = stage.forward(&y, train);
+        }
+        let y = self.bn.forward(&y, train).relu_();
+        Ok(self
+            .fc
+            .forward(&y.adaptive_avg_pool2d([1, 1]).flatten(1, -1)))
+    }
+
+    fn tensors(&self) -> Vec<NamedTensor> {
+        self.store.tensors()
+    }
+
+    fn summary(&self) -> String {
+        self.description.clone()
+    }
+}
+
+pub struct DenseNetFactory;
+
+impl ModelFactory for DenseNetFactory {
+    fn info(&self) -> ComponentInfo {
+        ComponentInfo::new(
+            Kind::Model,
+            "densenet",
+            "DenseNet / DenseNet-BC for CIFAR-sized images",
+        )
+        .papers(&["1608.06993", "2001.02394"])
+        .keys(Config::keys())
+    }
+
+    fn build(&self, config: &ConfigView, ctx: &ModelContext) -> Result<Box<dyn Model>> {
+        Ok(Box::new(DenseNet::new(&Config::from_view(config)?, ctx)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::{Device, Kind as K};
+
+    fn build(depth: i64, bottleneck: bool, compression_rate: f64) -> Result<DenseNet> {
+        let cfg = Config {
+            depth,
+            bottleneck,
+            growth_rate: 4,
+            drop_rate: 0.0,
+            compression_rate,
+            init_mode: InitMode::KaimingFanOut,
+        };
+        let ctx = ModelContext {
+            n_channels: 1,
+            image_size: 28,
+            n_classes: 10,
+            device: Device::Cpu,
+        };
+        DenseNet::new(&cfg, &ctx)
+    }
+
+    fn shape(m: &DenseNet, name: &str) -> Vec<i64> {
+        let t = m.tensors().into_iter().find(|t| t.name == name);
+        t.unwrap_or_else(|| panic!("{name} missing")).tensor.size()
+    }
+
+    #[test]
+    fn channels_grow_by_k_and_transitions_compress() {
+        // BC, k=4, 2 layers per stage: 8 -> 16 -> int(16*0.5)=8 -> 16 -> 8 -> 16.
+        let m = build(16, true, 0.5).unwrap();
+        assert_eq!(shape(&m, "stage1.block2.conv1.weight"), vec![16, 12, 1, 1]);
+        assert_eq!(shape(&m, "stage1.block2.conv2.weight"), vec![4, 16, 3, 3]);
+        assert_eq!(
+            shape(&m, "stage1.transition.conv.weight"),
+            vec![8, 16, 1, 1]
+        );
+        assert_eq!(shape(&m, "bn.weight"), vec![16]);
+        // Basic layers (3 per stage at depth 13), compression 0.7, channels truncated as
+        // Python's int() does: 8 -> 20 -> int(14.0) = 14 -> 26 -> int(18.2) = 18 -> 30.
+        let m = build(13, false, 0.7).unwrap();
+        assert_eq!(shape(&m, "stage1.block3.conv.weight"), vec![4, 16, 3, 3]);
+        assert_eq!(
+            shape(&m, "stage2.transition.conv.weight"),
+            vec![18, 26, 1, 1]
+        );
+        assert_eq!(shape(&m, "fc.weight"), vec![10, 30]);
+        assert!(!m
+            .tensors()
+            .iter()
+            .any(|t| t.name.starts_with("stage3.transition")));
+    }
+
+    #[test]
+    fn forward_on_28x28_and_invalid_depth() {
+        let mut m = build(10, true, 0.5).unwrap();
+        let x = Tensor::randn([2, 1, 28, 28], (K::Float, Device::Cpu));
+        assert_eq!(m.forward(&x, true).unwrap().size(), vec![2, 10]);
+        let e = build(12, true, 0.5).err().unwrap().0;
+        assert!(
+            e.contains("model.densenet.depth 12") && e.contains("6n+4"),
+            "{e}"
+        );
+    }
+}
