@@ -335,7 +335,7 @@ fn dry_run_reports_model_parameters_and_dataset_and_writes_nothing() {
 fn every_reference_resnet_preact_command_is_accepted() {
     // The README commands of the reference that train resnet_preact on one device.
     let commands = std::fs::read_to_string(workspace().join("tests/data/commands.txt")).unwrap();
-    let mut checked = 0;
+    let (mut checked, mut large) = (0, 0);
     for line in commands
         .lines()
         .filter(|l| l.starts_with("python train.py") && l.contains("resnet_preact.yaml"))
@@ -346,13 +346,35 @@ fn every_reference_resnet_preact_command_is_accepted() {
             .args(&args)
             .arg("--dry-run"));
         let unsupported = err.contains("not supported yet");
-        assert!(code == 0 || unsupported, "{line}\n{out}{err}");
+        // The large-batch experiments (LARS, Ghost BN, no weight decay on BN) must run.
+        let large_batch = [
+            "train.optimizer lars",
+            "train.subdivision",
+            "train.no_weight_decay_on_bn True",
+        ]
+        .iter()
+        .any(|k| line.contains(k));
+        assert!(
+            code == 0 || (unsupported && !large_batch),
+            "{line}\n{out}{err}"
+        );
         if code == 0 {
             checked += 1;
             assert!(out.contains("parameters: "), "{out}");
         }
+        if large_batch {
+            large += 1;
+            assert!(out.contains("batch_size: 4096"), "{out}");
+            if line.contains("lars") {
+                assert!(out.contains("optimizer: lars (lars "), "{out}");
+            }
+        }
     }
     assert!(checked >= 10, "only {checked} commands ran");
+    assert_eq!(
+        large, 3,
+        "LARS, Ghost BN and no-weight-decay-on-BN commands"
+    );
 }
 
 /// Splits a shell command line (single quotes group words, as in the reference README).
@@ -463,4 +485,134 @@ fn every_config_in_configs_is_accepted_or_refused_as_not_supported_yet() {
         }
     }
     assert!(accepted >= 5, "only {accepted} configs accepted");
+}
+
+/// `imgclf lr-schedule` rows as (epoch, step, lr), from its CSV output.
+fn lr_rows(args: &[&str]) -> Vec<(u64, u64, f64)> {
+    let (code, out, err) = run(imgclf(&workspace()).arg("lr-schedule").args(args));
+    assert_eq!(code, 0, "{err}");
+    let mut lines = out.lines();
+    assert_eq!(lines.next(), Some("epoch,step,lr"), "{out}");
+    lines
+        .map(|l| {
+            let f: Vec<&str> = l.split(',').collect();
+            (
+                f[0].parse().unwrap(),
+                f[1].parse().unwrap(),
+                f[2].parse().unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn lr_schedule_prints_every_iteration_with_warmup_and_milestone_boundaries() {
+    // 1 warmup epoch + 4 main epochs of 4 iterations; milestones count from the warmup's end,
+    // and an iteration on a boundary belongs to the earlier segment (the reference's
+    // CombinedScheduler).
+    let rows = lr_rows(&[
+        "--config",
+        "configs/fashion_mnist/resnet_preact.yaml",
+        "scheduler.epochs",
+        "5",
+        "scheduler.warmup.type",
+        "linear",
+        "scheduler.warmup.epochs",
+        "1",
+        "scheduler.warmup.start_factor",
+        "0.1",
+        "scheduler.type",
+        "multistep",
+        "scheduler.milestones",
+        "[2, 3]",
+        "--steps-per-epoch",
+        "4",
+        "--csv",
+    ]);
+    assert_eq!(rows.len(), 20);
+    assert_eq!(rows[0], (1, 0, 0.1 * 0.1));
+    let close = |a: f64, b: f64| (a - b).abs() < 1e-12;
+    assert!(close(rows[2].2, 0.1 * (0.1 + 0.9 * 0.5)));
+    assert_eq!((rows[4].0, rows[4].1), (2, 4));
+    assert!(close(rows[4].2, 0.1), "warmup end: {:?}", rows[4]);
+    assert!(
+        close(rows[12].2, 0.1),
+        "first milestone iteration keeps the rate"
+    );
+    assert!(close(rows[13].2, 0.01), "{:?}", rows[13]);
+    assert!(close(rows[16].2, 0.01) && close(rows[17].2, 0.001));
+    assert_eq!(rows[19].0, 5);
+}
+
+#[test]
+fn lr_schedule_counts_steps_from_the_dataset_and_plots_atomically() {
+    let d = scratch("lr-schedule");
+    let data = d.join("data");
+    fashion_mnist_subset(&data, 100, 10);
+    let plot = d.join("plots").join("lr.png");
+    std::fs::create_dir_all(plot.parent().unwrap()).unwrap();
+    // 100 images, val_ratio 0.1 -> 90 training images; batch 40 with drop_last -> 2 per epoch.
+    let common = [
+        "--config",
+        "configs/fashion_mnist/resnet_preact.yaml",
+        "dataset.dataset_dir",
+        data.to_str().unwrap(),
+        "train.batch_size",
+        "40",
+        "train.use_test_as_val",
+        "False",
+        "train.val_ratio",
+        "0.1",
+        "scheduler.epochs",
+        "7",
+        "scheduler.type",
+        "sgdr",
+        "scheduler.T0",
+        "1",
+        "scheduler.T_mul",
+        "2",
+    ];
+    let (code, out, err) = run(imgclf(&workspace())
+        .arg("lr-schedule")
+        .args(common)
+        .args(["--plot", plot.to_str().unwrap()]));
+    assert_eq!(code, 0, "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 1 + 7 * 2, "{out}");
+    assert!(lines[0].contains("epoch") && lines[0].contains("lr"));
+    // SGDR cycles of 1, 2, 4 epochs: iteration 2 ends cycle 1 at the minimum, 3 restarts.
+    let lr = |i: usize| -> f64 {
+        lines[1 + i]
+            .split_whitespace()
+            .nth(2)
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    assert!(lr(2).abs() < 1e-12, "lr_min_factor 0: {}", lines[3]);
+    assert!(lr(3) > 0.08, "restart: {}", lines[4]);
+    let png = std::fs::read(&plot).unwrap();
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+    let names: Vec<_> = std::fs::read_dir(plot.parent().unwrap())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, ["lr.png"], "no temporary files left behind");
+
+    // Cycles that do not fill the schedule, and a plot that is not a PNG, are clear errors.
+    let (code, _, err) = run(imgclf(&workspace())
+        .arg("lr-schedule")
+        .args(common)
+        .args(["scheduler.epochs", "6"]));
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("scheduler.T0") && err.contains("cover 7 epochs"),
+        "{err}"
+    );
+    let (code, _, err) = run(imgclf(&workspace())
+        .arg("lr-schedule")
+        .args(common)
+        .args(["--plot", d.join("lr.jpg").to_str().unwrap()]));
+    assert_ne!(code, 0);
+    assert!(err.contains("PNG"), "{err}");
 }

@@ -1,4 +1,5 @@
-//! Command-line interface: `imgclf train | evaluate | plugins list | plugins inspect | env`.
+//! Command-line interface: `imgclf train | evaluate | lr-schedule | plugins list | plugins
+//! inspect | env`.
 
 use crate::registry::{Discovery, Registry};
 use crate::setup::{plugin_file, Request};
@@ -33,6 +34,8 @@ enum Command {
     Train(TrainCmd),
     /// Predict the test split with a checkpoint (like the reference's `python evaluate.py`).
     Evaluate(ConfigArgs),
+    /// Print (and plot) the learning rate of every training iteration of a config.
+    LrSchedule(LrScheduleCmd),
     /// List or inspect the plugins found on the plugin path.
     #[command(subcommand)]
     Plugins(PluginsCmd),
@@ -68,6 +71,21 @@ struct TrainCmd {
     /// Load plugins, merge and validate the config, build the model and report; write nothing.
     #[arg(long)]
     dry_run: bool,
+    #[command(flatten)]
+    config: ConfigArgs,
+}
+
+#[derive(Args, Debug)]
+struct LrScheduleCmd {
+    /// Iterations per epoch (default: from the training set size and train.batch_size).
+    #[arg(long, value_name = "N")]
+    steps_per_epoch: Option<u64>,
+    /// Comma-separated `epoch,step,lr` instead of a table.
+    #[arg(long)]
+    csv: bool,
+    /// Also draw the schedule into this PNG file.
+    #[arg(long, value_name = "FILE.png")]
+    plot: Option<PathBuf>,
     #[command(flatten)]
     config: ConfigArgs,
 }
@@ -236,9 +254,15 @@ fn print_inspect(reg: &Registry, name: &str, as_json: bool) -> Result<()> {
 /// Options written after the `KEY VALUE` overrides (`imgclf train KEY VALUE --dry-run`) are
 /// options too: config keys never start with `--`.
 fn hoist_trailing_options(cli: &mut Cli) -> Result<()> {
-    let (config, mut train) = match &mut cli.command {
-        Command::Train(t) => (&mut t.config, Some((&mut t.dry_run, &mut t.resume))),
-        Command::Evaluate(c) => (c, None),
+    let (config, mut train, mut sched) = match &mut cli.command {
+        Command::Train(t) => (&mut t.config, Some((&mut t.dry_run, &mut t.resume)), None),
+        Command::Evaluate(c) => (c, None, None),
+        Command::LrSchedule(LrScheduleCmd {
+            steps_per_epoch,
+            csv,
+            plot,
+            config,
+        }) => (config, None, Some((steps_per_epoch, csv, plot))),
         _ => return Ok(()),
     };
     let mut rest = Vec::new();
@@ -249,6 +273,16 @@ fn hoist_trailing_options(cli: &mut Cli) -> Result<()> {
             "--dry-run" if train.is_some() => *train.as_mut().unwrap().0 = true,
             "--resume" if train.is_some() => {
                 *train.as_mut().unwrap().1 = Some(PathBuf::from(value("--resume")?))
+            }
+            "--steps-per-epoch" if sched.is_some() => {
+                let v = value("--steps-per-epoch")?;
+                *sched.as_mut().unwrap().0 = Some(v.parse().with_context(|| {
+                    format!("--steps-per-epoch needs a whole number, got `{v}`")
+                })?)
+            }
+            "--csv" if sched.is_some() => *sched.as_mut().unwrap().1 = true,
+            "--plot" if sched.is_some() => {
+                *sched.as_mut().unwrap().2 = Some(PathBuf::from(value("--plot")?))
             }
             "--plugin" => config.plugin = Some(value("--plugin")?),
             "--config" => config.config = Some(PathBuf::from(value("--config")?)),
@@ -292,6 +326,17 @@ fn run(mut cli: Cli) -> Result<i32> {
                 s.acc,
                 s.output.display()
             );
+        }
+        Command::LrSchedule(l) => {
+            let req = request(&l.config);
+            let reg = discover(&cli, Some(&req))?;
+            reg.warn_load_errors();
+            let args = crate::lr_schedule::Args {
+                steps_per_epoch: l.steps_per_epoch,
+                csv: l.csv,
+                plot: l.plot.clone(),
+            };
+            crate::lr_schedule::run(&reg, &req, &args)?;
         }
         Command::Plugins(PluginsCmd::List { json }) => print_list(&discover(&cli, None)?, *json),
         Command::Plugins(PluginsCmd::Inspect { name, json }) => {

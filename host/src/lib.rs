@@ -10,6 +10,8 @@ pub mod envinfo;
 pub mod evaluate;
 pub mod io;
 pub mod logging;
+pub mod lr_schedule;
+pub mod plot;
 pub mod registry;
 pub mod setup;
 pub mod train;

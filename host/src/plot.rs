@@ -1,0 +1,186 @@
+//! A minimal line plot rendered to PNG (RGB canvas, 3x5 pixel font for tick labels, PNG
+//! encoder on `flate2`), enough for `imgclf lr-schedule --plot` without a plotting library.
+
+use std::io::Write;
+
+pub type Rgb = [u8; 3];
+pub const BLACK: Rgb = [0, 0, 0];
+pub const GREY: Rgb = [225, 225, 225];
+pub const BLUE: Rgb = [31, 119, 180];
+
+pub struct Canvas {
+    pub width: usize,
+    pub height: usize,
+    pixels: Vec<u8>,
+}
+
+impl Canvas {
+    pub fn new(width: usize, height: usize) -> Self {
+        Canvas {
+            width,
+            height,
+            pixels: vec![255; width * height * 3],
+        }
+    }
+
+    pub fn pixel(&self, x: usize, y: usize) -> Rgb {
+        let i = (y * self.width + x) * 3;
+        [self.pixels[i], self.pixels[i + 1], self.pixels[i + 2]]
+    }
+
+    pub fn set(&mut self, x: i64, y: i64, c: Rgb) {
+        if x >= 0 && y >= 0 && (x as usize) < self.width && (y as usize) < self.height {
+            let i = (y as usize * self.width + x as usize) * 3;
+            self.pixels[i..i + 3].copy_from_slice(&c);
+        }
+    }
+
+    /// Bresenham line, `thick` pixels wide (vertically).
+    pub fn line(&mut self, (x0, y0): (i64, i64), (x1, y1): (i64, i64), c: Rgb, thick: i64) {
+        let (dx, dy) = ((x1 - x0).abs(), -(y1 - y0).abs());
+        let (sx, sy) = (if x0 < x1 { 1 } else { -1 }, if y0 < y1 { 1 } else { -1 });
+        let (mut x, mut y, mut err) = (x0, y0, dx + dy);
+        loop {
+            for t in 0..thick {
+                self.set(x, y + t - thick / 2, c);
+            }
+            if x == x1 && y == y1 {
+                break;
+            }
+            let e2 = 2 * err;
+            if e2 >= dy {
+                err += dy;
+                x += sx;
+            }
+            if e2 <= dx {
+                err += dx;
+                y += sy;
+            }
+        }
+    }
+
+    /// Text in the 3x5 font at `scale`; `(x, y)` is the top-left corner. Unknown characters
+    /// are blank.
+    pub fn text(&mut self, x: i64, y: i64, s: &str, scale: i64, c: Rgb) {
+        for (k, ch) in s.chars().enumerate() {
+            let rows = glyph(ch);
+            for (r, bits) in rows.iter().enumerate() {
+                for col in 0..3 {
+                    if bits & (0b100 >> col) != 0 {
+                        for dy in 0..scale {
+                            for dx in 0..scale {
+                                self.set(
+                                    x + (k as i64 * 4 + col) * scale + dx,
+                                    y + r as i64 * scale + dy,
+                                    c,
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Width in pixels of `s` drawn at `scale`.
+    pub fn text_width(s: &str, scale: i64) -> i64 {
+        (s.chars().count() as i64 * 4 - 1).max(0) * scale
+    }
+
+    /// The canvas as a PNG file (8-bit RGB, no interlace, filter 0 on every row).
+    pub fn to_png(&self) -> Vec<u8> {
+        let mut raw = Vec::with_capacity((self.width * 3 + 1) * self.height);
+        for row in self.pixels.chunks(self.width * 3) {
+            raw.push(0);
+            raw.extend_from_slice(row);
+        }
+        let mut z = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
+        // Writing to a Vec cannot fail.
+        let _ = z.write_all(&raw);
+        let idat = z.finish().unwrap_or_default();
+        let mut ihdr = Vec::new();
+        ihdr.extend_from_slice(&(self.width as u32).to_be_bytes());
+        ihdr.extend_from_slice(&(self.height as u32).to_be_bytes());
+        ihdr.extend_from_slice(&[8, 2, 0, 0, 0]);
+        let mut out = b"\x89PNG\r\n\x1a\n".to_vec();
+        for (kind, data) in [
+            (b"IHDR", &ihdr[..]),
+            (b"IDAT", &idat[..]),
+            (b"IEND", &[][..]),
+        ] {
+            out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+            let start = out.len();
+            out.extend_from_slice(kind);
+            out.extend_from_slice(data);
+            let crc = crc32(&out[start..]);
+            out.extend_from_slice(&crc.to_be_bytes());
+        }
+        out
+    }
+}
+
+/// CRC-32 (IEEE), as PNG chunks need.
+pub fn crc32(bytes: &[u8]) -> u32 {
+    let mut crc = 0xffff_ffffu32;
+    for &b in bytes {
+        crc ^= b as u32;
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0xedb8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
+
+/// Rows of a 3x5 glyph, most significant of the 3 bits on the left.
+fn glyph(c: char) -> [u8; 5] {
+    match c {
+        '0' => [0b111, 0b101, 0b101, 0b101, 0b111],
+        '1' => [0b010, 0b110, 0b010, 0b010, 0b111],
+        '2' => [0b111, 0b001, 0b111, 0b100, 0b111],
+        '3' => [0b111, 0b001, 0b111, 0b001, 0b111],
+        '4' => [0b101, 0b101, 0b111, 0b001, 0b001],
+        '5' => [0b111, 0b100, 0b111, 0b001, 0b111],
+        '6' => [0b111, 0b100, 0b111, 0b101, 0b111],
+        '7' => [0b111, 0b001, 0b010, 0b010, 0b010],
+        '8' => [0b111, 0b101, 0b111, 0b101, 0b111],
+        '9' => [0b111, 0b101, 0b111, 0b001, 0b111],
+        '.' => [0, 0, 0, 0, 0b010],
+        '-' => [0, 0, 0b111, 0, 0],
+        'e' => [0, 0b111, 0b111, 0b100, 0b111],
+        'p' => [0, 0b111, 0b101, 0b111, 0b100],
+        'o' => [0, 0b111, 0b101, 0b101, 0b111],
+        'c' => [0, 0b111, 0b100, 0b100, 0b111],
+        'h' => [0b100, 0b100, 0b111, 0b101, 0b101],
+        'l' => [0b110, 0b010, 0b010, 0b010, 0b111],
+        'r' => [0, 0b111, 0b100, 0b100, 0b100],
+        _ => [0; 5],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn crc_of_iend_is_the_well_known_value() {
+        assert_eq!(crc32(b"IEND"), 0xae42_6082);
+    }
+
+    #[test]
+    fn png_has_signature_header_and_the_drawn_line() {
+        let mut c = Canvas::new(10, 4);
+        c.line((0, 1), (9, 1), BLUE, 1);
+        assert_eq!(c.pixel(5, 1), BLUE);
+        assert_eq!(c.pixel(5, 3), [255, 255, 255]);
+        let png = c.to_png();
+        assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+        assert_eq!(&png[12..16], b"IHDR");
+        assert_eq!(u32::from_be_bytes(png[16..20].try_into().unwrap()), 10);
+        assert_eq!(u32::from_be_bytes(png[20..24].try_into().unwrap()), 4);
+        assert!(png.ends_with(&[0xae, 0x42, 0x60, 0x82]));
+    }
+}
