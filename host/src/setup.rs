@@ -362,15 +362,19 @@ pub fn setup(registry: &Registry, request: &Request, purpose: Purpose) -> Result
             )
         };
         augmentations.sort_by_key(order);
-        let mixers: Vec<&str> = augmentations
+        let mixers: Vec<(&str, &str)> = augmentations
             .iter()
             .filter(|e| e.info.stage == Some(Stage::Mix))
-            .map(|e| e.info.name.as_str())
+            .map(|e| (e.info.name.as_str(), e.info.switch.as_deref().unwrap_or("")))
             .collect();
         if mixers.len() > 1 {
+            let names: Vec<&str> = mixers.iter().map(|m| m.0).collect();
+            let keys: Vec<&str> = mixers.iter().map(|m| m.1).collect();
             bail!(
-                "{} each mix whole batches and cannot be combined: enable only one of them",
-                mixers.join(" and ")
+                "{} are all True, but {} each mix whole batches and cannot be combined (the reference would silently use only one); keep one and set the others False, e.g. {} False",
+                keys.join(", "),
+                names.join(" and "),
+                keys[1..].join(" False ")
             );
         }
     }

@@ -83,6 +83,10 @@ pub struct ComponentInfo {
     /// and its pipeline stage.
     pub switch: Option<String>,
     pub stage: Option<Stage>,
+    /// Overrides (`key`, Python-literal value) that make a small, fast instance of this
+    /// component, e.g. a shallow and narrow network: the conformance suite trains it on every
+    /// dataset. Empty: the defaults are small enough.
+    pub small: Vec<(String, String)>,
 }
 
 impl ComponentInfo {
@@ -95,6 +99,7 @@ impl ComponentInfo {
             keys: Vec::new(),
             switch: None,
             stage: None,
+            small: Vec::new(),
         }
     }
     pub fn papers(mut self, papers: &[&str]) -> Self {
@@ -103,6 +108,14 @@ impl ComponentInfo {
     }
     pub fn keys(mut self, keys: Vec<KeyDecl>) -> Self {
         self.keys = keys;
+        self
+    }
+    /// See [`ComponentInfo::small`].
+    pub fn small(mut self, overrides: &[(&str, &str)]) -> Self {
+        self.small = overrides
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         self
     }
     pub fn switched_by(mut self, key: &str, stage: Stage) -> Self {

@@ -338,7 +338,7 @@ fn schedule_context_from_json(text: &str) -> Result<ScheduleContext> {
 pub fn info_to_json(i: &ComponentInfo) -> Value {
     json!({
         "name": i.name, "kind": i.kind.as_str(), "description": i.description, "papers": i.papers,
-        "switch": i.switch, "stage": i.stage.map(|s| s as u32),
+        "switch": i.switch, "stage": i.stage.map(|s| s as u32), "small": i.small,
         "keys": i.keys.iter().map(|k| json!({"key": k.key, "type": k.ty.to_text(), "default": k.default,
             "choices": k.choices, "help": k.help})).collect::<Vec<_>>(),
     })
@@ -404,6 +404,9 @@ pub fn info_from_json(v: &Value) -> Result<ComponentInfo> {
             .get("stage")
             .and_then(Value::as_u64)
             .and_then(|i| Stage::from_index(i as u32)),
+        // Absent in descriptions from plugins built before the field existed.
+        small: serde_json::from_value(v.get("small").cloned().unwrap_or(Value::Null))
+            .unwrap_or_default(),
     })
 }
 

@@ -13,6 +13,7 @@
 //! loads in an older host, and the host refuses plugins whose interface it cannot read.
 //! Every change is recorded in `plugin-api/CHANGELOG.md`.
 
+pub mod augment;
 pub mod component;
 pub mod config;
 pub mod error;

@@ -210,25 +210,62 @@ pub fn param_groups(tensors: &[NamedTensor], config: &Config) -> Vec<ParamGroup>
     ]
 }
 
-struct Pipeline {
+/// The training input pipeline: the enabled augmentations in stage order around the host's
+/// normalisation (validation never goes through it).
+pub struct Pipeline {
     augmentations: Vec<(Stage, HostAugmentation)>,
-    norm: Normalizer,
+    pub norm: Normalizer,
     /// Whether any augmentation changes the targets (then the loss uses soft targets).
     soft_targets: bool,
     n_classes: i64,
 }
 
-struct Prepared {
-    images: Tensor,
-    labels: Tensor,
-    /// Targets after mixing (for accuracy) and after target transforms (for the loss).
-    mix_targets: Option<Tensor>,
-    loss_targets: Option<Tensor>,
-    views: u32,
+/// Builds every enabled augmentation (this is where their config checks run).
+pub fn build_pipeline(registry: &Registry, s: &Setup, device: Device) -> Result<Pipeline> {
+    let c = &s.config;
+    let data_ctx = DataContext {
+        n_channels: c.int("dataset.n_channels"),
+        image_size: c.int("dataset.image_size"),
+        n_classes: c.int("dataset.n_classes"),
+        mean: s.dataset.mean.to_vec(),
+        std: s.dataset.std.to_vec(),
+        device,
+    };
+    let mut augmentations = Vec::new();
+    for e in &s.augmentations {
+        let aug =
+            registry
+                .plugin(e)
+                .create_augmentation(&e.info.name, &c.section_json(""), &data_ctx)?;
+        augmentations.push((e.info.stage.unwrap_or(Stage::Erase), aug));
+    }
+    let soft_targets = augmentations
+        .iter()
+        .any(|(st, _)| matches!(st, Stage::Mix | Stage::Target));
+    Ok(Pipeline {
+        augmentations,
+        norm: Normalizer::new(s.dataset.mean, s.dataset.std, device),
+        soft_targets,
+        n_classes: data_ctx.n_classes,
+    })
+}
+
+/// One training batch after the pipeline.
+pub struct Prepared {
+    /// `views * N` normalised images, view-major.
+    pub images: Tensor,
+    pub labels: Tensor,
+    /// Targets after mixing, for accuracy (`None` when no augmentation changes targets).
+    pub mix_targets: Option<Tensor>,
+    /// Targets after target transforms (one-hot when nothing changed them), for the loss.
+    pub loss_targets: Tensor,
+    pub views: u32,
 }
 
 impl Pipeline {
-    fn prepare(
+    /// Runs the pipeline on uint8 `images` and int64 `labels` on the training device, with the
+    /// randomness of (`seed`, `epoch`, `step`).
+    pub fn prepare(
         &mut self,
         images: Tensor,
         labels: Tensor,
@@ -258,16 +295,11 @@ impl Pipeline {
             batch.images = self.norm.apply(&batch.images);
         }
         let mix_targets = mix_targets.unwrap_or_else(|| batch.targets.shallow_clone());
-        let (mix_targets, loss_targets) = if self.soft_targets {
-            (Some(mix_targets), Some(batch.targets))
-        } else {
-            (None, None)
-        };
         Ok(Prepared {
             images: batch.images,
             labels,
-            mix_targets,
-            loss_targets,
+            mix_targets: self.soft_targets.then_some(mix_targets),
+            loss_targets: batch.targets,
             views: batch.views,
         })
     }
@@ -358,23 +390,20 @@ impl Trainer<'_> {
                 logits_v.push(self.model.forward(&view.narrow(0, start, len), true)?);
             }
             let logits = Tensor::cat(&logits_v, 0);
-            let custom = match &p.loss_targets {
-                Some(t) => {
-                    let t = t.narrow(0, start, len);
-                    let mut custom = None;
-                    for (_, aug) in &self.pipeline.augmentations {
-                        if let Some(l) = aug.loss(&logits, &t, views as u32)? {
-                            custom = Some(l);
-                        }
-                    }
-                    Some(custom.unwrap_or_else(|| {
-                        let per_view: Vec<Tensor> =
-                            logits_v.iter().map(|l| soft_cross_entropy(l, &t)).collect();
-                        Tensor::stack(&per_view, 0).mean(Kind::Float)
-                    }))
+            // An augmentation's own loss (Dual-Cutout) replaces cross-entropy; it always sees
+            // the targets, one-hot when nothing changed them.
+            let t = p.loss_targets.narrow(0, start, len);
+            let mut custom = None;
+            for (_, aug) in &self.pipeline.augmentations {
+                if let Some(l) = aug.loss(&logits, &t, views as u32)? {
+                    custom = Some(l);
                 }
-                None => None,
-            };
+            }
+            if custom.is_none() && self.pipeline.soft_targets {
+                let per_view: Vec<Tensor> =
+                    logits_v.iter().map(|l| soft_cross_entropy(l, &t)).collect();
+                custom = Some(Tensor::stack(&per_view, 0).mean(Kind::Float));
+            }
             let loss = match custom {
                 Some(l) => l,
                 None => {
@@ -520,6 +549,8 @@ pub fn run(registry: &Registry, request: &Request, args: &TrainArgs) -> Result<(
         .unwrap_or_else(|| PathBuf::from(c.str("train.output_dir")));
 
     if args.dry_run {
+        // Building the augmentations runs their config checks (impossible combinations).
+        build_pipeline(registry, &s, device)?;
         println!("# effective config\n{}", c.to_yaml());
         println!("{}", describe_components(&s, registry));
         println!("  {}", model.summary());
@@ -620,31 +651,7 @@ pub fn run(registry: &Registry, request: &Request, args: &TrainArgs) -> Result<(
         param_groups(&tensors, c),
     )?;
     let schedule = build_schedule(registry, &s, steps_per_epoch as u64)?;
-    let data_ctx = DataContext {
-        n_channels: c.int("dataset.n_channels"),
-        image_size: c.int("dataset.image_size"),
-        n_classes: c.int("dataset.n_classes"),
-        mean: s.dataset.mean.to_vec(),
-        std: s.dataset.std.to_vec(),
-        device,
-    };
-    let mut augmentations = Vec::new();
-    for e in &s.augmentations {
-        let aug =
-            registry
-                .plugin(e)
-                .create_augmentation(&e.info.name, &c.section_json(""), &data_ctx)?;
-        augmentations.push((e.info.stage.unwrap_or(Stage::Erase), aug));
-    }
-    let soft_targets = augmentations
-        .iter()
-        .any(|(st, _)| matches!(st, Stage::Mix | Stage::Target));
-    let pipeline = Pipeline {
-        augmentations,
-        norm: Normalizer::new(s.dataset.mean, s.dataset.std, device),
-        soft_targets,
-        n_classes: data_ctx.n_classes,
-    };
+    let pipeline = build_pipeline(registry, &s, device)?;
 
     let metrics = MetricsFile::new(&out);
     let mut trainer = Trainer {

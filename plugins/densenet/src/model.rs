@@ -289,6 +289,11 @@ impl ModelFactory for DenseNetFactory {
         )
         .papers(&["1608.06993", "2001.02394"])
         .keys(Config::keys())
+        .small(&[
+            ("model.densenet.depth", "10"),
+            ("model.densenet.growth_rate", "4"),
+            ("model.densenet.drop_rate", "0.2"),
+        ])
     }
 
     fn build(&self, config: &ConfigView, ctx: &ModelContext) -> Result<Box<dyn Model>> {

@@ -273,6 +273,10 @@ impl ModelFactory for PyramidNetFactory {
         )
         .papers(&["1610.02915"])
         .keys(Config::keys())
+        .small(&[
+            ("model.pyramidnet.depth", "11"),
+            ("model.pyramidnet.alpha", "12"),
+        ])
     }
 
     fn build(&self, config: &ConfigView, ctx: &ModelContext) -> Result<Box<dyn Model>> {

@@ -247,6 +247,7 @@ impl ModelFactory for ResNetFactory {
         )
         .papers(&["1512.03385"])
         .keys(Config::keys())
+        .small(&[("model.resnet.depth", "8")])
     }
 
     fn build(&self, config: &ConfigView, ctx: &ModelContext) -> Result<Box<dyn Model>> {

@@ -314,6 +314,7 @@ impl ModelFactory for ResNetPreactFactory {
         )
         .papers(&["1603.05027"])
         .keys(Config::keys())
+        .small(&[("model.resnet_preact.depth", "8")])
     }
 
     fn build(&self, config: &ConfigView, ctx: &ModelContext) -> Result<Box<dyn Model>> {

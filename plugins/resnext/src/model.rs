@@ -214,6 +214,12 @@ impl ModelFactory for ResNextFactory {
         )
         .papers(&["1611.05431"])
         .keys(Config::keys())
+        .small(&[
+            ("model.resnext.depth", "11"),
+            ("model.resnext.initial_channels", "8"),
+            ("model.resnext.cardinality", "2"),
+            ("model.resnext.base_channels", "2"),
+        ])
     }
 
     fn build(&self, config: &ConfigView, ctx: &ModelContext) -> Result<Box<dyn Model>> {

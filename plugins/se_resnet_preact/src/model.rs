@@ -316,6 +316,10 @@ impl ModelFactory for SeResNetPreactFactory {
         )
         .papers(&["1709.01507"])
         .keys(Config::keys())
+        .small(&[
+            ("model.se_resnet_preact.depth", "8"),
+            ("model.se_resnet_preact.se_reduction", "4"),
+        ])
     }
 
     fn build(&self, config: &ConfigView, ctx: &ModelContext) -> Result<Box<dyn Model>> {

@@ -297,6 +297,10 @@ impl ModelFactory for ShakeShakeFactory {
         )
         .papers(&["1705.07485"])
         .keys(Config::keys())
+        .small(&[
+            ("model.shake_shake.depth", "8"),
+            ("model.shake_shake.initial_channels", "8"),
+        ])
     }
 
     fn build(&self, config: &ConfigView, ctx: &ModelContext) -> Result<Box<dyn Model>> {

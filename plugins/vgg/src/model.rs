@@ -175,6 +175,10 @@ impl ModelFactory for VggFactory {
         )
         .papers(&["1409.1556"])
         .keys(Config::keys())
+        .small(&[
+            ("model.vgg.n_channels", "[8, 8, 16, 16, 16]"),
+            ("model.vgg.n_layers", "[1, 1, 1, 1, 1]"),
+        ])
     }
 
     fn build(&self, config: &ConfigView, ctx: &ModelContext) -> Result<Box<dyn Model>> {

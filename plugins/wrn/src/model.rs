@@ -218,6 +218,11 @@ impl ModelFactory for WrnFactory {
         )
         .papers(&["1605.07146"])
         .keys(Config::keys())
+        .small(&[
+            ("model.wrn.depth", "10"),
+            ("model.wrn.widening_factor", "1"),
+            ("model.wrn.drop_rate", "0.3"),
+        ])
     }
 
     fn build(&self, config: &ConfigView, ctx: &ModelContext) -> Result<Box<dyn Model>> {
