@@ -255,9 +255,29 @@ fn config_errors_name_the_key_its_source_and_the_fix() {
         e.contains("no such plugin") && e.contains("did you mean") && e.contains("resnet_preact?"),
         "{e}"
     );
-    let e = train_err(&["augmentation.use_cutmix", "True", "--dry-run"]);
+    let e = train_err(&[
+        "augmentation.use_mixup",
+        "True",
+        "augmentation.use_cutmix",
+        "True",
+        "--dry-run",
+    ]);
     assert!(
-        e.contains("augmentation.use_cutmix = True") && e.contains("not supported yet"),
+        e.contains("augmentation.use_mixup, augmentation.use_cutmix are all True")
+            && e.contains("cannot be combined")
+            && e.contains("augmentation.use_cutmix False"),
+        "{e}"
+    );
+    // Checked by the plugin when the dry run builds the augmentations.
+    let e = train_err(&[
+        "augmentation.use_dual_cutout",
+        "True",
+        "augmentation.use_label_smoothing",
+        "True",
+        "--dry-run",
+    ]);
+    assert!(
+        e.contains("augmentation.use_dual_cutout cannot be combined with augmentation.use_label_smoothing = True"),
         "{e}"
     );
     let e = train_err(&["train.optimizer", "adamw", "--dry-run"]);

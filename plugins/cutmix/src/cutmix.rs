@@ -7,8 +7,8 @@
 use imgclf_plugin_api::augment::{permutation, rect_mask, Rect};
 use imgclf_plugin_api::rng::{step_rng, Rng};
 use imgclf_plugin_api::{
-    plugin_bail, Augmentation, AugmentationFactory, Batch, ComponentInfo, ConfigView,
-    DataContext, KeyDecl, Kind, Result, Stage,
+    plugin_bail, Augmentation, AugmentationFactory, Batch, ComponentInfo, ConfigView, DataContext,
+    KeyDecl, Kind, Result, Stage,
 };
 use rand_distr::{Beta, Distribution};
 use tch::Tensor;
@@ -61,7 +61,10 @@ impl CutMix {
 impl Augmentation for CutMix {
     fn apply(&mut self, batch: Batch, seed: u64) -> Result<Batch> {
         if batch.views != 1 {
-            plugin_bail!("cutmix expects single-view batches, got {} views", batch.views);
+            plugin_bail!(
+                "cutmix expects single-view batches, got {} views",
+                batch.views
+            );
         }
         let (n, _, h, w) = batch.images.size4()?;
         let d = self.draw(seed, n, h, w);
@@ -170,8 +173,18 @@ mod tests {
                 .unwrap();
             for i in 0..n {
                 let j = d.perm[i as usize];
-                let from_partner = out.images.get(i).eq(j as f64).sum(K::Int64).int64_value(&[]);
-                let own = out.images.get(i).eq(i as f64).sum(K::Int64).int64_value(&[]);
+                let from_partner = out
+                    .images
+                    .get(i)
+                    .eq(j as f64)
+                    .sum(K::Int64)
+                    .int64_value(&[]);
+                let own = out
+                    .images
+                    .get(i)
+                    .eq(i as f64)
+                    .sum(K::Int64)
+                    .int64_value(&[]);
                 if i != j {
                     assert_eq!(from_partner, 3 * d.rect.area());
                     assert_eq!(own, 3 * (1024 - d.rect.area()));

@@ -3,7 +3,7 @@
 //! https://github.com/clovaai/CutMix-PyTorch; reference implementation followed here:
 //! https://github.com/hysts/pytorch_image_classification (collators/cutmix.py, losses/cutmix.py).
 
-mod ffi;
 pub mod cutmix;
+mod ffi;
 
 imgclf_plugin_api::register!(augmentation: cutmix::CutMixFactory);

@@ -4,8 +4,8 @@
 use crate::boxes::CutoutBoxes;
 use imgclf_plugin_api::rng::step_rng;
 use imgclf_plugin_api::{
-    Augmentation, AugmentationFactory, Batch, ComponentInfo, ConfigView, DataContext, Kind,
-    Result, Stage,
+    Augmentation, AugmentationFactory, Batch, ComponentInfo, ConfigView, DataContext, Kind, Result,
+    Stage,
 };
 
 pub struct Cutout {
@@ -69,14 +69,15 @@ mod tests {
         let images = Tensor::ones([64, 3, 32, 32], (K::Float, Device::Cpu));
         let (out, rects) = b.apply(&images, &mut step_rng(5)).unwrap();
         for (i, r) in rects.iter().enumerate() {
-            let masked = out
-                .get(i as i64)
-                .eq(-7.0)
-                .sum(K::Int64)
-                .int64_value(&[]);
+            let masked = out.get(i as i64).eq(-7.0).sum(K::Int64).int64_value(&[]);
             assert_eq!(masked, 3 * r.area(), "image {i}: {r:?}");
             if r.area() > 0 {
-                let inside = out.get(i as i64).get(2).get(r.y0).get(r.x0).double_value(&[]);
+                let inside = out
+                    .get(i as i64)
+                    .get(2)
+                    .get(r.y0)
+                    .get(r.x0)
+                    .double_value(&[]);
                 assert_eq!(inside, -7.0);
             }
         }
@@ -119,7 +120,10 @@ mod tests {
             assert_eq!(r.area(), 256, "{r:?}");
             corners.insert(r.x0);
         }
-        assert_eq!(corners.into_iter().collect::<Vec<_>>(), (0..=16).collect::<Vec<_>>());
+        assert_eq!(
+            corners.into_iter().collect::<Vec<_>>(),
+            (0..=16).collect::<Vec<_>>()
+        );
     }
 
     #[test]

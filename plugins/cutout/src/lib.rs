@@ -3,8 +3,8 @@
 //! implementation followed here: https://github.com/hysts/pytorch_image_classification
 //! (transforms/cutout.py).
 
-mod ffi;
 pub mod boxes;
 pub mod cutout;
+mod ffi;
 
 imgclf_plugin_api::register!(augmentation: cutout::CutoutFactory);

@@ -5,8 +5,8 @@
 use crate::boxes::{CutoutBoxes, SECTION};
 use imgclf_plugin_api::rng::step_rng;
 use imgclf_plugin_api::{
-    plugin_bail, Augmentation, AugmentationFactory, Batch, ComponentInfo, ConfigView,
-    DataContext, KeyDecl, Kind, Result, Stage,
+    plugin_bail, Augmentation, AugmentationFactory, Batch, ComponentInfo, ConfigView, DataContext,
+    KeyDecl, Kind, Result, Stage,
 };
 use tch::{Kind as K, Tensor};
 
@@ -93,14 +93,14 @@ impl AugmentationFactory for DualCutoutFactory {
             .collect();
         if !on.is_empty() {
             plugin_bail!(
-                "augmentation.use_dual_cutout cannot be combined with {} = True: Dual-Cutout trains with its own two-view loss, which the reference cannot mix with {}; set augmentation.use_dual_cutout False or {} False",
+                "augmentation.use_dual_cutout cannot be combined with {} = True: Dual-Cutout replaces the training loss with its own two-view loss, which the reference cannot train together with {}; set augmentation.use_dual_cutout False or {} False",
                 on.join(" = True, "),
-                if on.len() == 1 { "that augmentation's" } else { "those augmentations'" },
+                on.join(" or "),
                 on.join(" and ")
             );
         }
         let alpha = config.float(&format!("{SECTION}.dual_cutout_alpha"))?;
-        if !(alpha >= 0.0) {
+        if alpha.is_nan() || alpha < 0.0 {
             plugin_bail!("{SECTION}.dual_cutout_alpha must be >= 0, got {alpha}");
         }
         Ok(Box::new(DualCutout {
@@ -154,7 +154,9 @@ mod tests {
         assert!(!masks[0].equal(&masks[1]), "views are masked independently");
         // Outside the squares both views are the original images.
         for (v, m) in views.iter().zip(&masks) {
-            assert!(v.masked_select(&m.logical_not()).equal(&images.masked_select(&m.logical_not())));
+            assert!(v
+                .masked_select(&m.logical_not())
+                .equal(&images.masked_select(&m.logical_not())));
         }
     }
 
@@ -189,7 +191,11 @@ mod tests {
             std: vec![0.5],
             device: Device::Cpu,
         };
-        let e = DualCutoutFactory.build(&cfg, &ctx).err().unwrap().to_string();
+        let e = DualCutoutFactory
+            .build(&cfg, &ctx)
+            .err()
+            .unwrap()
+            .to_string();
         assert!(
             e.contains("augmentation.use_dual_cutout cannot be combined with augmentation.use_mixup = True")
                 && e.contains("set augmentation.use_dual_cutout False or augmentation.use_mixup False"),

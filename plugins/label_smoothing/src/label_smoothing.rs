@@ -3,8 +3,8 @@
 //! the mixed targets are smoothed (the reference would silently drop the smoothing there).
 
 use imgclf_plugin_api::{
-    plugin_bail, Augmentation, AugmentationFactory, Batch, ComponentInfo, ConfigView,
-    DataContext, KeyDecl, Kind, Result, Stage,
+    plugin_bail, Augmentation, AugmentationFactory, Batch, ComponentInfo, ConfigView, DataContext,
+    KeyDecl, Kind, Result, Stage,
 };
 
 const SECTION: &str = "augmentation.label_smoothing";
@@ -86,8 +86,11 @@ mod tests {
         let logits = Tensor::from_slice(&[1.0f32, 2.0, 0.5, -1.0, 0.0, 0.0, 0.3, 0.2, 0.1, 0.0])
             .view([1, 10]);
         let logp = logits.log_softmax(1, K::Float);
-        let ours = -(&logp * out.targets.get(0).unsqueeze(0)).sum(K::Float).double_value(&[]);
-        let reference = 0.9 * -logp.double_value(&[0, 0]) + 0.1 * -logp.mean(K::Float).double_value(&[]);
+        let ours = -(&logp * out.targets.get(0).unsqueeze(0))
+            .sum(K::Float)
+            .double_value(&[]);
+        let reference =
+            0.9 * -logp.double_value(&[0, 0]) + 0.1 * -logp.mean(K::Float).double_value(&[]);
         assert!((ours - reference).abs() < 1e-5, "{ours} {reference}");
     }
 }

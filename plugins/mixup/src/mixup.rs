@@ -5,8 +5,8 @@
 use imgclf_plugin_api::augment::permutation;
 use imgclf_plugin_api::rng::step_rng;
 use imgclf_plugin_api::{
-    plugin_bail, Augmentation, AugmentationFactory, Batch, ComponentInfo, ConfigView,
-    DataContext, KeyDecl, Kind, Result, Stage,
+    plugin_bail, Augmentation, AugmentationFactory, Batch, ComponentInfo, ConfigView, DataContext,
+    KeyDecl, Kind, Result, Stage,
 };
 use rand_distr::{Beta, Distribution};
 use tch::Tensor;
@@ -21,10 +21,13 @@ impl Mixup {
     /// Mixes with a given `lambda` and pairing.
     pub fn mix(batch: Batch, lambda: f64, perm: &[i64]) -> Result<Batch> {
         let idx = Tensor::from_slice(perm).to_device(batch.images.device());
-        let images = batch.images.f_index_select(0, &idx)? * (1.0 - lambda) + &batch.images * lambda;
-        let targets =
-            batch.targets.f_index_select(0, &idx.to_device(batch.targets.device()))? * (1.0 - lambda)
-                + &batch.targets * lambda;
+        let images =
+            batch.images.f_index_select(0, &idx)? * (1.0 - lambda) + &batch.images * lambda;
+        let targets = batch
+            .targets
+            .f_index_select(0, &idx.to_device(batch.targets.device()))?
+            * (1.0 - lambda)
+            + &batch.targets * lambda;
         Ok(Batch {
             images,
             targets,
@@ -43,7 +46,10 @@ impl Mixup {
 impl Augmentation for Mixup {
     fn apply(&mut self, batch: Batch, seed: u64) -> Result<Batch> {
         if batch.views != 1 {
-            plugin_bail!("mixup expects single-view batches, got {} views", batch.views);
+            plugin_bail!(
+                "mixup expects single-view batches, got {} views",
+                batch.views
+            );
         }
         let (lambda, perm) = self.draw(seed, batch.images.size()[0]);
         Mixup::mix(batch, lambda, &perm)
@@ -95,7 +101,10 @@ mod tests {
             // Beta(a, a): mean 1/2, variance 1 / (4 (2a + 1)).
             let want_var = 1.0 / (4.0 * (2.0 * alpha + 1.0));
             assert!((mean - 0.5).abs() < 0.01, "alpha {alpha}: mean {mean}");
-            assert!((var - want_var).abs() / want_var < 0.05, "alpha {alpha}: var {var}");
+            assert!(
+                (var - want_var).abs() / want_var < 0.05,
+                "alpha {alpha}: var {var}"
+            );
             // For alpha 1 the distribution is uniform: each decile holds about 10%.
             if alpha == 1.0 {
                 for d in 0..10 {
@@ -113,7 +122,9 @@ mod tests {
     #[test]
     fn images_and_targets_are_mixed_with_the_same_lambda_and_pairing() {
         let n = 16;
-        let images = Tensor::arange(n, (K::Float, Device::Cpu)).view([n, 1, 1, 1]).repeat([1, 2, 3, 3]);
+        let images = Tensor::arange(n, (K::Float, Device::Cpu))
+            .view([n, 1, 1, 1])
+            .repeat([1, 2, 3, 3]);
         let labels = Tensor::arange(n, (K::Int64, Device::Cpu));
         let targets = labels.one_hot(n).to_kind(K::Float);
         let mut m = Mixup {
@@ -133,10 +144,15 @@ mod tests {
                 5,
             )
             .unwrap();
-        for i in 0..n as usize {
-            let j = perm[i];
+        for (i, &j) in perm.iter().enumerate() {
             let want = lambda * i as f64 + (1.0 - lambda) * j as f64;
-            let got = out.images.get(i as i64).get(1).get(2).get(2).double_value(&[]);
+            let got = out
+                .images
+                .get(i as i64)
+                .get(1)
+                .get(2)
+                .get(2)
+                .double_value(&[]);
             assert!((got - want).abs() < 1e-4, "{got} {want}");
             let t = out.targets.get(i as i64);
             if j as usize != i {

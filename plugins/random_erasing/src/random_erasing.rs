@@ -6,8 +6,8 @@
 use imgclf_plugin_api::augment::{rect_mask, Rect};
 use imgclf_plugin_api::rng::{step_rng, Rng, StepRng};
 use imgclf_plugin_api::{
-    plugin_bail, Augmentation, AugmentationFactory, Batch, ComponentInfo, ConfigView,
-    DataContext, KeyDecl, Kind, Result, Stage,
+    plugin_bail, Augmentation, AugmentationFactory, Batch, ComponentInfo, ConfigView, DataContext,
+    KeyDecl, Kind, Result, Stage,
 };
 use tch::Tensor;
 
@@ -133,7 +133,9 @@ impl AugmentationFactory for RandomErasingFactory {
             );
         };
         if !(0.0 < lo && lo <= hi && hi <= 1.0) {
-            plugin_bail!("{SECTION}.area_ratio_range must satisfy 0 < min <= max <= 1, got [{lo}, {hi}]");
+            plugin_bail!(
+                "{SECTION}.area_ratio_range must satisfy 0 < min <= max <= 1, got [{lo}, {hi}]"
+            );
         }
         if !(min_aspect_ratio > 0.0 && min_aspect_ratio <= 1.0) {
             plugin_bail!("{SECTION}.min_aspect_ratio must be in (0, 1], got {min_aspect_ratio}");
@@ -221,7 +223,9 @@ mod tests {
             .where_scalarother(&erased, 2.0)
             .amin([1, 2, 3].as_slice(), false);
         let touched = erased.flatten(1, -1).any_dim(1, false);
-        assert!(vmax.masked_select(&touched).equal(&vmin.masked_select(&touched)));
+        assert!(vmax
+            .masked_select(&touched)
+            .equal(&vmin.masked_select(&touched)));
         assert!(out.equal(&e.apply(batch(), 3).unwrap().images));
     }
 }

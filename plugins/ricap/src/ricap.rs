@@ -7,8 +7,8 @@
 use imgclf_plugin_api::augment::permutation;
 use imgclf_plugin_api::rng::{step_rng, Rng};
 use imgclf_plugin_api::{
-    plugin_bail, Augmentation, AugmentationFactory, Batch, ComponentInfo, ConfigView,
-    DataContext, KeyDecl, Kind, Result, Stage,
+    plugin_bail, Augmentation, AugmentationFactory, Batch, ComponentInfo, ConfigView, DataContext,
+    KeyDecl, Kind, Result, Stage,
 };
 use rand_distr::{Beta, Distribution};
 use tch::Tensor;
@@ -60,7 +60,10 @@ impl Ricap {
 impl Augmentation for Ricap {
     fn apply(&mut self, batch: Batch, seed: u64) -> Result<Batch> {
         if batch.views != 1 {
-            plugin_bail!("ricap expects single-view batches, got {} views", batch.views);
+            plugin_bail!(
+                "ricap expects single-view batches, got {} views",
+                batch.views
+            );
         }
         let (n, _, h, w) = batch.images.size4()?;
         let patches = self.draw(seed, n, h, w);
@@ -166,7 +169,9 @@ mod tests {
         let images = (Tensor::arange(n, (K::Float, Device::Cpu)).view([n, 1, 1, 1]) * 1000.0
             + Tensor::arange(1024, (K::Float, Device::Cpu)).view([1, 1, 32, 32]))
         .repeat([1, 2, 1, 1]);
-        let targets = Tensor::arange(n, (K::Int64, Device::Cpu)).one_hot(n).to_kind(K::Float);
+        let targets = Tensor::arange(n, (K::Int64, Device::Cpu))
+            .one_hot(n)
+            .to_kind(K::Float);
         let mut r = ricap();
         for seed in 0..10 {
             let p = r.draw(seed, n, 32, 32);
