@@ -1,0 +1,340 @@
+"""PyTorch ground truth for imgclf's optimizers, schedules and large-batch options.
+
+Two modes:
+
+  python tests/python/check_optimizers.py init --out INIT.safetensors \
+      --depth 8 --initial-channels 4
+      Writes seeded initial weights of the reference ResNet-preact (1 input
+      channel, 28x28, 10 classes) as a PyTorch state dict in safetensors.
+
+  python tests/python/check_optimizers.py check --cases CASES.json
+      CASES.json: {"dataset_dir": ..., "init": ..., "depth": ..., "initial_channels": ...,
+      "mean": ..., "std": ..., "atol": ..., "rtol": ...,
+      "orders": [imgclf's training order of each epoch, ...], "threads": imgclf's
+      torch threads,
+      "cases": [{"name": ..., "result": imgclf's model_final.safetensors,
+                 "config": {dotted key: value, ...}}, ...]}
+      For each case trains the same network from INIT on the whole training
+      split as one batch for scheduler.epochs steps, as the reference's
+      train.py does (hysts/pytorch_image_classification): parameter groups
+      (with the intended no_weight_decay_on_bn: BatchNorm's weight and bias
+      exempt), torch.optim.SGD / torch.optim.Adam where the reference uses them
+      and this file's own AdaBound, AdaBoundW and LARS after the reference's
+      semantics, LambdaLR stepped per iteration over the reference's combined
+      warmup + main schedule (with the intended exponential warmup, which the
+      reference multiplies by base_lr twice), Ghost BN by train.subdivision
+      (chunks of the batch, gradients accumulated, clipped, then divided), and
+      gradient clipping with clip_grad_norm_. Then compares every tensor with
+      imgclf's result.
+
+Exit status 0 when every case agrees within atol + rtol * |torch|; 1 otherwise
+(each disagreeing case and tensor is printed); 2 on bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import json
+import math
+import os
+import sys
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from reference_models import (  # noqa: E402
+    ResNetPreact, find_idx, load_safetensors, read_idx, save_safetensors)
+
+
+# ----------------------------------------------------------------- optimizers
+
+class AdaBound(torch.optim.Optimizer):
+    """The reference's optim/adabound.py semantics: Adam moments, the step
+    size clipped into bounds converging to final_lr * lr / base_lr; L2 weight
+    decay, or (decoupled=True, AdaBoundW) p -= weight_decay * p after the
+    update, with p taken before it and not scaled by the rate."""
+
+    def __init__(self, params, lr, betas, final_lr, gamma, eps=1e-8,
+                 decoupled=False):
+        super().__init__(params, dict(lr=lr, betas=betas, final_lr=final_lr,
+                                      gamma=gamma, eps=eps, weight_decay=0.0))
+        self.base_lr = lr
+        self.decoupled = decoupled
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            b1, b2 = group["betas"]
+            lr, wd = group["lr"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = p.grad
+                st = self.state[p]
+                if not st:
+                    st["step"] = 0
+                    st["m"] = torch.zeros_like(p)
+                    st["v"] = torch.zeros_like(p)
+                st["step"] += 1
+                t = st["step"]
+                if wd != 0 and not self.decoupled:
+                    g = g + wd * p
+                st["m"].mul_(b1).add_(g, alpha=1 - b1)
+                st["v"].mul_(b2).addcmul_(g, g, value=1 - b2)
+                denom = st["v"].sqrt() + group["eps"]
+                eta = lr * math.sqrt(1 - b2 ** t) / (1 - b1 ** t)
+                final = group["final_lr"] * lr / self.base_lr
+                lower = final * (1 - 1 / (group["gamma"] * t + 1))
+                upper = final * (1 + 1 / (group["gamma"] * t))
+                rate = torch.full_like(denom, eta) / denom
+                update = rate.clamp(lower, upper) * st["m"]
+                if wd != 0 and self.decoupled:
+                    decay = p * wd
+                    p.sub_(update)
+                    p.sub_(decay)
+                else:
+                    p.sub_(update)
+
+
+class LARS(torch.optim.Optimizer):
+    """The reference's optim/lars.py: per-tensor rate ||w|| / (eps + ||g|| +
+    wd ||w||) (1 below the weight-norm threshold), no LARS coefficient, the
+    rate inside the momentum buffer."""
+
+    def __init__(self, params, lr, momentum, eps, threshold):
+        super().__init__(params, dict(lr=lr, momentum=momentum, eps=eps,
+                                      threshold=threshold, weight_decay=0.0))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            lr, wd, mom = group["lr"], group["weight_decay"], group["momentum"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = p.grad
+                wn = torch.linalg.vector_norm(p)
+                gn = torch.linalg.vector_norm(g)
+                local = wn / (group["eps"] + gn + wd * wn)
+                if wn.item() < group["threshold"]:
+                    local = torch.ones_like(local)
+                d = g + wd * p if wd != 0 else g
+                st = self.state[p]
+                if "buf" not in st:
+                    st["buf"] = torch.zeros_like(p)
+                st["buf"].mul_(mom).add_(lr * local * d)
+                p.sub_(st["buf"])
+
+
+# ----------------------------------------------------------------- schedule
+
+def lr_factor_fn(c, steps_per_epoch):
+    """Factor of base_lr at iteration k (from 0): segments [warmup], main
+    segments (multistep and sgdr are several), an iteration on a boundary in
+    the earlier segment, past the end the last segment continues."""
+    epochs = c["scheduler.epochs"]
+    wtype = c.get("scheduler.warmup.type", "none")
+    wep = c.get("scheduler.warmup.epochs", 0) if wtype != "none" else 0
+    start = c.get("scheduler.warmup.start_factor", 1e-3)
+    expo = c.get("scheduler.warmup.exponent", 4.0)
+    lr_min = c.get("scheduler.lr_min_factor", 1e-3)
+    main = epochs - wep
+    segs = []  # (length in epochs, function of (step, length in steps))
+    if wep > 0:
+        if wtype == "linear":
+            segs.append((wep, lambda s, n: start + (1 - start) * s / n))
+        else:
+            segs.append((wep, lambda s, n: start + (1 - start) * (s / n) ** expo))
+    kind = c["scheduler.type"]
+    cos = (lambda s, n: lr_min + (1 - lr_min) * 0.5 * (1 + math.cos(s / n * math.pi)))
+    if kind == "constant":
+        segs.append((main, lambda s, n: 1.0))
+    elif kind == "linear":
+        segs.append((main, lambda s, n: 1 + (lr_min - 1) * s / n))
+    elif kind == "cosine":
+        segs.append((main, cos))
+    elif kind == "multistep":
+        ms = c.get("scheduler.milestones", [80, 120])
+        decay = c.get("scheduler.lr_decay", 0.1)
+        bounds = [0] + list(ms) + [main]
+        for i in range(len(bounds) - 1):
+            segs.append((bounds[i + 1] - bounds[i],
+                         (lambda f: lambda s, n: f)(decay ** i)))
+    elif kind == "sgdr":
+        cyc = [c.get("scheduler.T0", 10)]
+        while sum(cyc) < main:
+            cyc.append(int(cyc[-1] * c.get("scheduler.T_mul", 1.0)))
+        assert sum(cyc) == main, (cyc, main)
+        segs += [(n, cos) for n in cyc]
+    else:
+        raise ValueError(kind)
+    lengths = [n * steps_per_epoch for n, _ in segs]
+    offsets = np.cumsum([0] + lengths).tolist()
+
+    def factor(k):
+        i = max(0, min(bisect.bisect_left(offsets, k) - 1, len(segs) - 1))
+        return segs[i][1](k - offsets[i], lengths[i])
+
+    return factor
+
+
+# ----------------------------------------------------------------- training
+
+def param_groups(model, c):
+    wd = c.get("train.weight_decay", 1e-4)
+    if not c.get("train.no_weight_decay_on_bn", False):
+        return [{"params": list(model.parameters()), "weight_decay": wd}]
+    bn = set()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            bn.update(id(p) for p in m.parameters(recurse=False))
+    rest = [p for p in model.parameters() if id(p) not in bn]
+    norm = [p for p in model.parameters() if id(p) in bn]
+    return [{"params": rest, "weight_decay": wd},
+            {"params": norm, "weight_decay": 0.0}]
+
+
+def make_optimizer(model, c):
+    groups = param_groups(model, c)
+    lr = c.get("train.base_lr", 0.1)
+    name = c.get("train.optimizer", "sgd")
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr,
+                               momentum=c.get("train.momentum", 0.9),
+                               nesterov=c.get("train.nesterov", True))
+    if name in ("adam", "amsgrad"):
+        return torch.optim.Adam(groups, lr=lr,
+                                betas=tuple(c.get("optim.adam.betas", [0.9, 0.999])),
+                                amsgrad=name == "amsgrad")
+    if name in ("adabound", "adaboundw"):
+        return AdaBound(groups, lr=lr,
+                        betas=tuple(c.get("optim.adabound.betas", [0.9, 0.999])),
+                        final_lr=c.get("optim.adabound.final_lr", 0.1),
+                        gamma=c.get("optim.adabound.gamma", 1e-3),
+                        decoupled=name == "adaboundw")
+    if name == "lars":
+        return LARS(groups, lr=lr, momentum=c.get("train.momentum", 0.9),
+                    eps=c.get("optim.lars.eps", 1e-9),
+                    threshold=c.get("optim.lars.threshold", 1e-2))
+    raise ValueError(name)
+
+
+def train(spec, case, images, labels):
+    c = case["config"]
+    torch.manual_seed(0)
+    model = ResNetPreact(depth=spec["depth"],
+                         initial_channels=spec["initial_channels"],
+                         n_channels=1, image_size=28, n_classes=10)
+    model.load_state_dict(load_safetensors(spec["init"]), strict=True)
+    model.train()
+    opt = make_optimizer(model, c)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor_fn(c, 1))
+    sub = c.get("train.subdivision", 1)
+    clip = c.get("train.gradient_clip", 0.0)
+    for epoch in range(c["scheduler.epochs"]):
+        order = torch.tensor(spec["orders"][epoch])
+        opt.zero_grad()
+        for x, y in zip(images[order].chunk(sub), labels[order].chunk(sub)):
+            F.cross_entropy(model(x), y).backward()
+        if clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        if sub > 1:
+            for p in model.parameters():
+                p.grad.div_(sub)
+        opt.step()
+        sched.step()
+    return model.state_dict()
+
+
+def load_images(spec):
+    d = spec["dataset_dir"]
+    x = read_idx(find_idx(d, "train-images-idx3-ubyte")).astype(np.float32)
+    y = read_idx(find_idx(d, "train-labels-idx1-ubyte")).astype(np.int64)
+    # imgclf's normalisation, x * (1 / (255 std)) + (-mean / std) in float32,
+    # so that the inputs are bit-identical and only the training is compared.
+    scale = np.float32(1.0 / (255.0 * spec["std"]))
+    shift = np.float32(-spec["mean"] / spec["std"])
+    x = x.reshape(-1, 1, 28, 28) * scale + shift
+    return torch.from_numpy(x.astype(np.float32)), torch.from_numpy(y)
+
+
+def check(args):
+    with open(args.cases) as f:
+        spec = json.load(f)
+    # The same intra-op threads as imgclf: reductions split across threads sum
+    # in another order, and a few steps amplify that beyond float32 rounding.
+    torch.set_num_threads(spec["threads"])
+    images, labels = load_images(spec)
+    failures = 0
+    for case in spec["cases"]:
+        want = train(spec, case, images, labels)
+        got = load_safetensors(case["result"])
+        worst = (0.0, "")
+        bad = []
+        for k, t in want.items():
+            if k not in got:
+                bad.append(f"{k}: missing in imgclf's result")
+                continue
+            g = got[k].to(t.dtype)
+            err = (g.double() - t.double()).abs()
+            lim = spec["atol"] + spec["rtol"] * t.double().abs()
+            excess = (err - lim).max().item() if err.numel() else 0.0
+            rel = (err / lim).max().item() if err.numel() else 0.0
+            if rel > worst[0]:
+                worst = (rel, k)
+            if excess > 0:
+                bad.append(f"{k}: max |diff| {err.max().item():.3g} "
+                           f"(torch max |w| {t.abs().max().item():.3g})")
+        moved = max((want[k].double() - v.double()).abs().max().item()
+                    for k, v in load_safetensors(spec["init"]).items()
+                    if v.is_floating_point())
+        print(f"{case['name']}: worst {worst[0]:.3f} of tolerance at "
+              f"{worst[1]}; weights moved up to {moved:.3g}")
+        if bad:
+            failures += 1
+            print(f"  DISAGREES with PyTorch:\n    " + "\n    ".join(bad[:10]))
+    if failures:
+        print(f"{failures} case(s) disagree")
+        return 1
+    return 0
+
+
+def init(args):
+    torch.manual_seed(args.seed)
+    model = ResNetPreact(depth=args.depth,
+                         initial_channels=args.initial_channels,
+                         n_channels=1, image_size=28, n_classes=10)
+    # Non-trivial BatchNorm affine parameters, so that decay on them shows.
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+    save_safetensors(args.out, model.state_dict())
+    return 0
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="mode", required=True)
+    i = sub.add_parser("init")
+    i.add_argument("--out", required=True)
+    i.add_argument("--depth", type=int, default=8)
+    i.add_argument("--initial-channels", type=int, default=4)
+    i.add_argument("--seed", type=int, default=0)
+    c = sub.add_parser("check")
+    c.add_argument("--cases", required=True)
+    args = p.parse_args(argv)
+    try:
+        return init(args) if args.mode == "init" else check(args)
+    except (OSError, KeyError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
