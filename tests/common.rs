@@ -142,3 +142,55 @@ pub fn jsonl(path: &Path) -> Vec<serde_json::Value> {
         })
         .collect()
 }
+
+/// The float32 array `key` of an `.npz` file (as `imgclf evaluate` writes them): its shape and
+/// its values in C order.
+pub fn npz_f32(path: &Path, key: &str) -> Result<(Vec<usize>, Vec<f32>), String> {
+    let file = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut zip = zip::ZipArchive::new(file).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut entry = zip
+        .by_name(&format!("{key}.npy"))
+        .map_err(|e| format!("{}: no `{key}` array: {e}", path.display()))?;
+    let mut bytes = Vec::new();
+    std::io::Read::read_to_end(&mut entry, &mut bytes).map_err(|e| e.to_string())?;
+    if bytes.len() < 10 || &bytes[..6] != b"\x93NUMPY" {
+        return Err(format!("{}: `{key}` is not an .npy array", path.display()));
+    }
+    let (len, start) = match bytes[6] {
+        1 => (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10),
+        _ => (
+            u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize,
+            12,
+        ),
+    };
+    let header = String::from_utf8_lossy(&bytes[start..start + len]).to_string();
+    if !header.contains("'descr': '<f4'") || !header.contains("'fortran_order': False") {
+        return Err(format!(
+            "{}: `{key}` is not a C-order float32 array: {header}",
+            path.display()
+        ));
+    }
+    let shape: Vec<usize> = header
+        .split("'shape': (")
+        .nth(1)
+        .and_then(|s| s.split(')').next())
+        .ok_or_else(|| format!("{}: no shape in {header}", path.display()))?
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| s.parse().map_err(|e| format!("shape {s:?}: {e}")))
+        .collect::<Result<_, _>>()?;
+    let data = &bytes[start + len..];
+    if data.len() != 4 * shape.iter().product::<usize>() {
+        return Err(format!(
+            "{}: `{key}` holds {} bytes for shape {shape:?}",
+            path.display(),
+            data.len()
+        ));
+    }
+    let values = data
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    Ok((shape, values))
+}

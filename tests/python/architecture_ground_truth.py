@@ -3,15 +3,15 @@
 One process (torch imports slowly) handles every case of a JSON manifest
 written by tests/architectures.rs:
 
-  {"cases": [{"id": "...", "model": "pyramidnet",
-              "section": {"depth": 14, "alpha": 3, ...},   # model.<model>.*
-              "init_mode": "kaiming_fan_out",
-              "dataset": {"name": "CIFAR10", "dir": "..."},
-              "out_dir": "...", "seed": 7}, ...]}
+  {"cases": [{"id": "...", "config": "configs/cifar/pyramidnet.yaml",
+              "overrides": ["model.pyramidnet.depth", "14",
+                            "dataset.name", "FashionMNIST", ...],
+              "dataset_dir": "...", "out_dir": "...", "seed": 7}, ...]}
 
-For each case it builds the network of tests/python/reference_models.py (an
-independent re-implementation of hysts/pytorch_image_classification's
-models/cifar/), randomises every weight, BN affine parameter and BN running
+For each case it reads the config file and the dotted overrides as the
+reference does (YAML, then Python literals), builds that network with
+tests/python/reference_models.py (an independent re-implementation of
+hysts/pytorch_image_classification's models/cifar/), randomises every weight, BN affine parameter and BN running
 statistic (so that no BN is the identity), and writes into out_dir:
 
   weights.safetensors   the state dict under the reference's names
@@ -46,8 +46,9 @@ import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from reference_models import (  # noqa: E402
-    build_model, find_idx, read_idx, save_safetensors)
-from check_reference_models import check_all  # noqa: E402
+    find_idx, read_idx, save_safetensors)
+from check_reference_models import (  # noqa: E402
+    check_all, effective_config, model_of)
 
 # transforms/__init__.py of the reference: per-channel mean and std.
 REFERENCE_STATS = {
@@ -57,8 +58,6 @@ REFERENCE_STATS = {
     "FashionMNIST": ([0.2860], [0.3530]),
     "KMNIST": ([0.1904], [0.3475]),
 }
-N_CLASSES = {"CIFAR10": 10, "CIFAR100": 100, "MNIST": 10,
-             "FashionMNIST": 10, "KMNIST": 10}
 
 
 def read_cifar_binary_test(dataset_dir: str, name: str) -> np.ndarray:
@@ -130,23 +129,22 @@ def randomise_(model: nn.Module, x: torch.Tensor, seed: int) -> None:
 
 
 def run_case(case: dict, images_cache: dict) -> dict:
-    name = case["dataset"]["name"]
-    key = (name, case["dataset"]["dir"])
+    cfg = effective_config(case["config"], case["overrides"])
+    name = cfg["dataset"]
+    key = (name, case["dataset_dir"])
     if key not in images_cache:
-        images_cache[key] = read_test_images(name, case["dataset"]["dir"])
+        images_cache[key] = read_test_images(name, case["dataset_dir"])
     images = images_cache[key]
     mean, std = REFERENCE_STATS[name]
     n, h, w, c = images.shape
-    if h != w:
-        raise ValueError(f"{name}: non-square images {h}x{w}")
+    if (c, h, w) != (cfg["n_channels"], cfg["image_size"], cfg["image_size"]):
+        raise ValueError(f"{name}: images are {c}x{h}x{w}, the config says "
+                         f"{cfg['n_channels']}x{cfg['image_size']}")
     torch.manual_seed(case["seed"])
     try:
-        model = build_model(case["model"], case["section"], n_channels=c,
-                            image_size=h, n_classes=N_CLASSES[name],
-                            init_mode=case.get("init_mode",
-                                               "kaiming_fan_out"))
+        model = model_of(cfg)
     except (RuntimeError, ValueError) as e:
-        return {"status": "reference_error",
+        return {"status": "reference_error", "model": cfg["model"],
                 "message": str(e).strip().splitlines()[0]}
     x = normalise(images, mean, std)
     randomise_(model, x, case["seed"])
@@ -162,6 +160,8 @@ def run_case(case: dict, images_cache: dict) -> dict:
                      {"logits": logits})
     return {
         "status": "ok",
+        "model": cfg["model"],
+        "section": cfg["section"],
         "images": n,
         "parameters": sum(p.numel() for p in model.parameters()),
         "tensors": len(model.state_dict()),

@@ -87,27 +87,44 @@ def parse_case(path: str):
             params, [ln.strip() for ln in lines[2:]])
 
 
-def case_model(model: str, config_file: str, overrides: List[str]):
+def effective_config(config_file: str, overrides: List[str]) -> dict:
+    """What the reference builds for ``--config FILE k v k v ...``: model
+    name, its ``model.<name>.*`` section, init mode and dataset geometry."""
     flat = read_yaml_maps(config_file)
     words = list(overrides)
     if len(words) % 2:
         raise ValueError(f"odd override list {overrides}")
     for k, v in zip(words[::2], words[1::2]):
         flat[k] = literal(v)
-    name = flat.get("model.name", model)
+    name = flat.get("model.name", "resnet_preact")  # the reference default
     dataset = flat.get("dataset.name", "CIFAR10")
     c, size, k = DATASETS[dataset]
-    c = flat.get("dataset.n_channels", c)
-    size = flat.get("dataset.image_size", size)
-    k = flat.get("dataset.n_classes", k)
     prefix = f"model.{name}."
-    section = {key[len(prefix):]: v for key, v in flat.items()
-               if key.startswith(prefix)}
+    return {
+        "model": name,
+        "section": {key[len(prefix):]: v for key, v in flat.items()
+                    if key.startswith(prefix)},
+        "init_mode": flat.get("model.init_mode", "kaiming_fan_out"),
+        "dataset": dataset,
+        "n_channels": flat.get("dataset.n_channels", c),
+        "image_size": flat.get("dataset.image_size", size),
+        "n_classes": flat.get("dataset.n_classes", k),
+    }
+
+
+def model_of(cfg: dict):
+    return build_model(cfg["model"], cfg["section"],
+                       n_channels=cfg["n_channels"],
+                       image_size=cfg["image_size"],
+                       n_classes=cfg["n_classes"], init_mode=cfg["init_mode"])
+
+
+def case_model(model: str, config_file: str, overrides: List[str]):
+    cfg = effective_config(config_file, overrides)
+    if cfg["model"] != model:
+        raise ValueError(f"config builds {cfg['model']}, case says {model}")
     with torch.device("meta"):
-        return build_model(name, section, n_channels=c, image_size=size,
-                           n_classes=k,
-                           init_mode=flat.get("model.init_mode",
-                                              "kaiming_fan_out"))
+        return model_of(cfg)
 
 
 def dtype_name(t: torch.Tensor) -> str:

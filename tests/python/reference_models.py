@@ -1,12 +1,15 @@
 """PyTorch ground truth for imgclf's conformance checks.
 
-Holds an independent PyTorch implementation of the CIFAR-style pre-activation
-ResNet of hysts/pytorch_image_classification (``resnet_preact``) with the same
+Holds independent PyTorch implementations of every CIFAR-style network of
+hysts/pytorch_image_classification (models/cifar/: ``vgg``, ``resnet``,
+``resnet_preact``, ``wrn``, ``densenet``, ``pyramidnet``, ``resnext``,
+``shake_shake``, ``se_resnet_preact``; see :func:`build_model`) with the same
 module names, hence the same state-dict keys (``conv.weight``,
 ``stage1.block1.bn1.running_mean``, ``stage2.block1.shortcut.conv.weight``,
-``bn.num_batches_tracked``, ``fc.bias`` ...), and the same weight
-initialisation, plus a minimal safetensors reader/writer built on json + numpy
-so that imgclf checkpoints can be loaded without the ``safetensors`` package.
+``bn.num_batches_tracked``, ``fc.bias`` ...), the same eval-mode forward and
+the same weight initialisation, plus a minimal safetensors reader/writer
+built on json + numpy so that imgclf checkpoints can be loaded without the
+``safetensors`` package.
 """
 
 from __future__ import annotations
@@ -25,6 +28,18 @@ __all__ = [
     "PreactBasicBlock",
     "PreactBottleneckBlock",
     "ResNetPreact",
+    "SELayer",
+    "SEResNetPreact",
+    "VGG",
+    "ResNet",
+    "WRN",
+    "DenseNet",
+    "PyramidNet",
+    "pyramid_widths",
+    "ResNeXt",
+    "ShakeShake",
+    "REFERENCE_DEFAULTS",
+    "build_model",
     "init_weights",
     "load_safetensors",
     "save_safetensors",

@@ -1,0 +1,719 @@
+//! Same weights, same logits: every architecture and option of the reference, checked against
+//! PyTorch through `imgclf evaluate` on 3x32x32 (generated CIFAR files) and 1x28x28 (real
+//! Fashion-MNIST) test images.
+//!
+//! One Python process (tests/python/architecture_ground_truth.py, with the independent models of
+//! tests/python/reference_models.py) reads the same config file and overrides as imgclf, builds
+//! each case's network, randomises every weight, BN affine parameter and BN running statistic,
+//! and writes the state dict under the reference's names plus its eval-mode logits. Then
+//! `imgclf evaluate --config configs/cifar/<model>.yaml --plugin <model> ...` loads that state
+//! dict and its `predictions.npz` logits must equal PyTorch's to float32 rounding. Every case
+//! runs; the failure lists each disagreeing case with the command that reproduces it.
+
+use imgclf_tests::*;
+use serde_json::{json, Value};
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// Element-wise tolerance on logits: |imgclf - PyTorch| <= ATOL + RTOL * |PyTorch|.
+const ATOL: f64 = 1e-5;
+const RTOL: f64 = 1e-5;
+/// Test images per dataset.
+const N_IMAGES: usize = 24;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Dataset {
+    Cifar10,
+    Cifar100,
+    FashionMnist,
+}
+
+impl Dataset {
+    fn name(self) -> &'static str {
+        match self {
+            Dataset::Cifar10 => "CIFAR10",
+            Dataset::Cifar100 => "CIFAR100",
+            Dataset::FashionMnist => "FashionMNIST",
+        }
+    }
+}
+
+use Dataset::{Cifar10, Cifar100, FashionMnist};
+const BOTH: &[Dataset] = &[Cifar10, FashionMnist];
+
+/// What `imgclf evaluate` must do for a case.
+#[derive(Clone, Copy)]
+enum Expect {
+    /// Logits equal to PyTorch's.
+    SameLogits,
+    /// A config error (the reference cannot build the network either) whose message contains
+    /// each of these (lower-cased) words.
+    ConfigError(&'static [&'static str]),
+}
+
+struct Case {
+    /// Says what the case exercises.
+    label: &'static str,
+    /// Plugin, model and `configs/cifar/<plugin>.yaml`.
+    plugin: &'static str,
+    /// `model.<plugin>.<key> <value>` overrides. Cases set every key they rely on, so the values
+    /// in the config file do not matter.
+    options: &'static [(&'static str, &'static str)],
+    datasets: &'static [Dataset],
+    expect: Expect,
+}
+
+const fn case(
+    label: &'static str,
+    plugin: &'static str,
+    options: &'static [(&'static str, &'static str)],
+) -> Case {
+    Case {
+        label,
+        plugin,
+        options,
+        datasets: BOTH,
+        expect: Expect::SameLogits,
+    }
+}
+
+/// Small depths and widths; between them every block type, shortcut kind and option of the
+/// reference's `models/cifar/`.
+const CASES: &[Case] = &[
+    // VGG flattens its last map into fc. 32x32 -> 1x1 after five pools; on 28x28 the fifth pool
+    // meets a 1x1 map (0x0 out) and the reference fails to build: a config error naming the size.
+    Case {
+        datasets: &[Cifar10, Cifar100],
+        ..case(
+            "vgg_bn",
+            "vgg",
+            &[
+                ("n_channels", "[4, 8, 8, 16, 16]"),
+                ("n_layers", "[1, 1, 2, 1, 1]"),
+                ("use_bn", "True"),
+            ],
+        )
+    },
+    Case {
+        datasets: &[Cifar10],
+        ..case(
+            "vgg_without_bn",
+            "vgg",
+            &[
+                ("n_channels", "[4, 8, 8, 16, 16]"),
+                ("n_layers", "[1, 2, 1, 1, 1]"),
+                ("use_bn", "False"),
+            ],
+        )
+    },
+    Case {
+        datasets: &[FashionMnist],
+        expect: Expect::ConfigError(&["image", "28"]),
+        ..case(
+            "vgg_28x28_has_no_feature_map",
+            "vgg",
+            &[
+                ("n_channels", "[4, 8, 8, 16, 16]"),
+                ("n_layers", "[1, 1, 1, 1, 1]"),
+                ("use_bn", "True"),
+            ],
+        )
+    },
+    case(
+        "resnet_basic",
+        "resnet",
+        &[
+            ("depth", "8"),
+            ("block_type", "basic"),
+            ("initial_channels", "4"),
+        ],
+    ),
+    case(
+        "resnet_bottleneck",
+        "resnet",
+        &[
+            ("depth", "11"),
+            ("block_type", "bottleneck"),
+            ("initial_channels", "4"),
+        ],
+    ),
+    case(
+        "resnet_preact_basic_preact_stage_2_only",
+        "resnet_preact",
+        &[
+            ("depth", "14"),
+            ("block_type", "basic"),
+            ("initial_channels", "4"),
+            ("remove_first_relu", "False"),
+            ("add_last_bn", "False"),
+            ("preact_stage", "[False, True, False]"),
+        ],
+    ),
+    case(
+        "resnet_preact_bottleneck_wo_first_relu_w_last_bn",
+        "resnet_preact",
+        &[
+            ("depth", "11"),
+            ("block_type", "bottleneck"),
+            ("initial_channels", "4"),
+            ("remove_first_relu", "True"),
+            ("add_last_bn", "True"),
+            ("preact_stage", "[True, False, True]"),
+        ],
+    ),
+    // Dropout is inactive in eval mode; widening 1 gives an identity shortcut in stage 1.
+    case(
+        "wrn_dropout",
+        "wrn",
+        &[
+            ("depth", "10"),
+            ("initial_channels", "4"),
+            ("widening_factor", "2"),
+            ("drop_rate", "0.3"),
+        ],
+    ),
+    case(
+        "wrn_identity_shortcut",
+        "wrn",
+        &[
+            ("depth", "16"),
+            ("initial_channels", "4"),
+            ("widening_factor", "1"),
+            ("drop_rate", "0.0"),
+        ],
+    ),
+    // Transition widths are truncated: growth 3, 2 * 3 + 3 = 9 channels * 0.5 -> 4.
+    Case {
+        datasets: &[Cifar10, Cifar100, FashionMnist],
+        ..case(
+            "densenet_bc_dropout",
+            "densenet",
+            &[
+                ("depth", "10"),
+                ("block_type", "bottleneck"),
+                ("growth_rate", "3"),
+                ("drop_rate", "0.2"),
+                ("compression_rate", "0.5"),
+            ],
+        )
+    },
+    case(
+        "densenet_basic_compression_0.7",
+        "densenet",
+        &[
+            ("depth", "10"),
+            ("block_type", "basic"),
+            ("growth_rate", "4"),
+            ("drop_rate", "0.0"),
+            ("compression_rate", "0.7"),
+        ],
+    ),
+    case(
+        "densenet_basic_no_compression",
+        "densenet",
+        &[
+            ("depth", "7"),
+            ("block_type", "basic"),
+            ("growth_rate", "3"),
+            ("drop_rate", "0.0"),
+            ("compression_rate", "1.0"),
+        ],
+    ),
+    // Widths 4, 4.5, 5, ... round half to even (numpy): 4 4 5 6 6 6 7; shortcuts: identity,
+    // zero-padded, pooled + padded, pooled without padding.
+    case(
+        "pyramidnet_basic_half_to_even_widths",
+        "pyramidnet",
+        &[
+            ("depth", "14"),
+            ("initial_channels", "4"),
+            ("block_type", "basic"),
+            ("alpha", "3"),
+        ],
+    ),
+    case(
+        "pyramidnet_bottleneck",
+        "pyramidnet",
+        &[
+            ("depth", "11"),
+            ("initial_channels", "4"),
+            ("block_type", "bottleneck"),
+            ("alpha", "6"),
+        ],
+    ),
+    case(
+        "pyramidnet_bottleneck_fractional_steps",
+        "pyramidnet",
+        &[
+            ("depth", "20"),
+            ("initial_channels", "4"),
+            ("block_type", "bottleneck"),
+            ("alpha", "7"),
+        ],
+    ),
+    case(
+        "resnext_2x2d",
+        "resnext",
+        &[
+            ("depth", "20"),
+            ("initial_channels", "8"),
+            ("cardinality", "2"),
+            ("base_channels", "2"),
+        ],
+    ),
+    case(
+        "resnext_4x1d_depthwise_stage_1",
+        "resnext",
+        &[
+            ("depth", "11"),
+            ("initial_channels", "4"),
+            ("cardinality", "4"),
+            ("base_channels", "1"),
+        ],
+    ),
+    // Eval mode averages the two branches whatever the shake options; stage 1's first block has
+    // a stride-1 skip (16 -> 8 channels) in the first case, an identity in the second.
+    case(
+        "shake_shake_2x8d",
+        "shake_shake",
+        &[
+            ("depth", "8"),
+            ("initial_channels", "8"),
+            ("shake_forward", "True"),
+            ("shake_backward", "True"),
+            ("shake_image", "True"),
+        ],
+    ),
+    case(
+        "shake_shake_2x16d_shake_backward_only",
+        "shake_shake",
+        &[
+            ("depth", "14"),
+            ("initial_channels", "16"),
+            ("shake_forward", "False"),
+            ("shake_backward", "True"),
+            ("shake_image", "False"),
+        ],
+    ),
+    case(
+        "se_resnet_preact_basic",
+        "se_resnet_preact",
+        &[
+            ("depth", "8"),
+            ("initial_channels", "16"),
+            ("se_reduction", "4"),
+            ("block_type", "basic"),
+            ("remove_first_relu", "False"),
+            ("add_last_bn", "False"),
+            ("preact_stage", "[True, True, True]"),
+        ],
+    ),
+    case(
+        "se_resnet_preact_bottleneck_wo_first_relu_w_last_bn",
+        "se_resnet_preact",
+        &[
+            ("depth", "11"),
+            ("initial_channels", "8"),
+            ("se_reduction", "8"),
+            ("block_type", "bottleneck"),
+            ("remove_first_relu", "True"),
+            ("add_last_bn", "True"),
+            ("preact_stage", "[False, True, True]"),
+        ],
+    ),
+];
+
+/// One case on one dataset.
+struct Run<'a> {
+    id: String,
+    case: &'a Case,
+    dataset: Dataset,
+    config: String,
+    /// Dotted overrides as passed to both imgclf and the Python ground truth.
+    overrides: Vec<String>,
+    dir: PathBuf,
+}
+
+impl Run<'_> {
+    fn command_line(&self) -> String {
+        format!(
+            "imgclf evaluate --config {} --plugin {} {}",
+            self.config,
+            self.case.plugin,
+            self.overrides
+                .iter()
+                .map(|w| if w.contains(' ') {
+                    format!("'{w}'")
+                } else {
+                    w.clone()
+                })
+                .collect::<Vec<_>>()
+                .join(" ")
+        )
+    }
+}
+
+/// Deterministic pseudo-random bytes (xorshift64*).
+fn noise(n: usize, mut state: u64) -> Vec<u8> {
+    (0..n)
+        .map(|_| {
+            state ^= state >> 12;
+            state ^= state << 25;
+            state ^= state >> 27;
+            (state.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 56) as u8
+        })
+        .collect()
+}
+
+/// A CIFAR test split in the official binary format: records of label byte(s) + 3072 pixels.
+fn write_cifar_binary(dir: &Path, dataset: Dataset) {
+    let (folder, file, label_bytes, classes) = match dataset {
+        Cifar10 => ("cifar-10-batches-bin", "test_batch.bin", 1, 10),
+        Cifar100 => ("cifar-100-binary", "test.bin", 2, 100),
+        FashionMnist => unreachable!(),
+    };
+    let pixels = noise(N_IMAGES * 3072, 0x1234_5678_9abc_def1 + classes as u64);
+    let mut bytes = Vec::new();
+    for (i, image) in pixels.chunks(3072).enumerate() {
+        let label = ((i * 7) % classes) as u8;
+        // CIFAR-100 records carry the coarse label first, then the fine one.
+        bytes.extend(std::iter::repeat_n(label, label_bytes));
+        bytes.extend_from_slice(image);
+    }
+    let folder = dir.join(folder);
+    std::fs::create_dir_all(&folder).unwrap();
+    std::fs::write(folder.join(file), bytes).unwrap();
+}
+
+fn python() -> PathBuf {
+    std::env::var_os("IMGCLF_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| "python3".into())
+}
+
+/// Model components per loaded plugin, from `imgclf plugins list --json`.
+fn loaded_models() -> (BTreeMap<String, Vec<String>>, Vec<Value>) {
+    let (code, out, err) = run(imgclf(&workspace()).args(["plugins", "list", "--json"]));
+    assert_eq!(code, 0, "imgclf plugins list --json: {err}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    let mut models = BTreeMap::new();
+    for p in v["plugins"].as_array().unwrap() {
+        let names = p["components"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|c| c["kind"] == "model")
+            .map(|c| c["name"].as_str().unwrap().to_string())
+            .collect();
+        models.insert(p["name"].as_str().unwrap().to_string(), names);
+    }
+    (models, v["errors"].as_array().cloned().unwrap_or_default())
+}
+
+fn f32s(t: &tch::Tensor) -> Vec<f32> {
+    Vec::<f32>::try_from(t.to_kind(tch::Kind::Float).flatten(0, -1)).unwrap()
+}
+
+/// Compares imgclf's logits with PyTorch's: Ok(max abs diff) or a description of the mismatch.
+fn compare(run: &Run, predictions: &Path) -> Result<f64, String> {
+    let (shape, got) = npz_f32(predictions, "preds")?;
+    let (expected, _) = imgclf::io::load_safetensors(&run.dir.join("expected.safetensors"))
+        .map_err(|e| format!("{e:#}"))?;
+    let want = &expected
+        .iter()
+        .find(|(n, _)| n == "logits")
+        .ok_or("expected.safetensors lacks `logits`")?
+        .1;
+    let want_shape: Vec<usize> = want.size().iter().map(|&d| d as usize).collect();
+    if shape != want_shape {
+        return Err(format!(
+            "preds has shape {shape:?}, PyTorch's logits {want_shape:?}"
+        ));
+    }
+    let want = f32s(want);
+    let cols = shape[1];
+    let (mut worst, mut at, mut bad) = (0.0f64, 0, 0);
+    for (i, (&g, &w)) in got.iter().zip(&want).enumerate() {
+        let d = (g as f64 - w as f64).abs();
+        // NaN counts as a difference beyond every tolerance.
+        let within = d <= ATOL + RTOL * (w as f64).abs();
+        if !within {
+            bad += 1;
+        }
+        if !worst.is_nan() && (d.is_nan() || d > worst) {
+            worst = d;
+            at = i;
+        }
+    }
+    if bad > 0 {
+        return Err(format!(
+            "{bad} of {} logits differ beyond {ATOL:e} + {RTOL:e}*|x|; max abs diff {worst:.3e} \
+             at image {} class {} (imgclf {}, PyTorch {})",
+            got.len(),
+            at / cols,
+            at % cols,
+            got[at],
+            want[at]
+        ));
+    }
+    Ok(worst)
+}
+
+/// The last lines of a command's stderr, for failure messages.
+fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// Runs `imgclf evaluate` for one case and judges it: a line for the summary table and, when the
+/// case fails, what went wrong with the command that reproduces it.
+fn check(
+    r: &Run,
+    py: &Value,
+    models: &BTreeMap<String, Vec<String>>,
+    data_dir: &dyn Fn(Dataset) -> PathBuf,
+) -> (String, Option<String>) {
+    let plugin = r.case.plugin;
+    let line = |what: &str| format!("{:<66} {what}", r.id);
+    if !models
+        .get(plugin)
+        .is_some_and(|m| m.iter().any(|n| n == plugin))
+    {
+        return (
+            line("plugin missing"),
+            Some(format!(
+                "{}: plugin `{plugin}` is not loaded (not built into {}?), so `{}` cannot be \
+                 checked",
+                r.id,
+                plugin_dir().display(),
+                r.command_line()
+            )),
+        );
+    }
+    let eval_dir = r.dir.join("eval");
+    let weights = r.dir.join("weights.safetensors");
+    let mut args = vec![
+        "evaluate".to_string(),
+        "--config".into(),
+        r.config.clone(),
+        "--plugin".into(),
+        plugin.into(),
+    ];
+    args.extend(r.overrides.iter().cloned());
+    args.extend([
+        "dataset.dataset_dir".into(),
+        data_dir(r.dataset).to_string_lossy().into_owned(),
+        "device".into(),
+        "cpu".into(),
+        "test.checkpoint".into(),
+        weights.to_string_lossy().into_owned(),
+        "test.output_dir".into(),
+        eval_dir.to_string_lossy().into_owned(),
+    ]);
+    let reproduce = format!(
+        "  reproduce: {} dataset.dataset_dir {} test.checkpoint {}",
+        r.command_line(),
+        data_dir(r.dataset).display(),
+        weights.display()
+    );
+    match r.case.expect {
+        Expect::ConfigError(words) => {
+            if py["status"] != "reference_error" {
+                return (
+                    line("reference builds it"),
+                    Some(format!(
+                        "{}: the PyTorch reference was expected to refuse this network but \
+                         built it: {py}",
+                        r.id
+                    )),
+                );
+            }
+            let (code, _, err) = run(imgclf(&workspace()).args(&args));
+            let lower = err.to_lowercase();
+            if code != 0 && words.iter().all(|w| lower.contains(w)) {
+                return (line("config error as expected"), None);
+            }
+            (
+                line("no clear error"),
+                Some(format!(
+                    "{}: expected a config error mentioning {words:?} (the reference fails with \
+                     {}), got exit code {code}:\n{}\n{reproduce}",
+                    r.id,
+                    py["message"],
+                    tail(&err, 6)
+                )),
+            )
+        }
+        Expect::SameLogits => {
+            if py["status"] != "ok" {
+                return (
+                    line("no ground truth"),
+                    Some(format!("{}: the PyTorch ground truth failed: {py}", r.id)),
+                );
+            }
+            let (code, _, err) = run(imgclf(&workspace()).args(&args));
+            let verdict = if code != 0 {
+                Err(format!(
+                    "imgclf evaluate failed ({code}):\n{}",
+                    tail(&err, 8)
+                ))
+            } else {
+                compare(r, &eval_dir.join("predictions.npz"))
+            };
+            match verdict {
+                Ok(diff) => (
+                    line(&format!(
+                        "max abs diff {diff:.2e} (|logit| <= {:.2})",
+                        py["logit_absmax"].as_f64().unwrap_or(f64::NAN)
+                    )),
+                    None,
+                ),
+                Err(why) => (
+                    line("MISMATCH"),
+                    Some(format!("{}: {why}\n{reproduce}", r.id)),
+                ),
+            }
+        }
+    }
+}
+
+#[test]
+fn every_architecture_gives_pytorchs_logits_for_the_same_weights() {
+    let d = scratch("architectures");
+    let data_dir = |ds: Dataset| d.join("data").join(ds.name());
+    write_cifar_binary(&data_dir(Cifar10), Cifar10);
+    write_cifar_binary(&data_dir(Cifar100), Cifar100);
+    fashion_mnist_subset(&data_dir(FashionMnist), 1, N_IMAGES);
+
+    let mut runs = Vec::new();
+    for case in CASES {
+        for &dataset in case.datasets {
+            let config = format!("configs/cifar/{}.yaml", case.plugin);
+            let mut overrides = Vec::new();
+            for (k, v) in case.options {
+                overrides.push(format!("model.{}.{k}", case.plugin));
+                overrides.push(v.to_string());
+            }
+            overrides.extend(["dataset.name".to_string(), dataset.name().to_string()]);
+            let id = format!("{}@{}", case.label, dataset.name());
+            runs.push(Run {
+                dir: d.join("cases").join(&id),
+                id,
+                case,
+                dataset,
+                config,
+                overrides,
+            });
+        }
+    }
+
+    // PyTorch: every case in one process (importing torch takes seconds).
+    let manifest = json!({
+        "cases": runs.iter().enumerate().map(|(i, r)| json!({
+            "id": r.id,
+            "config": workspace().join(&r.config),
+            "overrides": r.overrides,
+            "dataset_dir": data_dir(r.dataset),
+            "out_dir": r.dir,
+            "seed": i,
+        })).collect::<Vec<_>>(),
+    });
+    let manifest_path = d.join("manifest.json");
+    std::fs::write(&manifest_path, manifest.to_string()).unwrap();
+    let results_path = d.join("results.json");
+    let out = Command::new(python())
+        .arg(workspace().join("tests/python/architecture_ground_truth.py"))
+        .arg("--manifest")
+        .arg(&manifest_path)
+        .arg("--results")
+        .arg(&results_path)
+        .arg("--reference-dir")
+        .arg(workspace().join("tests/data/reference/state_dict"))
+        .arg("--configs")
+        .arg(workspace())
+        .args(["--threads", "1"])
+        .output()
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot run {} (set IMGCLF_PYTHON to a Python with torch and numpy, or run \
+                 `cargo xtask test`): {e}",
+                python().display()
+            )
+        });
+    let results: Value = std::fs::read_to_string(&results_path)
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or_else(|| {
+            panic!(
+                "the PyTorch ground truth wrote no results ({}; set IMGCLF_PYTHON to a Python \
+                 with torch and numpy):\n{}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+    let reference_check: Vec<&str> = results["reference_check"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l.as_str().unwrap())
+        .collect();
+    let wrong: Vec<&&str> = reference_check
+        .iter()
+        .filter(|l| !l.starts_with("ok "))
+        .collect();
+    assert!(
+        wrong.is_empty() && reference_check.len() >= 22,
+        "the PyTorch ground truth itself disagrees with the reference's state dicts: {wrong:#?}"
+    );
+
+    let (models, load_errors) = loaded_models();
+    let covered: BTreeSet<&str> = CASES.iter().map(|c| c.plugin).collect();
+    let mut failures = Vec::new();
+    for name in models.values().flatten() {
+        if !covered.contains(name.as_str()) {
+            failures.push(format!(
+                "model `{name}` has no case in tests/architectures.rs: add its options to CASES"
+            ));
+        }
+    }
+
+    // Two imgclf processes at a time (CI has two cores; each spends most of its second loading
+    // the plugins).
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let mut outcomes: Vec<(usize, String, Option<String>)> = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..2)
+            .map(|_| {
+                s.spawn(|| {
+                    let mut done = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some(r) = runs.get(i) else { break };
+                        let (line, failure) =
+                            check(r, &results["cases"][&r.id], &models, &data_dir);
+                        done.push((i, line, failure));
+                    }
+                    done
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|w| w.join().unwrap())
+            .collect()
+    });
+    outcomes.sort_by_key(|o| o.0);
+    let table: Vec<String> = outcomes.iter().map(|o| o.1.clone()).collect();
+    failures.extend(outcomes.into_iter().filter_map(|o| o.2));
+    if !load_errors.is_empty() {
+        failures.push(format!("plugins failed to load: {load_errors:?}"));
+    }
+    eprintln!("{}", table.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} of {} architecture cases fail:\n\n{}",
+        failures.len(),
+        runs.len(),
+        failures.join("\n\n")
+    );
+}
