@@ -636,3 +636,115 @@ fn lr_schedule_counts_steps_from_the_dataset_and_plots_atomically() {
     assert_ne!(code, 0);
     assert!(err.contains("PNG"), "{err}");
 }
+
+fn decode_png(path: &std::path::Path) -> (u32, u32, Vec<u8>) {
+    let decoder = png::Decoder::new(std::fs::File::open(path).unwrap());
+    let mut reader = decoder.read_info().unwrap();
+    let mut buf = vec![0; reader.output_buffer_size()];
+    let info = reader.next_frame(&mut buf).unwrap();
+    assert_eq!(info.color_type, png::ColorType::Rgb);
+    buf.truncate(info.buffer_size());
+    (info.width, info.height, buf)
+}
+
+#[test]
+fn preview_writes_a_png_grid_of_augmented_images_and_their_soft_labels() {
+    let d = scratch("preview");
+    let data = d.join("data");
+    fashion_mnist_subset(&data, 64, 16);
+    let preview = |out: &std::path::Path, extra: &[&str]| {
+        let (code, stdout, err) = run(imgclf(&workspace())
+            .args([
+                "preview",
+                "--config",
+                "configs/fashion_mnist/resnet_preact.yaml",
+                "dataset.dataset_dir",
+                data.to_str().unwrap(),
+            ])
+            .args(extra)
+            .args(["--output", out.to_str().unwrap(), "--scale", "1"]));
+        assert_eq!(code, 0, "{err}");
+        assert!(stdout.contains(out.to_str().unwrap()), "{stdout}");
+        let side: Value =
+            serde_json::from_str(&std::fs::read_to_string(out.with_extension("json")).unwrap())
+                .unwrap();
+        (decode_png(out), side)
+    };
+    // Cutout + Mixup on 9 images: a 3 x 3 grid of 28 px tiles with 2 px gaps.
+    let out = d.join("out").join("grid.png");
+    std::fs::create_dir_all(out.parent().unwrap()).unwrap();
+    let ((w, h, pixels), side) = preview(
+        &out,
+        &[
+            "augmentation.use_cutout",
+            "True",
+            "augmentation.use_mixup",
+            "True",
+            "--count",
+            "9",
+        ],
+    );
+    assert_eq!((w, h), (3 * 28 + 4 * 2, 3 * 28 + 4 * 2));
+    assert_eq!(pixels.len(), (w * h * 3) as usize);
+    let tiles = side["tiles"].as_array().unwrap();
+    assert_eq!(tiles.len(), 9);
+    assert_eq!(side["augmentations"][3], "mixup");
+    let mut mixed = 0;
+    for t in tiles {
+        let soft: Vec<f64> = t["soft_label"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect();
+        assert_eq!(soft.len(), 10);
+        assert!((soft.iter().sum::<f64>() - 1.0).abs() < 1e-5, "{t}");
+        let label = t["label"].as_i64().unwrap();
+        assert!((0..10).contains(&label));
+        assert!(soft[label as usize] > 0.0, "{t}");
+        mixed += usize::from(soft.iter().filter(|&&p| p > 0.0).count() > 1);
+    }
+    assert!(mixed > 0, "mixup mixes labels: {side}");
+    let names: Vec<String> = std::fs::read_dir(out.parent().unwrap())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .collect();
+    assert_eq!(names.len(), 2, "no temporary files left behind: {names:?}");
+
+    // Cutout alone masks with the dataset mean (mask_color 0 in normalised space): grey
+    // round(0.2860 * 255) = 73 squares of at least 8 x 8 pixels (16 px squares, clipped).
+    let ((w, _, pixels), side) = preview(
+        &d.join("out").join("cutout.png"),
+        &["augmentation.use_cutout", "True", "--count", "4"],
+    );
+    assert_eq!(
+        side["tiles"][0]["soft_label"][side["tiles"][0]["label"].as_u64().unwrap() as usize],
+        1.0
+    );
+    let px = |x: u32, y: u32| pixels[((y * w + x) * 3) as usize];
+    for (row, col) in [(0u32, 0u32), (0, 1), (1, 0), (1, 1)] {
+        let (x0, y0) = (2 + col * 30, 2 + row * 30);
+        let grey = (0..28)
+            .flat_map(|y| (0..28).map(move |x| (x, y)))
+            .filter(|&(x, y)| px(x0 + x, y0 + y) == 73)
+            .count();
+        assert!(grey >= 64, "tile ({row}, {col}): {grey} mask pixels");
+    }
+
+    // Dual-Cutout shows both views of each image side by side.
+    let ((w, h, _), side) = preview(
+        &d.join("out").join("dual.png"),
+        &["augmentation.use_dual_cutout", "True", "--count", "4"],
+    );
+    assert_eq!((w, h), (4 * 28 + 5 * 2, 2 * 28 + 3 * 2));
+    assert_eq!(side["views"], 2);
+    assert_eq!(side["tiles"].as_array().unwrap().len(), 8);
+
+    let (code, _, err) = run(imgclf(&workspace()).args([
+        "preview",
+        "--config",
+        "configs/fashion_mnist/resnet_preact.yaml",
+    ]));
+    assert_eq!(code, 1);
+    assert!(err.contains("--output FILE.png"), "{err}");
+}

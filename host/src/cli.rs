@@ -1,5 +1,5 @@
-//! Command-line interface: `imgclf train | evaluate | lr-schedule | plugins list | plugins
-//! inspect | env`.
+//! Command-line interface: `imgclf train | evaluate | lr-schedule | preview | plugins list |
+//! plugins inspect | env`.
 
 use crate::registry::{Discovery, Registry};
 use crate::setup::{plugin_file, Request};
@@ -36,6 +36,8 @@ enum Command {
     Evaluate(ConfigArgs),
     /// Print (and plot) the learning rate of every training iteration of a config.
     LrSchedule(LrScheduleCmd),
+    /// Write a PNG grid of augmented training images (and their soft labels beside it).
+    Preview(PreviewCmd),
     /// List or inspect the plugins found on the plugin path.
     #[command(subcommand)]
     Plugins(PluginsCmd),
@@ -86,6 +88,21 @@ struct LrScheduleCmd {
     /// Also draw the schedule into this PNG file.
     #[arg(long, value_name = "FILE.png")]
     plot: Option<PathBuf>,
+    #[command(flatten)]
+    config: ConfigArgs,
+}
+
+#[derive(Args, Debug)]
+struct PreviewCmd {
+    /// The PNG grid to write; the labels go to the same name with `.json`.
+    #[arg(long, value_name = "FILE.png")]
+    output: Option<PathBuf>,
+    /// Images shown (default: train.batch_size, at most 64).
+    #[arg(long, value_name = "N")]
+    count: Option<usize>,
+    /// Output pixels per image pixel.
+    #[arg(long, value_name = "N", default_value_t = 2)]
+    scale: usize,
     #[command(flatten)]
     config: ConfigArgs,
 }
@@ -254,9 +271,19 @@ fn print_inspect(reg: &Registry, name: &str, as_json: bool) -> Result<()> {
 /// Options written after the `KEY VALUE` overrides (`imgclf train KEY VALUE --dry-run`) are
 /// options too: config keys never start with `--`.
 fn hoist_trailing_options(cli: &mut Cli) -> Result<()> {
+    let mut pv = None;
     let (config, mut train, mut sched) = match &mut cli.command {
         Command::Train(t) => (&mut t.config, Some((&mut t.dry_run, &mut t.resume)), None),
         Command::Evaluate(c) => (c, None, None),
+        Command::Preview(PreviewCmd {
+            output,
+            count,
+            scale,
+            config,
+        }) => {
+            pv = Some((output, count, scale));
+            (config, None, None)
+        }
         Command::LrSchedule(LrScheduleCmd {
             steps_per_epoch,
             csv,
@@ -281,6 +308,20 @@ fn hoist_trailing_options(cli: &mut Cli) -> Result<()> {
                 })?)
             }
             "--csv" if sched.is_some() => *sched.as_mut().unwrap().1 = true,
+            "--output" if pv.is_some() => {
+                *pv.as_mut().unwrap().0 = Some(PathBuf::from(value("--output")?))
+            }
+            "--count" | "--scale" if pv.is_some() => {
+                let v = value(&arg)?;
+                let n: usize = v
+                    .parse()
+                    .with_context(|| format!("{arg} needs a whole number, got `{v}`"))?;
+                let p = pv.as_mut().unwrap();
+                match arg.as_str() {
+                    "--count" => *p.1 = Some(n),
+                    _ => *p.2 = n,
+                }
+            }
             "--plot" if sched.is_some() => {
                 *sched.as_mut().unwrap().2 = Some(PathBuf::from(value("--plot")?))
             }
@@ -337,6 +378,20 @@ fn run(mut cli: Cli) -> Result<i32> {
                 plot: l.plot.clone(),
             };
             crate::lr_schedule::run(&reg, &req, &args)?;
+        }
+        Command::Preview(p) => {
+            let req = request(&p.config);
+            let reg = discover(&cli, Some(&req))?;
+            reg.warn_load_errors();
+            let args = crate::preview::Args {
+                output: p
+                    .output
+                    .clone()
+                    .context("preview needs --output FILE.png (the grid to write)")?,
+                count: p.count,
+                scale: p.scale,
+            };
+            crate::preview::run(&reg, &req, &args)?;
         }
         Command::Plugins(PluginsCmd::List { json }) => print_list(&discover(&cli, None)?, *json),
         Command::Plugins(PluginsCmd::Inspect { name, json }) => {

@@ -12,6 +12,7 @@ pub mod io;
 pub mod logging;
 pub mod lr_schedule;
 pub mod plot;
+pub mod preview;
 pub mod registry;
 pub mod setup;
 pub mod train;

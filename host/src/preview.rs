@@ -1,0 +1,160 @@
+//! `imgclf preview`: runs the configured training input pipeline (crop, flip, normalise, erase,
+//! mix, target transforms) on the first training batch and writes the augmented images as a
+//! PNG grid, un-normalised, with a JSON side file giving every tile's labels and soft target,
+//! so a user sees what a configuration does before training with it.
+
+use crate::datasets::Split;
+use crate::io::write_atomic;
+use crate::plot::Canvas;
+use crate::registry::Registry;
+use crate::setup::{setup, Purpose, Request};
+use crate::train::{build_pipeline, data, device_of};
+use anyhow::{bail, Context, Result};
+use serde_json::json;
+use std::path::{Path, PathBuf};
+use tch::{Device, Kind, Tensor};
+
+pub struct Args {
+    pub output: PathBuf,
+    /// Images shown (default: `min(train.batch_size, 64)`); with a multi-view augmentation
+    /// (Dual-Cutout) every view is shown.
+    pub count: Option<usize>,
+    /// Pixels per image pixel.
+    pub scale: usize,
+}
+
+/// Gap between tiles, in output pixels.
+const GAP: usize = 2;
+
+/// The side file beside `output`: `grid.png` -> `grid.json`.
+pub fn side_file(output: &Path) -> PathBuf {
+    output.with_extension("json")
+}
+
+pub fn run(registry: &Registry, request: &Request, args: &Args) -> Result<()> {
+    if args.scale == 0 {
+        bail!("--scale must be >= 1");
+    }
+    let s = setup(registry, request, Purpose::Train)?;
+    let c = &s.config;
+    let device = device_of(c)?;
+    let mut pipeline = build_pipeline(registry, &s, device)?;
+    let train = s.dataset.load(&s.dataset_dir, Split::Train)?;
+    let n = args
+        .count
+        .unwrap_or_else(|| (c.int("train.batch_size").max(1) as usize).min(64))
+        .clamp(1, train.len().max(1));
+    let seed = c.int("train.seed") as u64;
+    // The first batch of the first epoch, as training draws it.
+    let order = data::epoch_order(train.len(), seed, 0);
+    let (images, labels) = data::gather(&train, &order[..n.min(order.len())]);
+    let p = pipeline.prepare(
+        images.to_device(device),
+        labels.to_device(device),
+        seed,
+        0,
+        0,
+    )?;
+
+    // Un-normalise to 0..255 bytes on the CPU.
+    let (mean, std) = (s.dataset.mean, s.dataset.std);
+    let ch = mean.len() as i64;
+    let view = |v: &[f64]| {
+        Tensor::from_slice(v)
+            .to_kind(Kind::Float)
+            .view([1, ch, 1, 1])
+    };
+    let pixels = ((p.images.to_device(Device::Cpu).to_kind(Kind::Float) * view(std) + view(mean))
+        * 255.0)
+        .round()
+        .clamp(0.0, 255.0)
+        .to_kind(Kind::Uint8);
+    let (total, _, h, w) = pixels.size4()?;
+    let views = p.views.max(1) as usize;
+    let samples = total as usize / views;
+    let bytes = Vec::<u8>::try_from(pixels.contiguous().flatten(0, -1))?;
+    let targets = p.loss_targets.to_device(Device::Cpu).to_kind(Kind::Double);
+    let labels = Vec::<i64>::try_from(p.labels.to_device(Device::Cpu))?;
+
+    // Views of one sample sit side by side; rows hold whole samples.
+    let per_row = ((samples as f64).sqrt().ceil() as usize).max(1);
+    let cols = per_row * views;
+    let rows = samples.div_ceil(per_row);
+    let (th, tw) = (h as usize * args.scale, w as usize * args.scale);
+    let mut canvas = Canvas::new(cols * tw + (cols + 1) * GAP, rows * th + (rows + 1) * GAP);
+    let mut tiles = Vec::with_capacity(total as usize);
+    let plane = (h * w) as usize;
+    for i in 0..samples {
+        let soft = Vec::<f64>::try_from(targets.get(i as i64))?;
+        let mut top: Vec<(usize, f64)> = soft
+            .iter()
+            .copied()
+            .enumerate()
+            .filter(|(_, p)| *p > 1e-6)
+            .collect();
+        top.sort_by(|a, b| b.1.total_cmp(&a.1));
+        for v in 0..views {
+            let (row, col) = (i / per_row, (i % per_row) * views + v);
+            let (x0, y0) = (GAP + col * (tw + GAP), GAP + row * (th + GAP));
+            let img = &bytes[(v * samples + i) * plane * ch as usize..][..plane * ch as usize];
+            for y in 0..th {
+                for x in 0..tw {
+                    let at =
+                        |k: usize| img[k * plane + (y / args.scale) * w as usize + x / args.scale];
+                    let rgb = if ch == 1 {
+                        [at(0); 3]
+                    } else {
+                        [at(0), at(1), at(2)]
+                    };
+                    canvas.set((x0 + x) as i64, (y0 + y) as i64, rgb);
+                }
+            }
+            tiles.push(json!({
+                "sample": i,
+                "view": v,
+                "row": row,
+                "col": col,
+                "label": labels[i],
+                "soft_label": soft,
+                "top": top.iter().take(4).map(|(k, p)| json!([k, p])).collect::<Vec<_>>(),
+            }));
+        }
+    }
+    let augmentations: Vec<&str> = s
+        .augmentations
+        .iter()
+        .map(|e| e.info.name.as_str())
+        .collect();
+    let side = json!({
+        "image": args.output.file_name().map(|f| f.to_string_lossy().to_string()),
+        "dataset": s.dataset.name,
+        "augmentations": augmentations,
+        "samples": samples,
+        "views": views,
+        "tile": {"height": th, "width": tw, "gap": GAP},
+        "grid": {"rows": rows, "cols": cols, "width": canvas.width, "height": canvas.height},
+        "tiles": tiles,
+    });
+    write_atomic(&args.output, &canvas.to_png())
+        .with_context(|| format!("cannot write {}", args.output.display()))?;
+    let side_path = side_file(&args.output);
+    write_atomic(&side_path, serde_json::to_string_pretty(&side)?.as_bytes())?;
+    println!(
+        "{} ({}x{} px, {samples} images{}, augmentations: {}) and {}",
+        args.output.display(),
+        canvas.width,
+        canvas.height,
+        if views > 1 {
+            format!(" x {views} views")
+        } else {
+            String::new()
+        },
+        if augmentations.is_empty() {
+            "none".to_string()
+        } else {
+            augmentations.join(", ")
+        },
+        side_path.display()
+    );
+    Ok(())
+}
