@@ -137,7 +137,7 @@ impl OptimizerFactory for LarsFactory {
         ComponentInfo::new(
             Kind::Optimizer,
             "lars",
-            "LARS: per-layer rate ||w|| / (||g|| + wd ||w||), momentum train.momentum, no LARS coefficient",
+            "LARS: per-tensor rate norm(w) / (norm(g) + wd norm(w)), momentum train.momentum, no LARS coefficient",
         )
         .papers(&["1708.03888", "1801.03137"])
         .keys(vec![
