@@ -193,7 +193,7 @@ mod tests {
             if w.grad().defined() {
                 let _ = w.grad().zero_();
             }
-            loss = loss + (w * Tensor::from_slice(g)).sum(K::Float);
+            loss += (w * Tensor::from_slice(g)).sum(K::Float);
         }
         loss.backward();
     }
