@@ -562,6 +562,36 @@ fn lr_schedule_prints_every_iteration_with_warmup_and_milestone_boundaries() {
     assert!(close(rows[13].2, 0.01), "{:?}", rows[13]);
     assert!(close(rows[16].2, 0.01) && close(rows[17].2, 0.001));
     assert_eq!(rows[19].0, 5);
+
+    // Exponential warmup with the intended factor start + (1 - start) t^exponent: it ends at
+    // base_lr, not at base_lr^2 as the reference's ExponentialScheduler would.
+    let rows = lr_rows(&[
+        "--config",
+        "configs/fashion_mnist/resnet_preact.yaml",
+        "scheduler.epochs",
+        "3",
+        "scheduler.warmup.type",
+        "exponential",
+        "scheduler.warmup.epochs",
+        "1",
+        "scheduler.warmup.start_factor",
+        "0.1",
+        "scheduler.warmup.exponent",
+        "2",
+        "scheduler.type",
+        "linear",
+        "scheduler.lr_min_factor",
+        "0.5",
+        "--steps-per-epoch",
+        "4",
+        "--csv",
+    ]);
+    assert_eq!(rows.len(), 12);
+    assert!(close(rows[2].2, 0.1 * (0.1 + 0.9 * 0.25)), "{:?}", rows[2]);
+    assert!(close(rows[4].2, 0.1), "warmup end at base_lr: {:?}", rows[4]);
+    // Linear from 1 to 0.5 over the 8 main iterations; iteration 4 + k uses factor(k).
+    assert!(close(rows[5].2, 0.1 * (1.0 - 0.5 / 8.0)), "{:?}", rows[5]);
+    assert!(close(rows[11].2, 0.1 * (1.0 - 0.5 * 7.0 / 8.0)), "final LR {:?}", rows[11]);
 }
 
 #[test]
