@@ -386,3 +386,80 @@ fn evaluate_round_trips_model_final_and_bad_checkpoints_are_clear_errors() {
         "val_first of a run started from the weights"
     );
 }
+
+#[test]
+fn every_augmentation_trains_a_few_steps_on_real_fashion_mnist_with_finite_losses() {
+    let d = scratch("augmentations");
+    let data = d.join("data");
+    fashion_mnist_subset(&data, 128, 32);
+    let on = |k: &'static str| [k, "True"];
+    let cases: Vec<(&str, Vec<&str>)> = vec![
+        ("cutout", on("augmentation.use_cutout").to_vec()),
+        (
+            "random_erasing",
+            on("augmentation.use_random_erasing").to_vec(),
+        ),
+        ("dual_cutout", on("augmentation.use_dual_cutout").to_vec()),
+        ("mixup", on("augmentation.use_mixup").to_vec()),
+        (
+            "ricap",
+            [
+                on("augmentation.use_ricap"),
+                ["augmentation.use_random_crop", "False"],
+            ]
+            .concat(),
+        ),
+        ("cutmix", on("augmentation.use_cutmix").to_vec()),
+        (
+            "label_smoothing",
+            on("augmentation.use_label_smoothing").to_vec(),
+        ),
+        (
+            "cutout_random_erasing_mixup_label_smoothing",
+            [
+                on("augmentation.use_cutout"),
+                on("augmentation.use_random_erasing"),
+                on("augmentation.use_mixup"),
+                on("augmentation.use_label_smoothing"),
+            ]
+            .concat(),
+        ),
+    ];
+    for (name, extra) in cases {
+        let out = d.join(name);
+        let mut args = vec![
+            "model.resnet_preact.depth",
+            "8",
+            "train.batch_size",
+            "32",
+            "scheduler.epochs",
+            "1",
+            "train.log_period",
+            "1",
+            "train.val_first",
+            "False",
+        ];
+        args.extend(extra);
+        train(&data, &out, &args);
+        let rows = jsonl(&out.join("metrics.jsonl"));
+        let train_rows: Vec<_> = rows.iter().filter(|r| r["split"] == "train").collect();
+        assert_eq!(
+            train_rows.len(),
+            4,
+            "{name}: 128 images / 32 = 4 steps: {rows:?}"
+        );
+        for r in rows.iter() {
+            let loss = r["loss"].as_f64().unwrap();
+            assert!(loss.is_finite() && loss > 0.0, "{name}: {r}");
+        }
+        assert!(rows.iter().any(|r| r["split"] == "val"), "{name}: {rows:?}");
+        let log = std::fs::read_to_string(out.join("log.txt")).unwrap();
+        let component = name.strip_suffix("_random_erasing_mixup_label_smoothing");
+        let component = component.unwrap_or(name);
+        assert!(
+            log.lines()
+                .any(|l| l.contains("augmentations: ") && l.contains(&format!("{component} ("))),
+            "{name}: the log names the augmentation: {log}"
+        );
+    }
+}
