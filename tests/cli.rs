@@ -588,10 +588,18 @@ fn lr_schedule_prints_every_iteration_with_warmup_and_milestone_boundaries() {
     ]);
     assert_eq!(rows.len(), 12);
     assert!(close(rows[2].2, 0.1 * (0.1 + 0.9 * 0.25)), "{:?}", rows[2]);
-    assert!(close(rows[4].2, 0.1), "warmup end at base_lr: {:?}", rows[4]);
+    assert!(
+        close(rows[4].2, 0.1),
+        "warmup end at base_lr: {:?}",
+        rows[4]
+    );
     // Linear from 1 to 0.5 over the 8 main iterations; iteration 4 + k uses factor(k).
     assert!(close(rows[5].2, 0.1 * (1.0 - 0.5 / 8.0)), "{:?}", rows[5]);
-    assert!(close(rows[11].2, 0.1 * (1.0 - 0.5 * 7.0 / 8.0)), "final LR {:?}", rows[11]);
+    assert!(
+        close(rows[11].2, 0.1 * (1.0 - 0.5 * 7.0 / 8.0)),
+        "final LR {:?}",
+        rows[11]
+    );
 }
 
 #[test]
