@@ -352,20 +352,21 @@ fn dry_run_reports_model_parameters_and_dataset_and_writes_nothing() {
 }
 
 #[test]
-fn every_reference_resnet_preact_command_is_accepted() {
-    // The README commands of the reference that train resnet_preact on one device.
+fn every_reference_single_device_command_is_accepted() {
+    // Every README command of the reference that trains on one device (the multi-GPU ones
+    // start with `python -m torch.distributed.launch`).
     let commands = std::fs::read_to_string(workspace().join("tests/data/commands.txt")).unwrap();
-    let (mut checked, mut large) = (0, 0);
+    let (mut checked, mut large, mut refused) = (0, 0, 0);
+    let mut models = std::collections::BTreeSet::new();
     for line in commands
         .lines()
-        .filter(|l| l.starts_with("python train.py") && l.contains("resnet_preact.yaml"))
+        .filter(|l| l.starts_with("python train.py"))
     {
         let args = split_command(line.trim_start_matches("python train.py"));
         let (code, out, err) = run(imgclf(&workspace())
             .arg("train")
             .args(&args)
             .arg("--dry-run"));
-        let unsupported = err.contains("not supported yet");
         // The large-batch experiments (LARS, Ghost BN, no weight decay on BN) must run.
         let large_batch = [
             "train.optimizer lars",
@@ -374,13 +375,24 @@ fn every_reference_resnet_preact_command_is_accepted() {
         ]
         .iter()
         .any(|k| line.contains(k));
-        assert!(
-            code == 0 || (unsupported && !large_batch),
-            "{line}\n{out}{err}"
-        );
+        // Mixed precision (the reference's apex opt levels) is the one feature not built yet:
+        // those commands must be refused as such, by name.
+        if line.contains("train.precision O") && !line.contains("train.precision O0") {
+            if code != 0 {
+                assert!(
+                    err.contains("train.precision") && err.contains("not supported yet"),
+                    "{line}\n{err}"
+                );
+                refused += 1;
+                continue;
+            }
+        }
+        assert!(code == 0, "{line}\n{out}{err}");
         if code == 0 {
             checked += 1;
             assert!(out.contains("parameters: "), "{out}");
+            let config = &args[args.iter().position(|a| a == "--config").unwrap() + 1];
+            models.insert(config.rsplit('/').next().unwrap().to_string());
         }
         if large_batch {
             large += 1;
@@ -390,7 +402,11 @@ fn every_reference_resnet_preact_command_is_accepted() {
             }
         }
     }
-    assert!(checked >= 10, "only {checked} commands ran");
+    // Every CIFAR architecture the reference README trains is among the accepted commands
+    // (all but se_resnet_preact, which has no README command; configs/ covers it).
+    assert_eq!(models.len(), 8, "{models:?}");
+    assert!(checked >= 25, "only {checked} commands ran");
+    assert!(refused <= 2, "{refused} commands refused");
     assert_eq!(
         large, 3,
         "LARS, Ghost BN and no-weight-decay-on-BN commands"
@@ -675,6 +691,45 @@ fn lr_schedule_counts_steps_from_the_dataset_and_plots_atomically() {
     assert!(err.contains("PNG"), "{err}");
 }
 
+#[test]
+fn throughput_times_training_and_prediction_of_the_configured_model() {
+    let (code, out, err) = run(imgclf(&workspace()).args([
+        "throughput",
+        "--config",
+        "configs/cifar/wrn.yaml",
+        "model.wrn.depth",
+        "10",
+        "model.wrn.widening_factor",
+        "1",
+        "--batch-size",
+        "4",
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--json",
+        "device",
+        "cpu",
+    ]));
+    assert_eq!(code, 0, "{err}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["model"], "wrn");
+    assert_eq!(v["batch_size"], 4);
+    assert_eq!(v["input"], serde_json::json!([3, 32, 32]));
+    assert!(
+        v["summary"].as_str().unwrap().starts_with("WRN-10-1"),
+        "{v}"
+    );
+    for k in ["train_images_per_sec", "eval_images_per_sec"] {
+        let r = v[k].as_f64().unwrap();
+        assert!(r.is_finite() && r > 0.0, "{k}: {r}");
+    }
+    let (code, _, err) =
+        run(imgclf(&workspace()).args(["throughput", "--plugin", "wrn", "--batch-size", "0"]));
+    assert_ne!(code, 0);
+    assert!(err.contains("--batch-size"), "{err}");
+}
+
 fn decode_png(path: &std::path::Path) -> (u32, u32, Vec<u8>) {
     let decoder = png::Decoder::new(std::fs::File::open(path).unwrap());
     let mut reader = decoder.read_info().unwrap();
@@ -785,4 +840,67 @@ fn preview_writes_a_png_grid_of_augmented_images_and_their_soft_labels() {
     ]));
     assert_eq!(code, 1);
     assert!(err.contains("--output FILE.png"), "{err}");
+}
+
+#[test]
+fn reference_augmentation_commands_and_configs_run_with_their_augmentations_on() {
+    // Every single-device README command that switches an augmentation on, and every config in
+    // configs/augmentations: the dry run builds the augmentations (their config checks) and
+    // lists the switched-on one as active.
+    let commands = std::fs::read_to_string(workspace().join("tests/data/commands.txt")).unwrap();
+    let mut runs: Vec<(String, Vec<String>, Vec<String>)> = Vec::new();
+    for line in commands
+        .lines()
+        .filter(|l| l.starts_with("python train.py"))
+    {
+        let args = split_command(line.trim_start_matches("python train.py"));
+        let on: Vec<String> = args
+            .windows(2)
+            .filter(|w| w[0].starts_with("augmentation.use_") && w[1] == "True")
+            .map(|w| w[0].trim_start_matches("augmentation.use_").to_string())
+            .filter(|a| !a.starts_with("random_crop") && !a.starts_with("random_horizontal"))
+            .collect();
+        if !on.is_empty() {
+            runs.push((line.to_string(), args, on));
+        }
+    }
+    let dir = workspace().join("configs/augmentations/cifar");
+    for e in std::fs::read_dir(&dir).unwrap() {
+        let p = e.unwrap().path();
+        let name = p.file_stem().unwrap().to_string_lossy().to_string();
+        runs.push((
+            p.display().to_string(),
+            vec!["--config".into(), p.display().to_string()],
+            vec![name],
+        ));
+    }
+    let names: Vec<&str> = runs.iter().flat_map(|r| &r.2).map(String::as_str).collect();
+    for a in [
+        "cutout",
+        "random_erasing",
+        "mixup",
+        "ricap",
+        "dual_cutout",
+        "cutmix",
+        "label_smoothing",
+    ] {
+        assert!(names.contains(&a), "nothing runs {a}: {names:?}");
+    }
+    for (what, args, on) in &runs {
+        let (code, out, err) = run(imgclf(&workspace())
+            .arg("train")
+            .args(args)
+            .arg("--dry-run"));
+        assert_eq!(code, 0, "{what}\n{out}{err}");
+        let active = out
+            .lines()
+            .find(|l| l.starts_with("augmentations: "))
+            .unwrap_or_default();
+        for a in on {
+            assert!(active.contains(&format!("{a} ({a} ")), "{what}: {active}");
+        }
+        if on.iter().any(|a| a == "ricap") {
+            assert!(!active.contains("random_crop"), "{what}: {active}");
+        }
+    }
 }

@@ -1,5 +1,5 @@
-//! Command-line interface: `imgclf train | evaluate | lr-schedule | preview | plugins list |
-//! plugins inspect | env`.
+//! Command-line interface: `imgclf train | evaluate | lr-schedule | throughput | preview |
+//! plugins list | plugins inspect | env`.
 
 use crate::registry::{Discovery, Registry};
 use crate::setup::{plugin_file, Request};
@@ -36,6 +36,8 @@ enum Command {
     Evaluate(ConfigArgs),
     /// Print (and plot) the learning rate of every training iteration of a config.
     LrSchedule(LrScheduleCmd),
+    /// Images per second the configured model trains and predicts on (synthetic inputs).
+    Throughput(ThroughputCmd),
     /// Write a PNG grid of augmented training images (and their soft labels beside it).
     Preview(PreviewCmd),
     /// List or inspect the plugins found on the plugin path.
@@ -88,6 +90,24 @@ struct LrScheduleCmd {
     /// Also draw the schedule into this PNG file.
     #[arg(long, value_name = "FILE.png")]
     plot: Option<PathBuf>,
+    #[command(flatten)]
+    config: ConfigArgs,
+}
+
+#[derive(Args, Debug)]
+struct ThroughputCmd {
+    /// Images per step (default: train.batch_size).
+    #[arg(long, value_name = "N")]
+    batch_size: Option<i64>,
+    /// Timed steps of each phase (train, eval).
+    #[arg(long, value_name = "N", default_value_t = 20)]
+    steps: u32,
+    /// Untimed steps before timing.
+    #[arg(long, value_name = "N", default_value_t = 3)]
+    warmup: u32,
+    /// Print the result as JSON.
+    #[arg(long)]
+    json: bool,
     #[command(flatten)]
     config: ConfigArgs,
 }
@@ -271,6 +291,7 @@ fn print_inspect(reg: &Registry, name: &str, as_json: bool) -> Result<()> {
 /// Options written after the `KEY VALUE` overrides (`imgclf train KEY VALUE --dry-run`) are
 /// options too: config keys never start with `--`.
 fn hoist_trailing_options(cli: &mut Cli) -> Result<()> {
+    let mut tp = None;
     let mut pv = None;
     let (config, mut train, mut sched) = match &mut cli.command {
         Command::Train(t) => (&mut t.config, Some((&mut t.dry_run, &mut t.resume)), None),
@@ -282,6 +303,16 @@ fn hoist_trailing_options(cli: &mut Cli) -> Result<()> {
             config,
         }) => {
             pv = Some((output, count, scale));
+            (config, None, None)
+        }
+        Command::Throughput(ThroughputCmd {
+            batch_size,
+            steps,
+            warmup,
+            json,
+            config,
+        }) => {
+            tp = Some((batch_size, steps, warmup, json));
             (config, None, None)
         }
         Command::LrSchedule(LrScheduleCmd {
@@ -308,6 +339,19 @@ fn hoist_trailing_options(cli: &mut Cli) -> Result<()> {
                 })?)
             }
             "--csv" if sched.is_some() => *sched.as_mut().unwrap().1 = true,
+            "--batch-size" | "--steps" | "--warmup" if tp.is_some() => {
+                let v = value(&arg)?;
+                let n: u32 = v
+                    .parse()
+                    .with_context(|| format!("{arg} needs a whole number, got `{v}`"))?;
+                let t = tp.as_mut().unwrap();
+                match arg.as_str() {
+                    "--batch-size" => *t.0 = Some(n as i64),
+                    "--steps" => *t.1 = n,
+                    _ => *t.2 = n,
+                }
+            }
+            "--json" if tp.is_some() => *tp.as_mut().unwrap().3 = true,
             "--output" if pv.is_some() => {
                 *pv.as_mut().unwrap().0 = Some(PathBuf::from(value("--output")?))
             }
@@ -378,6 +422,18 @@ fn run(mut cli: Cli) -> Result<i32> {
                 plot: l.plot.clone(),
             };
             crate::lr_schedule::run(&reg, &req, &args)?;
+        }
+        Command::Throughput(t) => {
+            let req = request(&t.config);
+            let reg = discover(&cli, Some(&req))?;
+            reg.warn_load_errors();
+            let args = crate::throughput::Args {
+                batch_size: t.batch_size,
+                steps: t.steps,
+                warmup: t.warmup,
+                json: t.json,
+            };
+            crate::throughput::run(&reg, &req, &args)?;
         }
         Command::Preview(p) => {
             let req = request(&p.config);

@@ -15,4 +15,5 @@ pub mod plot;
 pub mod preview;
 pub mod registry;
 pub mod setup;
+pub mod throughput;
 pub mod train;

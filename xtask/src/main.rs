@@ -364,10 +364,15 @@ fn quickstart(t: &Torch, extra: &[String]) -> Result<()> {
 }
 
 fn bench(t: &Torch, extra: &[String]) -> Result<()> {
+    // `bench models ...`: per-architecture forward/backward throughput (no data needed).
+    let (script, extra) = match extra.first().map(String::as_str) {
+        Some("models") => ("xtask/bench/models.py", &extra[1..]),
+        _ => ("xtask/bench/bench.py", extra),
+    };
     ensure_fashion_mnist()?;
     let dist = dist(t)?;
     run(Command::new(&t.python)
-        .arg(root().join("xtask/bench/bench.py"))
+        .arg(root().join(script))
         .arg("--imgclf")
         .arg(dist.join("bin/imgclf"))
         .arg("--root")
@@ -411,6 +416,7 @@ fn main() -> Result<()> {
                  \x20 dist                       release build into target/dist/{{bin,lib/imgclf/plugins}}\n\
                  \x20 build [--release]          build host, plugins and fixtures into target/<profile>/\n\
                  \x20 bench [--steps N]          training throughput of imgclf vs PyTorch eager, same machine, same run\n\
+                 \x20 bench models [--device D]  forward/backward throughput of every architecture vs PyTorch eager\n\
                  \x20 docs [--check]             regenerate (or check) the README's plugin table\n\
                  \x20 libtorch                   print the libtorch directory in use (installs it if needed)"
             );
