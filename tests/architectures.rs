@@ -10,11 +10,15 @@
 //! dict and its `predictions.npz` logits must equal PyTorch's to float32 rounding. Every case
 //! runs; the failure lists each disagreeing case with the command that reproduces it.
 
+use imgclf::registry::{Discovery, Registry};
+use imgclf::setup::{setup, Purpose, Request};
+use imgclf_plugin_api::Kind;
 use imgclf_tests::*;
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use tch::{Device, Tensor};
 
 /// Element-wise tolerance on logits: |imgclf - PyTorch| <= ATOL + RTOL * |PyTorch|.
 const ATOL: f64 = 1e-5;
@@ -285,6 +289,19 @@ const CASES: &[Case] = &[
             ("shake_image", "True"),
         ],
     ),
+    // Without shake, training mode is deterministic too (both branches weighted 1/2 forward and
+    // backward), so its training step is compared.
+    case(
+        "shake_shake_2x8d_no_shake",
+        "shake_shake",
+        &[
+            ("depth", "8"),
+            ("initial_channels", "8"),
+            ("shake_forward", "False"),
+            ("shake_backward", "False"),
+            ("shake_image", "False"),
+        ],
+    ),
     case(
         "shake_shake_2x16d_shake_backward_only",
         "shake_shake",
@@ -468,12 +485,9 @@ fn tail(text: &str, lines: usize) -> String {
 
 /// Runs `imgclf evaluate` for one case and judges it: a line for the summary table and, when the
 /// case fails, what went wrong with the command that reproduces it.
-fn check(
-    r: &Run,
-    py: &Value,
-    models: &BTreeMap<String, Vec<String>>,
-    data_dir: &dyn Fn(Dataset) -> PathBuf,
-) -> (String, Option<String>) {
+fn check(f: &Fixture, r: &Run, models: &BTreeMap<String, Vec<String>>) -> (String, Option<String>) {
+    let py = f.truth(r);
+    let data_dir = |ds| f.data_dir(ds);
     let plugin = r.case.plugin;
     let line = |what: &str| format!("{:<66} {what}", r.id);
     if !models
@@ -578,15 +592,40 @@ fn check(
     }
 }
 
-#[test]
-fn every_architecture_gives_pytorchs_logits_for_the_same_weights() {
-    let d = scratch("architectures");
-    let data_dir = |ds: Dataset| d.join("data").join(ds.name());
-    write_cifar_binary(&data_dir(Cifar10), Cifar10);
-    write_cifar_binary(&data_dir(Cifar100), Cifar100);
-    fashion_mnist_subset(&data_dir(FashionMnist), 1, N_IMAGES);
+/// The generated datasets, every run, and the PyTorch ground truth for all of them, made once and
+/// shared by the tests of this file.
+struct Fixture {
+    root: PathBuf,
+    runs: Vec<Run<'static>>,
+    results: Value,
+}
 
-    let mut runs = Vec::new();
+impl Fixture {
+    fn data_dir(&self, dataset: Dataset) -> PathBuf {
+        self.root.join("data").join(dataset.name())
+    }
+
+    fn truth(&self, r: &Run) -> &Value {
+        &self.results["cases"][&r.id]
+    }
+}
+
+fn fixture() -> &'static Fixture {
+    static FIXTURE: std::sync::OnceLock<Fixture> = std::sync::OnceLock::new();
+    FIXTURE.get_or_init(prepare)
+}
+
+fn prepare() -> Fixture {
+    let root = scratch("architectures");
+    let mut f = Fixture {
+        root: root.clone(),
+        runs: Vec::new(),
+        results: Value::Null,
+    };
+    write_cifar_binary(&f.data_dir(Cifar10), Cifar10);
+    write_cifar_binary(&f.data_dir(Cifar100), Cifar100);
+    fashion_mnist_subset(&f.data_dir(FashionMnist), 1, N_IMAGES);
+
     for case in CASES {
         for &dataset in case.datasets {
             let config = format!("configs/cifar/{}.yaml", case.plugin);
@@ -597,8 +636,8 @@ fn every_architecture_gives_pytorchs_logits_for_the_same_weights() {
             }
             overrides.extend(["dataset.name".to_string(), dataset.name().to_string()]);
             let id = format!("{}@{}", case.label, dataset.name());
-            runs.push(Run {
-                dir: d.join("cases").join(&id),
+            f.runs.push(Run {
+                dir: root.join("cases").join(&id),
                 id,
                 case,
                 dataset,
@@ -610,18 +649,18 @@ fn every_architecture_gives_pytorchs_logits_for_the_same_weights() {
 
     // PyTorch: every case in one process (importing torch takes seconds).
     let manifest = json!({
-        "cases": runs.iter().enumerate().map(|(i, r)| json!({
+        "cases": f.runs.iter().enumerate().map(|(i, r)| json!({
             "id": r.id,
             "config": workspace().join(&r.config),
             "overrides": r.overrides,
-            "dataset_dir": data_dir(r.dataset),
+            "dataset_dir": f.data_dir(r.dataset),
             "out_dir": r.dir,
             "seed": i,
         })).collect::<Vec<_>>(),
     });
-    let manifest_path = d.join("manifest.json");
+    let manifest_path = root.join("manifest.json");
     std::fs::write(&manifest_path, manifest.to_string()).unwrap();
-    let results_path = d.join("results.json");
+    let results_path = root.join("results.json");
     let out = Command::new(python())
         .arg(workspace().join("tests/python/architecture_ground_truth.py"))
         .arg("--manifest")
@@ -641,7 +680,7 @@ fn every_architecture_gives_pytorchs_logits_for_the_same_weights() {
                 python().display()
             )
         });
-    let results: Value = std::fs::read_to_string(&results_path)
+    f.results = std::fs::read_to_string(&results_path)
         .ok()
         .and_then(|t| serde_json::from_str(&t).ok())
         .unwrap_or_else(|| {
@@ -652,7 +691,7 @@ fn every_architecture_gives_pytorchs_logits_for_the_same_weights() {
                 String::from_utf8_lossy(&out.stderr)
             )
         });
-    let reference_check: Vec<&str> = results["reference_check"]
+    let reference_check: Vec<&str> = f.results["reference_check"]
         .as_array()
         .unwrap()
         .iter()
@@ -666,16 +705,38 @@ fn every_architecture_gives_pytorchs_logits_for_the_same_weights() {
         wrong.is_empty() && reference_check.len() >= 22,
         "the PyTorch ground truth itself disagrees with the reference's state dicts: {wrong:#?}"
     );
+    f
+}
 
-    let (models, load_errors) = loaded_models();
+/// Cases whose model no loaded plugin provides, and models without a case.
+fn coverage_failures(models: &BTreeSet<String>) -> Vec<String> {
     let covered: BTreeSet<&str> = CASES.iter().map(|c| c.plugin).collect();
-    let mut failures = Vec::new();
-    for name in models.values().flatten() {
-        if !covered.contains(name.as_str()) {
-            failures.push(format!(
-                "model `{name}` has no case in tests/architectures.rs: add its options to CASES"
-            ));
-        }
+    models
+        .iter()
+        .filter(|m| !covered.contains(m.as_str()))
+        .map(|m| {
+            format!("model `{m}` has no case in tests/architectures.rs: add its options to CASES")
+        })
+        .collect()
+}
+
+fn report(what: &str, table: &[String], failures: &[String], total: usize) {
+    eprintln!("{what}:\n{}", table.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} of {total} {what} fail:\n\n{}",
+        failures.len(),
+        failures.join("\n\n")
+    );
+}
+
+#[test]
+fn every_architecture_gives_pytorchs_logits_for_the_same_weights() {
+    let f = fixture();
+    let (models, load_errors) = loaded_models();
+    let mut failures = coverage_failures(&models.values().flatten().cloned().collect());
+    if !load_errors.is_empty() {
+        failures.push(format!("plugins failed to load: {load_errors:?}"));
     }
 
     // Two imgclf processes at a time (CI has two cores; each spends most of its second loading
@@ -688,9 +749,8 @@ fn every_architecture_gives_pytorchs_logits_for_the_same_weights() {
                     let mut done = Vec::new();
                     loop {
                         let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        let Some(r) = runs.get(i) else { break };
-                        let (line, failure) =
-                            check(r, &results["cases"][&r.id], &models, &data_dir);
+                        let Some(r) = f.runs.get(i) else { break };
+                        let (line, failure) = check(f, r, &models);
                         done.push((i, line, failure));
                     }
                     done
@@ -705,15 +765,185 @@ fn every_architecture_gives_pytorchs_logits_for_the_same_weights() {
     outcomes.sort_by_key(|o| o.0);
     let table: Vec<String> = outcomes.iter().map(|o| o.1.clone()).collect();
     failures.extend(outcomes.into_iter().filter_map(|o| o.2));
-    if !load_errors.is_empty() {
-        failures.push(format!("plugins failed to load: {load_errors:?}"));
+    report(
+        "architecture cases (eval logits)",
+        &table,
+        &failures,
+        f.runs.len(),
+    );
+}
+
+/// How far `got` is from `want`, as (max abs diff, max |want|); an error for different shapes or
+/// kinds. Integer tensors must be equal.
+fn distance(name: &str, got: &Tensor, want: &Tensor) -> Result<(f64, f64), String> {
+    if got.size() != want.size() {
+        return Err(format!(
+            "{name}: shape {:?}, PyTorch {:?}",
+            got.size(),
+            want.size()
+        ));
     }
-    eprintln!("{}", table.join("\n"));
-    assert!(
-        failures.is_empty(),
-        "{} of {} architecture cases fail:\n\n{}",
-        failures.len(),
-        runs.len(),
-        failures.join("\n\n")
+    if want.kind() == tch::Kind::Int64 {
+        return if got.kind() == tch::Kind::Int64 && got.equal(want) {
+            Ok((0.0, 0.0))
+        } else {
+            Err(format!("{name}: {got} (PyTorch {want})"))
+        };
+    }
+    let diff = (got.to_kind(tch::Kind::Double) - want.to_kind(tch::Kind::Double)).abs();
+    let d = diff.max().double_value(&[]);
+    let scale = want.abs().max().double_value(&[]);
+    Ok((if d.is_nan() { f64::INFINITY } else { d }, scale))
+}
+
+/// Tolerance of one training step, relative to each tensor's largest PyTorch value (at least
+/// TRAIN_FLOOR): logits, gradients and running statistics go through batch statistics and a
+/// backward pass. The floor covers gradients that are rounding noise, such as those of a conv
+/// bias followed by BN (exactly zero in exact arithmetic, ~1e-6 in float32).
+const TRAIN_RTOL: f64 = 1e-4;
+const TRAIN_FLOOR: f64 = 0.1;
+
+/// An error with its causes (`{:#}` of anyhow).
+fn msg(x: impl std::fmt::Display) -> String {
+    format!("{x:#}")
+}
+
+/// One training step of imgclf's model (in this process, through the same registry and setup as
+/// the binary) from a case's weights, compared with PyTorch's: Ok(largest difference relative to
+/// its tensor's scale, and that tensor) or what differs.
+fn train_step(reg: &Registry, r: &Run) -> Result<(f64, String), String> {
+    let want: std::collections::HashMap<String, Tensor> =
+        imgclf::io::load_safetensors(&r.dir.join("expected.safetensors"))
+            .map_err(msg)?
+            .0
+            .into_iter()
+            .collect();
+    let get = |k: &str| {
+        want.get(k)
+            .ok_or_else(|| format!("expected.safetensors lacks {k}"))
+    };
+    let mut overrides = r.overrides.clone();
+    overrides.extend(["device".to_string(), "cpu".to_string()]);
+    let request = Request {
+        plugin: Some(r.case.plugin.to_string()),
+        config_file: Some(workspace().join(&r.config)),
+        overrides,
+        resume_config: None,
+    };
+    let s = setup(reg, &request, Purpose::Evaluate).map_err(msg)?;
+    let mut model = imgclf::train::build_model(reg, &s, Device::Cpu).map_err(msg)?;
+    let tensors = model.tensors().map_err(msg)?;
+    let weights = r.dir.join("weights.safetensors");
+    let loaded = imgclf::train::checkpoint::load(&weights).map_err(msg)?;
+    imgclf::train::checkpoint::copy_into_model(&tensors, &loaded.model, &weights).map_err(msg)?;
+    let logits = model.forward(get("train/input")?, true).map_err(msg)?;
+    let mut checks = vec![(
+        "train logits".to_string(),
+        distance("train logits", &logits, get("train/logits")?),
+    )];
+    logits
+        .cross_entropy_for_logits(get("train/labels")?)
+        .backward();
+    for t in &tensors {
+        let (name, got, key) = if t.trainable {
+            (
+                format!("gradient of {}", t.name),
+                t.tensor.grad(),
+                format!("grad/{}", t.name),
+            )
+        } else {
+            (
+                format!("{} after the step", t.name),
+                t.tensor.shallow_clone(),
+                format!("after/{}", t.name),
+            )
+        };
+        let verdict = if got.defined() {
+            distance(&name, &got, get(&key)?)
+        } else {
+            Err(format!("{name}: none"))
+        };
+        checks.push((name, verdict));
+    }
+    let (mut worst, mut worst_name) = (0.0f64, String::new());
+    let mut problems = Vec::new();
+    for (name, verdict) in checks {
+        match verdict {
+            Ok((d, scale)) => {
+                let rel = d / scale.max(TRAIN_FLOOR);
+                if rel > worst {
+                    (worst, worst_name) = (rel, name.clone());
+                }
+                if rel > TRAIN_RTOL {
+                    problems.push(format!(
+                        "{name}: max abs diff {d:.3e}, {rel:.1e} of its largest value {scale:.3e}"
+                    ));
+                }
+            }
+            Err(why) => problems.push(why),
+        }
+    }
+    if problems.is_empty() {
+        return Ok((worst, worst_name));
+    }
+    let n = problems.len();
+    problems.truncate(8);
+    Err(format!(
+        "{n} tensors differ beyond {TRAIN_RTOL:e} of their scale: {}{}",
+        problems.join("; "),
+        if n > 8 { "; ..." } else { "" }
+    ))
+}
+
+#[test]
+fn every_architecture_takes_pytorchs_training_step() {
+    let f = fixture();
+    // Tiny tensors; the other test of this file runs two imgclf processes meanwhile.
+    tch::set_num_threads(1);
+    let reg = Registry::discover(&Discovery {
+        cli_paths: vec![plugin_dir()],
+        files: vec![],
+    })
+    .unwrap();
+    let models: BTreeSet<String> = reg
+        .of_kind(Kind::Model)
+        .map(|e| e.info.name.clone())
+        .collect();
+    let mut failures = coverage_failures(&models);
+    let (mut table, mut total) = (Vec::new(), 0);
+    for r in &f.runs {
+        if f.truth(r)["train_step"] != true {
+            continue;
+        }
+        total += 1;
+        let line = |what: &str| format!("{:<66} {what}", r.id);
+        if reg.get(Kind::Model, r.case.plugin).is_none() {
+            table.push(line("plugin missing"));
+            failures.push(format!(
+                "{}: no loaded plugin provides the model `{}` (searched {})",
+                r.id,
+                r.case.plugin,
+                plugin_dir().display()
+            ));
+            continue;
+        }
+        match train_step(&reg, r) {
+            Ok((rel, name)) => table.push(line(&format!("max diff {rel:.1e} of scale ({name})"))),
+            Err(why) => {
+                table.push(line("MISMATCH"));
+                failures.push(format!(
+                    "{}: {why}\n  config: {} {}",
+                    r.id,
+                    r.config,
+                    r.overrides.join(" ")
+                ));
+            }
+        }
+    }
+    report(
+        "architecture cases (training step)",
+        &table,
+        &failures,
+        total,
     );
 }

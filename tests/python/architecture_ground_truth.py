@@ -17,7 +17,11 @@ statistic (so that no BN is the identity), and writes into out_dir:
   weights.safetensors   the state dict under the reference's names
   expected.safetensors  "logits": eval-mode logits on the dataset's test
                         split, normalised as the reference does
-                        (float32 x/255, then (x - mean)/std in float64)
+                        (float32 x/255, then (x - mean)/std in float64);
+                        when training mode is deterministic (no dropout, no
+                        shake), also one training step from these weights:
+                        "train/input", "train/labels", "train/logits",
+                        "train/loss", "grad/<parameter>", "after/<buffer>"
 
 A case whose reference network cannot be built (VGG on 28x28: its fifth
 max-pool meets a 1x1 map) gets no files; the reason is recorded instead.
@@ -43,6 +47,7 @@ import traceback
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from reference_models import (  # noqa: E402
@@ -128,6 +133,35 @@ def randomise_(model: nn.Module, x: torch.Tensor, seed: int) -> None:
     model.eval()
 
 
+def deterministic_in_training(cfg: dict) -> bool:
+    """No dropout and no shake: training mode is a pure function too."""
+    sec = cfg["section"]
+    return not (float(sec.get("drop_rate", 0.0)) > 0
+                or sec.get("shake_forward") or sec.get("shake_backward"))
+
+
+def training_step(model: nn.Module, x: torch.Tensor,
+                  n_classes: int) -> dict:
+    """One training-mode forward and backward (mean cross-entropy on fixed
+    labels): its logits, every parameter's gradient (``grad/<name>``) and
+    every buffer after the step (``after/<name>``: BN running statistics
+    updated with momentum 0.1 and the unbiased batch variance)."""
+    labels = torch.arange(x.size(0)) % n_classes
+    model.train()
+    model.zero_grad(set_to_none=True)
+    logits = model(x)
+    loss = F.cross_entropy(logits, labels)
+    loss.backward()
+    out = {"train/input": x, "train/labels": labels,
+           "train/logits": logits.detach(), "train/loss": loss.detach()}
+    for name, p in model.named_parameters():
+        out[f"grad/{name}"] = p.grad.detach().clone()
+    for name, b in model.named_buffers():
+        out[f"after/{name}"] = b.detach().clone()
+    model.eval()
+    return out
+
+
 def run_case(case: dict, images_cache: dict) -> dict:
     cfg = effective_config(case["config"], case["overrides"])
     name = cfg["dataset"]
@@ -156,10 +190,14 @@ def run_case(case: dict, images_cache: dict) -> dict:
     os.makedirs(out, exist_ok=True)
     save_safetensors(os.path.join(out, "weights.safetensors"),
                      model.state_dict(), {"format": "pt"})
-    save_safetensors(os.path.join(out, "expected.safetensors"),
-                     {"logits": logits})
+    expected = {"logits": logits}
+    train = deterministic_in_training(cfg)
+    if train:
+        expected.update(training_step(model, x, cfg["n_classes"]))
+    save_safetensors(os.path.join(out, "expected.safetensors"), expected)
     return {
         "status": "ok",
+        "train_step": train,
         "model": cfg["model"],
         "section": cfg["section"],
         "images": n,
