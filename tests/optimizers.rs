@@ -310,21 +310,32 @@ fn weights_after_five_steps_equal_pytorch_for_every_optimizer_and_schedule() {
     // imgclf runs libtorch with one thread per available CPU; so does the check.
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let spec = json!({
-        "dataset_dir": data, "orders": orders, "threads": threads, "init": init, "depth": DEPTH, "initial_channels": CHANNELS,
-        "mean": 0.2860, "std": 0.3530, "atol": 2e-6, "rtol": 1e-5, "cases": listed,
+        "dataset_dir": data, "orders": orders, "threads": threads, "init": init,
+        "depth": DEPTH, "initial_channels": CHANNELS, "mean": 0.2860, "std": 0.3530,
+        "atol": 2e-6, "rtol": 1e-5, "cases": listed,
     });
     let cases_file = d.join("cases.json");
     std::fs::write(&cases_file, serde_json::to_vec_pretty(&spec).unwrap()).unwrap();
-    let o = Command::new(&py)
-        .arg(script())
-        .args(["check", "--cases", cases_file.to_str().unwrap()])
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
+    let check = || {
+        let o = Command::new(&py)
+            .arg(script())
+            .args(["check", "--cases", cases_file.to_str().unwrap()])
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        (o, text)
+    };
+    let (mut o, mut text) = check();
+    if !o.status.success() {
+        // The check is deterministic: a second run tells a real disagreement (fails again)
+        // from a failure of the Python process itself.
+        eprintln!("PyTorch check failed once ({}):\n{text}", o.status);
+        (o, text) = check();
+    }
     assert!(o.status.success(), "imgclf disagrees with PyTorch:\n{text}");
     assert_eq!(
         text.matches("of tolerance").count(),
