@@ -123,6 +123,9 @@ struct PreviewCmd {
     /// Output pixels per image pixel.
     #[arg(long, value_name = "N", default_value_t = 2)]
     scale: usize,
+    /// Also time the input pipeline over N batches of train.batch_size; prints JSON.
+    #[arg(long, value_name = "N")]
+    time: Option<u32>,
     #[command(flatten)]
     config: ConfigArgs,
 }
@@ -300,9 +303,10 @@ fn hoist_trailing_options(cli: &mut Cli) -> Result<()> {
             output,
             count,
             scale,
+            time,
             config,
         }) => {
-            pv = Some((output, count, scale));
+            pv = Some((output, count, scale, time));
             (config, None, None)
         }
         Command::Throughput(ThroughputCmd {
@@ -355,7 +359,7 @@ fn hoist_trailing_options(cli: &mut Cli) -> Result<()> {
             "--output" if pv.is_some() => {
                 *pv.as_mut().unwrap().0 = Some(PathBuf::from(value("--output")?))
             }
-            "--count" | "--scale" if pv.is_some() => {
+            "--count" | "--scale" | "--time" if pv.is_some() => {
                 let v = value(&arg)?;
                 let n: usize = v
                     .parse()
@@ -363,6 +367,7 @@ fn hoist_trailing_options(cli: &mut Cli) -> Result<()> {
                 let p = pv.as_mut().unwrap();
                 match arg.as_str() {
                     "--count" => *p.1 = Some(n),
+                    "--time" => *p.3 = Some(n as u32),
                     _ => *p.2 = n,
                 }
             }
@@ -440,12 +445,10 @@ fn run(mut cli: Cli) -> Result<i32> {
             let reg = discover(&cli, Some(&req))?;
             reg.warn_load_errors();
             let args = crate::preview::Args {
-                output: p
-                    .output
-                    .clone()
-                    .context("preview needs --output FILE.png (the grid to write)")?,
+                output: p.output.clone(),
                 count: p.count,
                 scale: p.scale,
+                time_steps: p.time,
             };
             crate::preview::run(&reg, &req, &args)?;
         }

@@ -1,7 +1,10 @@
 //! `imgclf preview`: runs the configured training input pipeline (crop, flip, normalise, erase,
 //! mix, target transforms) on the first training batch and writes the augmented images as a
 //! PNG grid, un-normalised, with a JSON side file giving every tile's labels and soft target,
-//! so a user sees what a configuration does before training with it.
+//! so a user sees what a configuration does before training with it. With `--time N` it also
+//! measures the pipeline's throughput (images/s over N training batches, from the decoded
+//! dataset in memory to augmented batches on the training device), for `cargo xtask bench
+//! pipeline`.
 
 use crate::datasets::Split;
 use crate::io::write_atomic;
@@ -15,12 +18,15 @@ use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};
 
 pub struct Args {
-    pub output: PathBuf,
+    /// The grid to write (optional with `time_steps`).
+    pub output: Option<PathBuf>,
     /// Images shown (default: `min(train.batch_size, 64)`); with a multi-view augmentation
     /// (Dual-Cutout) every view is shown.
     pub count: Option<usize>,
     /// Pixels per image pixel.
     pub scale: usize,
+    /// Time the pipeline over this many batches of `train.batch_size` and print JSON.
+    pub time_steps: Option<u32>,
 }
 
 /// Gap between tiles, in output pixels.
@@ -31,9 +37,72 @@ pub fn side_file(output: &Path) -> PathBuf {
     output.with_extension("json")
 }
 
+/// Runs the training pipeline over `steps` consecutive batches (after two untimed ones) as the
+/// trainer does, waiting for the device at the end, and prints the rate as one JSON line.
+fn time_pipeline(
+    pipeline: &mut crate::train::Pipeline,
+    train: &crate::datasets::ImageSet,
+    order: &[usize],
+    batch: usize,
+    steps: u32,
+    seed: u64,
+    device: Device,
+) -> Result<()> {
+    if order.len() < batch {
+        bail!(
+            "--time needs at least one batch of train.batch_size {batch}; the training set has {} images",
+            order.len()
+        );
+    }
+    let per_epoch = order.len() / batch;
+    let sync = || {
+        if let Device::Cuda(i) = device {
+            tch::Cuda::synchronize(i as i64);
+        }
+    };
+    let mut one = |k: usize| -> Result<()> {
+        let at = (k % per_epoch) * batch;
+        let (images, labels) = data::gather(train, &order[at..at + batch]);
+        let p = pipeline.prepare(
+            images.to_device(device),
+            labels.to_device(device),
+            seed,
+            0,
+            k as u64,
+        )?;
+        // The outputs live until here, as in a training step.
+        drop((p.images, p.loss_targets));
+        Ok(())
+    };
+    for k in 0..2 {
+        one(k)?;
+    }
+    sync();
+    let t0 = std::time::Instant::now();
+    for k in 0..steps as usize {
+        one(k + 2)?;
+    }
+    sync();
+    let secs = t0.elapsed().as_secs_f64();
+    println!(
+        "{}",
+        json!({
+            "pipeline_images_per_sec": (steps as usize * batch) as f64 / secs.max(1e-9),
+            "batch_size": batch,
+            "steps": steps,
+            "seconds": secs,
+            "device": format!("{device:?}"),
+        })
+    );
+    Ok(())
+}
+
 pub fn run(registry: &Registry, request: &Request, args: &Args) -> Result<()> {
     if args.scale == 0 {
         bail!("--scale must be >= 1");
+    }
+    if args.output.is_none() && args.time_steps.is_none() {
+        bail!("preview needs --output FILE.png (the grid to write)");
     }
     let s = setup(registry, request, Purpose::Train)?;
     let c = &s.config;
@@ -55,6 +124,13 @@ pub fn run(registry: &Registry, request: &Request, args: &Args) -> Result<()> {
         0,
         0,
     )?;
+    if let Some(steps) = args.time_steps {
+        let batch = c.int("train.batch_size").max(1) as usize;
+        time_pipeline(&mut pipeline, &train, &order, batch, steps, seed, device)?;
+    }
+    let Some(output) = &args.output else {
+        return Ok(());
+    };
 
     // Un-normalise to 0..255 bytes on the CPU.
     let (mean, std) = (s.dataset.mean, s.dataset.std);
@@ -126,7 +202,7 @@ pub fn run(registry: &Registry, request: &Request, args: &Args) -> Result<()> {
         .map(|e| e.info.name.as_str())
         .collect();
     let side = json!({
-        "image": args.output.file_name().map(|f| f.to_string_lossy().to_string()),
+        "image": output.file_name().map(|f| f.to_string_lossy().to_string()),
         "dataset": s.dataset.name,
         "augmentations": augmentations,
         "samples": samples,
@@ -135,13 +211,13 @@ pub fn run(registry: &Registry, request: &Request, args: &Args) -> Result<()> {
         "grid": {"rows": rows, "cols": cols, "width": canvas.width, "height": canvas.height},
         "tiles": tiles,
     });
-    write_atomic(&args.output, &canvas.to_png())
-        .with_context(|| format!("cannot write {}", args.output.display()))?;
-    let side_path = side_file(&args.output);
+    write_atomic(output, &canvas.to_png())
+        .with_context(|| format!("cannot write {}", output.display()))?;
+    let side_path = side_file(output);
     write_atomic(&side_path, serde_json::to_string_pretty(&side)?.as_bytes())?;
     println!(
         "{} ({}x{} px, {samples} images{}, augmentations: {}) and {}",
-        args.output.display(),
+        output.display(),
         canvas.width,
         canvas.height,
         if views > 1 {

@@ -363,10 +363,45 @@ fn quickstart(t: &Torch, extra: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// torchvision built for the venv's torch, installed into the venv on first use (torch 2.11
+/// pairs with torchvision 0.26.0; pip keeps the installed torch since 0.26.0 requires it).
+const TORCHVISION: &str = "torchvision==0.26.0";
+
+fn ensure_torchvision(t: &Torch) -> Result<()> {
+    let version = |py: &Path| {
+        output(Command::new(py).args(["-c", "import torchvision; print(torchvision.__version__)"]))
+    };
+    if let Ok(v) = version(&t.python) {
+        if v.trim().starts_with("0.26.") {
+            return Ok(());
+        }
+        bail!("the bench venv has torchvision {v}, but its torch 2.11 needs {TORCHVISION}; run `{} -m pip install {TORCHVISION}`", t.python.display());
+    }
+    eprintln!(
+        "xtask: installing {TORCHVISION} into {}",
+        t.python.display()
+    );
+    run(Command::new(&t.python).args(["-m", "pip", "install", "--quiet", TORCHVISION]))?;
+    let torch =
+        output(Command::new(&t.python).args(["-c", "import torch; print(torch.__version__)"]))?;
+    if !torch.trim().starts_with("2.11.") {
+        bail!(
+            "installing {TORCHVISION} changed the venv's torch to {torch}; reinstall torch 2.11.0"
+        );
+    }
+    Ok(())
+}
+
 fn bench(t: &Torch, extra: &[String]) -> Result<()> {
     // `bench models ...`: per-architecture forward/backward throughput (no data needed).
+    // `bench pipeline ...`: the input pipeline (crop, flip, normalise, cutout, mixup) against
+    // torchvision transforms + DataLoader collate.
     let (script, extra) = match extra.first().map(String::as_str) {
         Some("models") => ("xtask/bench/models.py", &extra[1..]),
+        Some("pipeline") => {
+            ensure_torchvision(t)?;
+            ("xtask/bench/pipeline.py", &extra[1..])
+        }
         _ => ("xtask/bench/bench.py", extra),
     };
     ensure_fashion_mnist()?;
@@ -417,6 +452,7 @@ fn main() -> Result<()> {
                  \x20 build [--release]          build host, plugins and fixtures into target/<profile>/\n\
                  \x20 bench [--steps N]          training throughput of imgclf vs PyTorch eager, same machine, same run\n\
                  \x20 bench models [--device D]  forward/backward throughput of every architecture vs PyTorch eager\n\
+                 \x20 bench pipeline [--device D] input pipeline (crop, flip, normalise, cutout, mixup) images/s vs torchvision\n\
                  \x20 docs [--check]             regenerate (or check) the README's plugin table\n\
                  \x20 libtorch                   print the libtorch directory in use (installs it if needed)"
             );
