@@ -113,9 +113,14 @@ pub type SafetensorsContent = (Vec<(String, Tensor)>, HashMap<String, String>);
 /// Loads a safetensors file: its tensors (on the CPU, sorted by name) and metadata.
 pub fn load_safetensors(path: &Path) -> Result<SafetensorsContent> {
     let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    parse_safetensors(path, &bytes)
+}
+
+/// [`load_safetensors`] of the content `bytes` of `path` (named in errors).
+pub fn parse_safetensors(path: &Path, bytes: &[u8]) -> Result<SafetensorsContent> {
     let parse = || -> Result<_> {
-        let (_, meta) = SafeTensors::read_metadata(&bytes)?;
-        let st = SafeTensors::deserialize(&bytes)?;
+        let (_, meta) = SafeTensors::read_metadata(bytes)?;
+        let st = SafeTensors::deserialize(bytes)?;
         let mut out = Vec::new();
         for (name, view) in st.tensors() {
             let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();

@@ -14,8 +14,8 @@
 use std::path::{Path, PathBuf};
 
 use super::error::SearchedLocation;
-use super::pickle;
 use super::{check_labels, read_file, DatasetError, DatasetInfo, ImageSet, Split};
+use crate::pickle;
 
 /// Bytes of one CIFAR image (3 x 32 x 32).
 const IMAGE_BYTES: usize = 3 * 32 * 32;

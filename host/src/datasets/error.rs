@@ -125,3 +125,21 @@ pub enum DatasetError {
     #[error("{}: {msg}", path.display())]
     Format { path: PathBuf, msg: String },
 }
+
+impl From<crate::pickle::PickleError> for DatasetError {
+    fn from(e: crate::pickle::PickleError) -> Self {
+        use crate::pickle::PickleError as P;
+        match e {
+            P::UnknownOpcode {
+                path,
+                opcode,
+                offset,
+            } => DatasetError::UnknownOpcode {
+                path,
+                opcode,
+                offset,
+            },
+            P::Malformed { path, offset, msg } => DatasetError::Pickle { path, offset, msg },
+        }
+    }
+}

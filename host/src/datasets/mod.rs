@@ -17,7 +17,7 @@
 mod cifar;
 mod error;
 mod idx;
-mod pickle;
+mod ndarray;
 
 #[cfg(test)]
 mod testutil;

@@ -1,8 +1,10 @@
 //! Checkpoints: `checkpoint_<epoch:05d>.safetensors` (model tensors under `model.`, optimizer
 //! state under `optimizer.`, trainer position in the metadata), written atomically, and
-//! loading initial weights from an imgclf checkpoint or a PyTorch state dict in safetensors.
+//! loading weights from an imgclf checkpoint, a PyTorch state dict in safetensors, or a
+//! `torch.save` file (a state dict or the reference's checkpoint dict).
 
-use crate::io::{load_safetensors, save_safetensors};
+use crate::io::{parse_safetensors, save_safetensors};
+use crate::torch_file::{self, Format};
 use anyhow::{bail, Context, Result};
 use imgclf_plugin_api::NamedTensor;
 use std::collections::HashMap;
@@ -70,21 +72,77 @@ fn meta_u64(meta: &HashMap<String, String>, key: &str, path: &Path) -> Result<u6
         .with_context(|| format!("{}: checkpoint metadata lacks `{key}`", path.display()))
 }
 
-/// Reads an imgclf checkpoint, or a plain state dict (any safetensors file without imgclf's
-/// metadata: the PyTorch reference's `model.state_dict()` saved with `safetensors.torch`).
+/// Reads weights, telling the format by content (never by extension): an imgclf checkpoint; a
+/// plain state dict in safetensors (any safetensors file without imgclf's metadata, e.g. the
+/// PyTorch reference's `model.state_dict()` saved with `safetensors.torch`); or a `torch.save`
+/// zip file holding a state dict or a checkpoint dict with the state dict under `model` (what
+/// the reference's fvcore `Checkpointer` writes). A plain state dict whose keys all start with
+/// `module.` (DataParallel / DistributedDataParallel) loses that prefix.
 pub fn load(path: &Path) -> Result<Loaded> {
-    let (tensors, meta) = load_safetensors(path)?;
-    if meta.get("format").map(String::as_str) != Some(FORMAT) {
-        return Ok(Loaded {
-            position: None,
-            model: tensors.into_iter().collect(),
-            optimizer: vec![],
-        });
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let plain = match torch_file::sniff(&bytes) {
+        Format::Safetensors => {
+            let (tensors, meta) = parse_safetensors(path, &bytes)?;
+            if meta.get("format").map(String::as_str) == Some(FORMAT) {
+                return imgclf_checkpoint(path, tensors, &meta);
+            }
+            tensors
+        }
+        Format::Zip => {
+            let sd = torch_file::load_state_dict(path, &bytes)?;
+            if !sd.ignored.is_empty() {
+                tracing::info!(
+                    "{}: checkpoint dict; loading its 'model' entry (ignoring {})",
+                    path.display(),
+                    sd.ignored.join(", ")
+                );
+            }
+            sd.tensors
+        }
+        Format::LegacyTorch => bail!(
+            "{} was written in torch.save's legacy format (_use_new_zipfile_serialization=False),              which imgclf does not read: re-save it with torch.save's default settings              (PyTorch >= 1.6), or convert it to safetensors              (safetensors.torch.save_file(state_dict, path))",
+            path.display()
+        ),
+        Format::Unknown => bail!(
+            "{} is neither a safetensors file nor a torch.save zip archive (it starts with              {:02x?}); pass an imgclf checkpoint, a state dict saved with              safetensors.torch.save_file, or a file written by torch.save",
+            path.display(),
+            &bytes[..bytes.len().min(8)]
+        ),
+    };
+    Ok(Loaded {
+        position: None,
+        model: strip_module_prefix(path, plain),
+        optimizer: vec![],
+    })
+}
+
+/// Drops the `module.` prefix DataParallel / DistributedDataParallel put on every key.
+fn strip_module_prefix(path: &Path, tensors: Vec<(String, Tensor)>) -> HashMap<String, Tensor> {
+    let prefixed = !tensors.is_empty() && tensors.iter().all(|(n, _)| n.starts_with("module."));
+    if prefixed {
+        tracing::info!(
+            "{}: every key starts with `module.` (a DataParallel / DistributedDataParallel              state dict); loading them without that prefix",
+            path.display()
+        );
     }
+    tensors
+        .into_iter()
+        .map(|(n, t)| match n.strip_prefix("module.") {
+            Some(s) if prefixed => (s.to_string(), t),
+            _ => (n, t),
+        })
+        .collect()
+}
+
+fn imgclf_checkpoint(
+    path: &Path,
+    tensors: Vec<(String, Tensor)>,
+    meta: &HashMap<String, String>,
+) -> Result<Loaded> {
     let position = Position {
-        epoch: meta_u64(&meta, "epoch", path)?,
-        step_in_epoch: meta_u64(&meta, "step_in_epoch", path)?,
-        global_step: meta_u64(&meta, "global_step", path)?,
+        epoch: meta_u64(meta, "epoch", path)?,
+        step_in_epoch: meta_u64(meta, "step_in_epoch", path)?,
+        global_step: meta_u64(meta, "global_step", path)?,
     };
     let (mut model, mut optimizer) = (HashMap::new(), Vec::new());
     for (name, t) in tensors {
@@ -202,4 +260,51 @@ fn load_position(path: &Path) -> Result<Position> {
         step_in_epoch: meta_u64(&meta, "step_in_epoch", path)?,
         global_step: meta_u64(&meta, "global_step", path)?,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture(name: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/data/torch_save")
+            .join(name)
+    }
+
+    #[test]
+    fn data_parallel_state_dict_loses_its_module_prefix() {
+        let loaded = load(&fixture("data_parallel.pth")).unwrap();
+        assert!(loaded.position.is_none() && loaded.optimizer.is_empty());
+        let mut names: Vec<&String> = loaded.model.keys().collect();
+        names.sort();
+        assert_eq!(names, ["bias", "weight"]);
+        let w = Vec::<f32>::try_from(loaded.model["weight"].flatten(0, -1)).unwrap();
+        assert_eq!(w, [1.0, 2.0]);
+        // Only a prefix every key has is dropped.
+        let t = || Tensor::zeros([1], (tch::Kind::Float, tch::Device::Cpu));
+        let mixed = strip_module_prefix(
+            Path::new("m"),
+            vec![("module.a".into(), t()), ("b".into(), t())],
+        );
+        assert!(mixed.contains_key("module.a") && mixed.contains_key("b"));
+    }
+
+    #[test]
+    fn unsupported_files_name_the_fix() {
+        let path = fixture("legacy.pth");
+        let e = format!("{:#}", load(&path).err().unwrap());
+        assert!(
+            e.contains("legacy.pth")
+                && e.contains("_use_new_zipfile_serialization=False")
+                && e.contains("safetensors"),
+            "{e}"
+        );
+        let path = fixture("make_fixtures.py");
+        let e = format!("{:#}", load(&path).err().unwrap());
+        assert!(
+            e.contains("make_fixtures.py") && e.contains("neither a safetensors file nor"),
+            "{e}"
+        );
+    }
 }
