@@ -783,6 +783,43 @@ mod tests {
     }
 
     #[test]
+    fn persistent_ids_and_items_set_on_objects_stay_symbolic() {
+        // od = collections.OrderedDict(); od['k'] = persistent_load(('s', 1)) (BINPERSID);
+        // od.__setstate__({}) ; then [od, persistent_load('7') (PERSID)]
+        let mut b = vec![0x80, 2, b']', b'c'];
+        b.extend_from_slice(b"collections\nOrderedDict\n)R(");
+        b.extend_from_slice(&[
+            0x8c, 1, b'k', 0x8c, 1, b's', b'K', 1, 0x86, b'Q', b'u', b'}',
+        ]);
+        b.extend_from_slice(b"ba(P7\ne.");
+        let t = p(&b);
+        let Node::List(items) = t.node(t.root) else {
+            panic!("{:?}", t.node(t.root))
+        };
+        let Node::Build { obj, .. } = t.node(items[0]) else {
+            panic!()
+        };
+        let Node::SetItems { obj: od, items: kv } = t.node(*obj) else {
+            panic!()
+        };
+        assert!(
+            matches!(t.node(*od), Node::Reduce { func, .. } if t.is_global(*func, &["collections"], "OrderedDict"))
+        );
+        assert_eq!(t.node(kv[0].0), &Node::Str("k".into()));
+        let Node::PersId(pid) = t.node(kv[0].1) else {
+            panic!()
+        };
+        let Node::Tuple(pid) = t.node(*pid) else {
+            panic!()
+        };
+        assert_eq!(t.node(pid[1]), &Node::Int(1));
+        let Node::PersId(text) = t.node(items[1]) else {
+            panic!()
+        };
+        assert_eq!(t.node(*text), &Node::Str("7".into()));
+    }
+
+    #[test]
     fn malformed_streams() {
         let path = Path::new("bad.pkl");
         let msg = |b: &[u8]| parse(path, b).unwrap_err().to_string();
