@@ -100,11 +100,16 @@ pub fn load(path: &Path) -> Result<Loaded> {
             sd.tensors
         }
         Format::LegacyTorch => bail!(
-            "{} was written in torch.save's legacy format (_use_new_zipfile_serialization=False),              which imgclf does not read: re-save it with torch.save's default settings              (PyTorch >= 1.6), or convert it to safetensors              (safetensors.torch.save_file(state_dict, path))",
+            "{} was written in torch.save's legacy format (_use_new_zipfile_serialization=False), \
+             which imgclf does not read: re-save it with torch.save's default settings \
+             (PyTorch >= 1.6), or convert it to safetensors \
+             (safetensors.torch.save_file(state_dict, path))",
             path.display()
         ),
         Format::Unknown => bail!(
-            "{} is neither a safetensors file nor a torch.save zip archive (it starts with              {:02x?}); pass an imgclf checkpoint, a state dict saved with              safetensors.torch.save_file, or a file written by torch.save",
+            "{} is neither a safetensors file nor a torch.save zip archive (it starts with \
+             {:02x?}); pass an imgclf checkpoint, a state dict saved with \
+             safetensors.torch.save_file, or a file written by torch.save",
             path.display(),
             &bytes[..bytes.len().min(8)]
         ),
@@ -121,7 +126,8 @@ fn strip_module_prefix(path: &Path, tensors: Vec<(String, Tensor)>) -> HashMap<S
     let prefixed = !tensors.is_empty() && tensors.iter().all(|(n, _)| n.starts_with("module."));
     if prefixed {
         tracing::info!(
-            "{}: every key starts with `module.` (a DataParallel / DistributedDataParallel              state dict); loading them without that prefix",
+            "{}: every key starts with `module.` (a DataParallel / DistributedDataParallel \
+             state dict); loading them without that prefix",
             path.display()
         );
     }
