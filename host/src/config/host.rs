@@ -90,7 +90,7 @@ pub fn host_schema() -> Schema {
         string(
             "train.checkpoint",
             "",
-            "Checkpoint to initialise the model from; empty: none",
+            "Initial weights (imgclf checkpoint, safetensors or torch.save file); empty: none",
         ),
         boolean(
             "train.resume",
@@ -327,7 +327,11 @@ pub fn host_schema() -> Schema {
         )
         .unsupported(),
         // Evaluation.
-        string("test.checkpoint", "", "Checkpoint to evaluate"),
+        string(
+            "test.checkpoint",
+            "",
+            "Weights to evaluate (imgclf checkpoint, safetensors or torch.save file)",
+        ),
         string("test.output_dir", "", "Directory for evaluation outputs"),
         int("test.batch_size", 256, "Evaluation batch size"),
         int(
