@@ -1,14 +1,19 @@
-//! Same weights, same logits: every architecture and option of the reference, checked against
-//! PyTorch through `imgclf evaluate` on 3x32x32 (generated CIFAR files) and 1x28x28 (real
-//! Fashion-MNIST) test images.
+//! Same weights, same outputs: every architecture and option of the reference, checked against
+//! PyTorch on 3x32x32 (generated CIFAR-10/100 files) and 1x28x28 (real Fashion-MNIST) images.
 //!
 //! One Python process (tests/python/architecture_ground_truth.py, with the independent models of
 //! tests/python/reference_models.py) reads the same config file and overrides as imgclf, builds
 //! each case's network, randomises every weight, BN affine parameter and BN running statistic,
-//! and writes the state dict under the reference's names plus its eval-mode logits. Then
-//! `imgclf evaluate --config configs/cifar/<model>.yaml --plugin <model> ...` loads that state
-//! dict and its `predictions.npz` logits must equal PyTorch's to float32 rounding. Every case
-//! runs; the failure lists each disagreeing case with the command that reproduces it.
+//! and writes the state dict under the reference's names, its eval-mode logits, one training
+//! step (where training is deterministic) and how the reference initialises each tensor. Then:
+//! - `imgclf evaluate --config configs/cifar/<model>.yaml --plugin <model> ...` loads that state
+//!   dict and its `predictions.npz` logits must equal PyTorch's to float32 rounding;
+//! - the same model in this process takes the same training step (logits, every gradient, BN
+//!   statistics after the step);
+//! - a fresh model's parameters are drawn as the reference draws them, and its BN buffers hold
+//!   what the reference's hold after it is built.
+//!
+//! Every case runs; a failure lists each disagreeing case with the command that reproduces it.
 
 use imgclf::registry::{Discovery, Registry};
 use imgclf::setup::{setup, Purpose, Request};
@@ -64,6 +69,8 @@ struct Case {
     /// `model.<plugin>.<key> <value>` overrides. Cases set every key they rely on, so the values
     /// in the config file do not matter.
     options: &'static [(&'static str, &'static str)],
+    /// Overrides outside `model.<plugin>` (`model.init_mode`).
+    extra: &'static [(&'static str, &'static str)],
     datasets: &'static [Dataset],
     expect: Expect,
 }
@@ -77,6 +84,7 @@ const fn case(
         label,
         plugin,
         options,
+        extra: &[],
         datasets: BOTH,
         expect: Expect::SameLogits,
     }
@@ -124,15 +132,18 @@ const CASES: &[Case] = &[
             ],
         )
     },
-    case(
-        "resnet_basic",
-        "resnet",
-        &[
-            ("depth", "8"),
-            ("block_type", "basic"),
-            ("initial_channels", "4"),
-        ],
-    ),
+    Case {
+        extra: &[("model.init_mode", "kaiming_fan_in")],
+        ..case(
+            "resnet_basic_fan_in",
+            "resnet",
+            &[
+                ("depth", "8"),
+                ("block_type", "basic"),
+                ("initial_channels", "4"),
+            ],
+        )
+    },
     case(
         "resnet_bottleneck",
         "resnet",
@@ -313,19 +324,23 @@ const CASES: &[Case] = &[
             ("shake_image", "False"),
         ],
     ),
-    case(
-        "se_resnet_preact_basic",
-        "se_resnet_preact",
-        &[
-            ("depth", "8"),
-            ("initial_channels", "16"),
-            ("se_reduction", "4"),
-            ("block_type", "basic"),
-            ("remove_first_relu", "False"),
-            ("add_last_bn", "False"),
-            ("preact_stage", "[True, True, True]"),
-        ],
-    ),
+    // The reference's SE network always initialises fan-out, whatever model.init_mode says.
+    Case {
+        extra: &[("model.init_mode", "kaiming_fan_in")],
+        ..case(
+            "se_resnet_preact_basic_init_mode_ignored",
+            "se_resnet_preact",
+            &[
+                ("depth", "8"),
+                ("initial_channels", "16"),
+                ("se_reduction", "4"),
+                ("block_type", "basic"),
+                ("remove_first_relu", "False"),
+                ("add_last_bn", "False"),
+                ("preact_stage", "[True, True, True]"),
+            ],
+        )
+    },
     case(
         "se_resnet_preact_bottleneck_wo_first_relu_w_last_bn",
         "se_resnet_preact",
@@ -634,6 +649,10 @@ fn prepare() -> Fixture {
                 overrides.push(format!("model.{}.{k}", case.plugin));
                 overrides.push(v.to_string());
             }
+            for (k, v) in case.extra {
+                overrides.push(k.to_string());
+                overrides.push(v.to_string());
+            }
             overrides.extend(["dataset.name".to_string(), dataset.name().to_string()]);
             let id = format!("{}@{}", case.label, dataset.name());
             f.runs.push(Run {
@@ -912,11 +931,24 @@ fn every_architecture_takes_pytorchs_training_step() {
     let mut failures = coverage_failures(&models);
     let (mut table, mut total) = (Vec::new(), 0);
     for r in &f.runs {
-        if f.truth(r)["train_step"] != true {
+        if matches!(r.case.expect, Expect::ConfigError(_)) {
             continue;
         }
-        total += 1;
         let line = |what: &str| format!("{:<66} {what}", r.id);
+        if f.truth(r)["status"] != "ok" {
+            total += 1;
+            table.push(line("no ground truth"));
+            failures.push(format!(
+                "{}: the PyTorch ground truth failed: {}",
+                r.id,
+                f.truth(r)
+            ));
+            continue;
+        }
+        if f.truth(r)["train_step"] != true {
+            continue; // dropout or shake: training mode is random
+        }
+        total += 1;
         if reg.get(Kind::Model, r.case.plugin).is_none() {
             table.push(line("plugin missing"));
             failures.push(format!(
@@ -946,4 +978,150 @@ fn every_architecture_takes_pytorchs_training_step() {
         &failures,
         total,
     );
+}
+
+/// Whether `t` could be a draw from the reference's initial distribution `spec`
+/// (`["normal", std]`, `["uniform", bound]`, `["const", v]`, `["any"]`, from
+/// tests/python/reference_models.py's `init_spec`): None, or what is wrong. The mean square (and
+/// the mean) of a normal draw, and the mean square of a uniform one, must lie within 5 standard
+/// errors; the weights come from a fixed seed, so the verdict is deterministic.
+fn init_mismatch(t: &Tensor, spec: &Value) -> Option<String> {
+    let kind = spec[0].as_str().unwrap_or("?");
+    let v = spec[1].as_f64().unwrap_or(f64::NAN);
+    let x = Vec::<f64>::try_from(t.to_kind(tch::Kind::Double).flatten(0, -1)).ok()?;
+    let n = x.len() as f64;
+    let ms = x.iter().map(|a| a * a).sum::<f64>() / n;
+    let mean = x.iter().sum::<f64>() / n;
+    let max = x.iter().fold(0.0f64, |m, a| m.max(a.abs()));
+    match kind {
+        "any" => None,
+        "const" => x
+            .iter()
+            .find(|a| (*a - v).abs() > 1e-6 * v.abs().max(1.0))
+            .map(|a| format!("holds {a}, the reference {v}")),
+        "normal" => {
+            let z_ms = (ms / (v * v) - 1.0).abs() * (n / 2.0).sqrt();
+            let z_mean = mean.abs() / (v / n.sqrt());
+            (z_ms > 5.0 || z_mean > 5.0).then(|| {
+                format!(
+                    "std {:.4} (mean {mean:.2e}) over {n} values, the reference draws N(0, {v:.4}) \
+                     ({z_ms:.1} / {z_mean:.1} standard errors off)",
+                    ms.sqrt()
+                )
+            })
+        }
+        "uniform" => {
+            let z = (ms - v * v / 3.0).abs() / (4.0 * v.powi(4) / 45.0 / n).sqrt();
+            (max > v * (1.0 + 1e-6) || z > 5.0).then(|| {
+                format!(
+                    "max |x| {max:.4}, rms {:.4} over {n} values, the reference draws \
+                     U(-{v:.4}, {v:.4}) ({z:.1} standard errors off)",
+                    ms.sqrt()
+                )
+            })
+        }
+        other => Some(format!("unknown spec {other}")),
+    }
+}
+
+/// Builds every case's model afresh (fixed seed, no checkpoint) and compares the tensors that
+/// `select` picks with the reference's initial state.
+fn check_initial_state(what: &str, select: fn(&imgclf_plugin_api::NamedTensor) -> bool) {
+    let f = fixture();
+    let reg = Registry::discover(&Discovery {
+        cli_paths: vec![plugin_dir()],
+        files: vec![],
+    })
+    .unwrap();
+    let mut failures = Vec::new();
+    let (mut table, mut total) = (Vec::new(), 0);
+    for (i, r) in f.runs.iter().enumerate() {
+        if matches!(r.case.expect, Expect::ConfigError(_)) {
+            continue;
+        }
+        total += 1;
+        let line = |what: &str| format!("{:<66} {what}", r.id);
+        let spec = &f.truth(r)["init"];
+        if !spec.is_object() {
+            table.push(line("no ground truth"));
+            failures.push(format!(
+                "{}: the PyTorch ground truth failed: {}",
+                r.id,
+                f.truth(r)
+            ));
+            continue;
+        }
+        if reg.get(Kind::Model, r.case.plugin).is_none() {
+            table.push(line("plugin missing"));
+            failures.push(format!("{}: no plugin provides `{}`", r.id, r.case.plugin));
+            continue;
+        }
+        let mut overrides = r.overrides.clone();
+        overrides.extend(["device".to_string(), "cpu".to_string()]);
+        let request = Request {
+            plugin: Some(r.case.plugin.to_string()),
+            config_file: Some(workspace().join(&r.config)),
+            overrides,
+            resume_config: None,
+        };
+        tch::manual_seed(1000 + i as i64);
+        let built = setup(&reg, &request, Purpose::Evaluate)
+            .and_then(|s| imgclf::train::build_model(&reg, &s, Device::Cpu))
+            .map_err(msg)
+            .and_then(|m| m.tensors().map_err(msg));
+        let tensors = match built {
+            Ok(t) => t,
+            Err(e) => {
+                table.push(line("does not build"));
+                failures.push(format!("{}: {e}", r.id));
+                continue;
+            }
+        };
+        let mut wrong: Vec<String> = tensors
+            .iter()
+            .filter(|t| select(t))
+            .filter_map(|t| {
+                let why = match spec.get(&t.name) {
+                    Some(s) => init_mismatch(&t.tensor, s)?,
+                    None => "is not in the reference's state dict".to_string(),
+                };
+                Some(format!("{} {why}", t.name))
+            })
+            .collect();
+        if wrong.is_empty() {
+            table.push(line("as the reference"));
+        } else {
+            table.push(line(&format!("{} tensors differ", wrong.len())));
+            let n = wrong.len();
+            wrong.truncate(6);
+            failures.push(format!(
+                "{}: {n} initial tensors differ from the reference's: {}{}\n  config: {} {}",
+                r.id,
+                wrong.join("; "),
+                if n > 6 { "; ..." } else { "" },
+                r.config,
+                r.overrides.join(" ")
+            ));
+        }
+    }
+    report(what, &table, &failures, total);
+}
+
+/// Kaiming-normal weights with the fan of `model.init_mode` (always fan-out for
+/// se_resnet_preact), PyTorch's uniform default for VGG's conv biases, zero Linear biases, BN
+/// weight 1 and bias 0.
+#[test]
+fn every_architecture_initialises_its_parameters_like_the_reference() {
+    check_initial_state("architecture cases (initial parameters)", |t| t.trainable);
+}
+
+/// The reference measures its feature size with one training-mode forward pass of a zero image
+/// while building the network, which updates every BN once: a fresh reference model has
+/// `num_batches_tracked` 1 and `running_var` 0.9 (0.9 * 1 + 0.1 * the zero variance of an
+/// all-zero input), not PyTorch's defaults 0 and 1.
+#[test]
+fn every_architecture_starts_with_the_reference_bn_statistics() {
+    check_initial_state("architecture cases (initial BN statistics)", |t| {
+        !t.trainable
+    });
 }

@@ -51,7 +51,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from reference_models import (  # noqa: E402
-    find_idx, read_idx, save_safetensors)
+    find_idx, init_spec, read_idx, save_safetensors)
 from check_reference_models import (  # noqa: E402
     check_all, effective_config, model_of)
 
@@ -133,6 +133,25 @@ def randomise_(model: nn.Module, x: torch.Tensor, seed: int) -> None:
     model.eval()
 
 
+def init_z(t: torch.Tensor, spec: list) -> float:
+    """How many standard errors the mean square of ``t`` is from what its
+    initial distribution gives (inf when a bound or constant is violated);
+    the same statistic as tests/architectures.rs."""
+    kind, v = (spec + [None])[:2]
+    x = t.detach().double().flatten()
+    if kind == "any":
+        return 0.0
+    if kind == "const":
+        return 0.0 if bool((x == v).all()) else math.inf
+    n = x.numel()
+    ms = float((x * x).mean())
+    if kind == "normal":
+        return abs(ms / v ** 2 - 1) * (n / 2) ** 0.5
+    if float(x.abs().max()) > v:
+        return math.inf
+    return abs(ms - v * v / 3) / ((4 * v ** 4 / 45 / n) ** 0.5)
+
+
 def deterministic_in_training(cfg: dict) -> bool:
     """No dropout and no shake: training mode is a pure function too."""
     sec = cfg["section"]
@@ -180,6 +199,14 @@ def run_case(case: dict, images_cache: dict) -> dict:
     except (RuntimeError, ValueError) as e:
         return {"status": "reference_error", "model": cfg["model"],
                 "message": str(e).strip().splitlines()[0]}
+    spec = init_spec(model)
+    if sorted(spec) != sorted(model.state_dict()):
+        raise ValueError("init_spec does not cover the state dict")
+    for name, t in model.state_dict().items():
+        z = init_z(t, spec[name])
+        if z > 5:
+            raise ValueError(f"{name}: initial values {z:.1f} sigma from "
+                             f"{spec[name]}")
     x = normalise(images, mean, std)
     randomise_(model, x, case["seed"])
     with torch.no_grad():
@@ -198,6 +225,7 @@ def run_case(case: dict, images_cache: dict) -> dict:
     return {
         "status": "ok",
         "train_step": train,
+        "init": spec,
         "model": cfg["model"],
         "section": cfg["section"],
         "images": n,

@@ -40,6 +40,7 @@ __all__ = [
     "ShakeShake",
     "REFERENCE_DEFAULTS",
     "build_model",
+    "init_spec",
     "init_weights",
     "load_safetensors",
     "save_safetensors",
@@ -167,6 +168,45 @@ def init_weights(module: nn.Module, mode: str = "fan_out") -> None:
         nn.init.zeros_(module.bias.data)
 
 
+def init_spec(model: nn.Module) -> Dict[str, list]:
+    """How the reference initialises each state-dict entry of a freshly
+    built ``model``: ``["normal", std]`` (kaiming normal, ReLU gain, with the
+    model's fan mode), ``["uniform", bound]`` (PyTorch's default for conv
+    biases, which the reference's initializer leaves alone),
+    ``["const", value]``, or ``["any"]``.
+
+    BN buffers are not at their defaults: the reference measures its feature
+    size with a forward pass of one zero image in training mode, which
+    updates every BN once (``num_batches_tracked`` 1, ``running_var``
+    0.9 * 1 + 0.1 * 0 where the input is all zero, as in every network
+    without conv biases). They are taken from ``model`` as built, constant
+    or (VGG: conv biases make them depend on the random weights) ``any``.
+    """
+    fan_mode = model.init_fan
+    spec: Dict[str, list] = {}
+    for name, b in model.named_buffers():
+        flat = b.flatten()
+        same = flat.numel() > 0 and bool((flat == flat[0]).all())
+        spec[name] = ["const", flat[0].item()] if same else ["any"]
+    for prefix, m in model.named_modules():
+        p = prefix + "." if prefix else ""
+        if isinstance(m, nn.Conv2d):
+            field = m.kernel_size[0] * m.kernel_size[1]
+            fan_in = m.in_channels // m.groups * field
+            fan = m.out_channels * field if fan_mode == "fan_out" else fan_in
+            spec[p + "weight"] = ["normal", (2.0 / fan) ** 0.5]
+            if m.bias is not None:
+                spec[p + "bias"] = ["uniform", fan_in ** -0.5]
+        elif isinstance(m, nn.Linear):
+            fan = m.out_features if fan_mode == "fan_out" else m.in_features
+            spec[p + "weight"] = ["normal", (2.0 / fan) ** 0.5]
+            spec[p + "bias"] = ["const", 0.0]
+        elif isinstance(m, nn.BatchNorm2d):
+            spec[p + "weight"] = ["const", 1.0]
+            spec[p + "bias"] = ["const", 0.0]
+    return spec
+
+
 class ResNetPreact(nn.Module):
     """CIFAR-type pre-activation ResNet (three stages, 16/32/64 x expansion)."""
 
@@ -223,6 +263,7 @@ class ResNetPreact(nn.Module):
         if init_mode not in ("kaiming_fan_out", "kaiming_fan_in"):
             raise ValueError(f"unknown init_mode {init_mode!r}")
         mode = init_mode[len("kaiming_"):]
+        self.init_fan = mode
         self.apply(lambda m: init_weights(m, mode))
 
     def _stage(self, in_ch: int, out_ch: int, n: int, block, stride: int,
@@ -308,6 +349,7 @@ class _CifarNet(nn.Module):
     def _finish(self, n_channels: int, image_size: int, n_classes: int,
                 init_mode: str) -> None:
         mode = _kaiming_mode(init_mode)
+        self.init_fan = mode
         with torch.no_grad():
             probe = torch.zeros(1, n_channels, image_size, image_size)
             self.feature_size = int(self._features(probe).numel())
