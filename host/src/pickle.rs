@@ -87,9 +87,13 @@ pub enum Node {
 pub struct Pickle {
     pub nodes: Vec<Node>,
     pub root: Id,
+    /// Bytes read, up to and including STOP: where a following pickle in the same stream
+    /// starts (PyTorch's legacy format is several pickles in a row).
+    pub len: usize,
 }
 
-/// Decodes `data` (read from `path`, used in messages) into a symbolic tree.
+/// Decodes the pickle at the start of `data` (read from `path`, used in messages) into a
+/// symbolic tree; bytes after its STOP opcode are left alone.
 pub fn parse(path: &Path, data: &[u8]) -> Result<Pickle, PickleError> {
     Vm {
         path,
@@ -312,6 +316,7 @@ impl<'a> Vm<'a> {
                     return Ok(Pickle {
                         nodes: self.nodes,
                         root,
+                        len: self.pos,
                     });
                 }
                 // MARK

@@ -1,12 +1,14 @@
-//! Files written by `torch.save` (the zip format, PyTorch >= 1.6): a state dict, or a checkpoint
-//! dict holding one under `model` (the reference's fvcore `Checkpointer`), read into named
-//! tensors without executing any pickle code.
+//! Files written by `torch.save`: a state dict, or a checkpoint dict holding one under `model`
+//! (the reference's fvcore `Checkpointer`), read into named tensors without executing any pickle
+//! code.
 //!
-//! The archive holds `<prefix>/data.pkl` (the pickled object) and `<prefix>/data/<key>` (the raw
+//! The zip format (PyTorch >= 1.6) holds `<prefix>/data.pkl` (the pickled object) and `<prefix>/data/<key>` (the raw
 //! storages). The pickle is decoded symbolically ([`crate::pickle`]); tensors are recognised as
 //! `torch._utils._rebuild_tensor_v2(persistent_id(('storage', torch.<Dtype>Storage, key,
 //! location, numel)), storage_offset, size, stride, ...)` (and `_rebuild_tensor_v3`,
 //! `_rebuild_parameter`), and rebuilt from the storage bytes with their offset, size and stride.
+//! The legacy format (`_use_new_zipfile_serialization=False`, the default before 1.6) is the
+//! same pickle followed by the raw storages in one stream ([`read_legacy`]).
 //! Everything else in the file (optimizer state, scheduler, config, yacs `CfgNode`s) is left as
 //! symbols and ignored.
 
@@ -61,12 +63,17 @@ pub struct StateDict {
     pub ignored: Vec<String>,
 }
 
-/// Reads the state dict in a `torch.save` zip archive (`bytes`, read from `path`).
+/// Reads the state dict in a `torch.save` file (`bytes`, read from `path`): the zip format or
+/// the legacy one.
 pub fn load_state_dict(path: &Path, bytes: &[u8]) -> Result<StateDict> {
-    read(bytes).with_context(|| format!("{}: cannot read this torch.save file", path.display()))
+    let r = match sniff(bytes) {
+        Format::LegacyTorch => read_legacy(path, bytes),
+        _ => read_zip(bytes),
+    };
+    r.with_context(|| format!("{}: cannot read this torch.save file", path.display()))
 }
 
-fn read(bytes: &[u8]) -> Result<StateDict> {
+fn read_zip(bytes: &[u8]) -> Result<StateDict> {
     let zip = Archive::new(bytes).map_err(|e| anyhow!("{e}"))?;
     let pkl_names: Vec<&String> = zip
         .names()
@@ -112,17 +119,115 @@ fn read(bytes: &[u8]) -> Result<StateDict> {
     let pkl_name = format!("{prefix}data.pkl");
     let pkl = zip.read(&pkl_name)?.expect("listed above");
     let tree = pickle::parse(Path::new(&pkl_name), pkl)?;
-    let mut storages = Storages {
-        zip: &zip,
-        prefix,
+    let storages = Storages {
+        blobs: Blobs::Zip { zip: &zip, prefix },
         cache: HashMap::new(),
     };
+    state_dict(&tree, storages)
+}
 
-    let root = dict_items(&tree, tree.root).ok_or_else(|| {
+/// The legacy format (`_use_new_zipfile_serialization=False`, the default before PyTorch 1.6):
+/// pickles of the magic number, the protocol version (1001), the system info and the object,
+/// then a pickled list of storage keys, then each storage as a little-endian u64 element count
+/// followed by its bytes.
+fn read_legacy(path: &Path, bytes: &[u8]) -> Result<StateDict> {
+    // The magic number pickle (a 10-byte integer, which the pickle reader's i64 does not
+    // hold) was recognised by `sniff`; it ends with STOP.
+    if bytes.get(LEGACY_MAGIC.len()) != Some(&b'.') {
+        bail!("the legacy magic number is not followed by the pickle STOP opcode");
+    }
+    let mut pos = LEGACY_MAGIC.len() + 1;
+    let mut next = |what: &str| -> Result<Pickle> {
+        let t = pickle::parse(path, &bytes[pos..]).with_context(|| {
+            format!("the {what} pickle (at byte {pos} of the legacy torch.save format)")
+        })?;
+        pos += t.len;
+        Ok(t)
+    };
+    let version = next("protocol version")?;
+    if version.as_int(version.root) != Some(1001) {
+        bail!(
+            "legacy torch.save protocol version {}, expected 1001",
+            what(&version, version.root)
+        );
+    }
+    let info = next("system info")?;
+    let little = dict_items(&info, info.root).and_then(|items| {
+        items
+            .iter()
+            .find(|(k, _)| key_str(&info, *k).as_deref() == Some("little_endian"))
+            .map(|&(_, v)| info.node(v) == &Node::Bool(true))
+    });
+    if little == Some(false) {
+        bail!(
+            "the tensors were saved on a big-endian machine; only little-endian files are \
+             supported (load and re-save them on a little-endian machine, or convert to \
+             safetensors)"
+        );
+    }
+    let tree = next("object")?;
+    let keys_tree = next("storage keys")?;
+    let Node::List(key_ids) = keys_tree.node(keys_tree.root) else {
+        bail!(
+            "the storage key list is {}, expected a list",
+            what(&keys_tree, keys_tree.root)
+        );
+    };
+    // Element sizes of the storages, from the persistent ids in the object (the records after
+    // the pickles only give element counts).
+    let mut elt_sizes = HashMap::new();
+    for node in &tree.nodes {
+        let Node::PersId(pid) = node else { continue };
+        let Node::Tuple(p) = tree.node(*pid) else {
+            continue;
+        };
+        if let (Some(&ty), Some(key)) = (p.get(1), p.get(2).and_then(|&k| key_str(&tree, k))) {
+            if let Node::Global { name, .. } = tree.node(ty) {
+                elt_sizes.insert(key, storage_elt_size(name));
+            }
+        }
+    }
+    let mut blobs = HashMap::new();
+    for &k in key_ids {
+        let key = key_str(&keys_tree, k).context("a storage key is not a str")?;
+        let elt = match elt_sizes.get(&key) {
+            Some(Some(e)) => *e,
+            Some(None) => bail!("storage {key} has a storage type imgclf does not know"),
+            None => bail!("storage {key} is listed but no tensor refers to it"),
+        };
+        let header = bytes
+            .get(pos..pos + 8)
+            .with_context(|| format!("the file ends before storage {key} (truncated file?)"))?;
+        let count = u64::from_le_bytes(header.try_into().unwrap());
+        let len = usize::try_from(count)
+            .ok()
+            .and_then(|c| c.checked_mul(elt))
+            .with_context(|| format!("storage {key} has an invalid element count {count}"))?;
+        let data = bytes.get(pos + 8..pos + 8 + len).with_context(|| {
+            format!(
+                "storage {key} ({len} bytes at byte {}) is cut off by the end of the file \
+                 ({} bytes; truncated file?)",
+                pos + 8,
+                bytes.len()
+            )
+        })?;
+        blobs.insert(key, data);
+        pos += 8 + len;
+    }
+    let storages = Storages {
+        blobs: Blobs::Legacy(blobs),
+        cache: HashMap::new(),
+    };
+    state_dict(&tree, storages)
+}
+
+/// The state dict in `tree`: the root dict, or its `model` entry.
+fn state_dict(tree: &Pickle, mut storages: Storages) -> Result<StateDict> {
+    let root = dict_items(tree, tree.root).ok_or_else(|| {
         anyhow!(
             "the file holds {}, not a state dict or a checkpoint dict with a 'model' entry \
              (a whole pickled module is not supported: save `model.state_dict()`)",
-            what(&tree, tree.root)
+            what(tree, tree.root)
         )
     })?;
     // A checkpoint dict holds the state dict under 'model' (a state dict could only have a
@@ -130,13 +235,13 @@ fn read(bytes: &[u8]) -> Result<StateDict> {
     let model = root
         .iter()
         .rev()
-        .find(|(k, _)| key_str(&tree, *k).as_deref() == Some("model"))
-        .and_then(|&(_, v)| dict_items(&tree, v));
+        .find(|(k, _)| key_str(tree, *k).as_deref() == Some("model"))
+        .and_then(|&(_, v)| dict_items(tree, v));
     let (items, ignored) = match model {
         Some(items) => {
             let others = root
                 .iter()
-                .filter_map(|&(k, _)| key_str(&tree, k))
+                .filter_map(|&(k, _)| key_str(tree, k))
                 .filter(|k| k != "model")
                 .collect();
             (items, others)
@@ -145,10 +250,10 @@ fn read(bytes: &[u8]) -> Result<StateDict> {
     };
     let mut tensors = Vec::with_capacity(items.len());
     for (k, v) in items {
-        let name = key_str(&tree, k)
-            .ok_or_else(|| anyhow!("a state dict key is {}, not a str", what(&tree, k)))?;
-        let t = tensor(&tree, v, &mut storages)
-            .with_context(|| format!("state dict entry '{name}'"))?;
+        let name = key_str(tree, k)
+            .ok_or_else(|| anyhow!("a state dict key is {}, not a str", what(tree, k)))?;
+        let t =
+            tensor(tree, v, &mut storages).with_context(|| format!("state dict entry '{name}'"))?;
         tensors.push((name, t));
     }
     Ok(StateDict { tensors, ignored })
@@ -205,11 +310,21 @@ fn dict_items(t: &Pickle, id: Id) -> Option<Vec<(Id, Id)>> {
     }
 }
 
-/// Storage blobs of the archive, each turned into a flat CPU tensor once (tensors that share a
-/// storage are views of it).
+/// Where the raw storages are.
+enum Blobs<'a> {
+    /// `<prefix>data/<key>` entries of the zip archive.
+    Zip {
+        zip: &'a Archive<'a>,
+        prefix: &'a str,
+    },
+    /// The records after the pickles of the legacy format, by key.
+    Legacy(HashMap<String, &'a [u8]>),
+}
+
+/// Storage blobs, each turned into a flat CPU tensor once (tensors that share a storage are
+/// views of it).
 struct Storages<'a> {
-    zip: &'a Archive<'a>,
-    prefix: &'a str,
+    blobs: Blobs<'a>,
     cache: HashMap<String, (Tensor, i64)>,
 }
 
@@ -226,11 +341,21 @@ impl Storages<'_> {
             }
             return Ok((t.shallow_clone(), *n));
         }
-        let name = format!("{}data/{key}", self.prefix);
-        let data = self
-            .zip
-            .read(&name)?
-            .ok_or_else(|| anyhow!("the archive lacks the storage entry {name}"))?;
+        let (name, data) = match &self.blobs {
+            Blobs::Zip { zip, prefix } => {
+                let name = format!("storage entry {prefix}data/{key}");
+                let data = zip
+                    .read(&format!("{prefix}data/{key}"))?
+                    .ok_or_else(|| anyhow!("the archive lacks the {name}"))?;
+                (name, data)
+            }
+            Blobs::Legacy(blobs) => (
+                format!("storage {key}"),
+                *blobs
+                    .get(key)
+                    .ok_or_else(|| anyhow!("storage {key} is not in the file's storage list"))?,
+            ),
+        };
         let elt = kind.elt_size_in_bytes();
         let expected = usize::try_from(numel)
             .ok()
@@ -238,7 +363,7 @@ impl Storages<'_> {
             .ok_or_else(|| anyhow!("storage {key} has an invalid element count {numel}"))?;
         if data.len() != expected {
             bail!(
-                "storage entry {name} holds {} bytes, but {numel} elements of {kind:?} need \
+                "{name} holds {} bytes, but {numel} elements of {kind:?} need \
                  {expected} (corrupt file?)",
                 data.len()
             );
@@ -265,6 +390,17 @@ fn storage_kind(name: &str) -> Option<Kind> {
         "BoolStorage" => Kind::Bool,
         _ => return None,
     })
+}
+
+/// Bytes per element of `torch.<Name>Storage`, for skipping over storages in the legacy format
+/// (the complex ones included, though they cannot be loaded).
+fn storage_elt_size(name: &str) -> Option<usize> {
+    match name {
+        "ComplexFloatStorage" => Some(8),
+        "ComplexDoubleStorage" => Some(16),
+        "UntypedStorage" => Some(1),
+        _ => storage_kind(name).map(|k| k.elt_size_in_bytes()),
+    }
 }
 
 /// `torch.<dtype>` (the dtype argument of `_rebuild_tensor_v3`).
@@ -348,7 +484,8 @@ fn rebuild(t: &Pickle, func: Id, args_id: Id, storages: &mut Storages) -> Result
             a.len()
         );
     }
-    // The persistent id: ('storage', storage_type, key, location, numel).
+    // The persistent id: ('storage', storage_type, key, location, numel), and in the legacy
+    // format a sixth item, the view metadata (None since PyTorch 1.0's storage views went).
     let Node::PersId(pid) = t.node(a[0]) else {
         bail!(
             "the storage argument is {}, expected a persistent id",
@@ -356,8 +493,18 @@ fn rebuild(t: &Pickle, func: Id, args_id: Id, storages: &mut Storages) -> Result
         );
     };
     let pid = args(t, *pid).context("persistent id")?;
-    let [tag, storage_type, key, _location, numel] = pid[..] else {
-        bail!("persistent id has {} items, expected 5", pid.len());
+    let (tag, storage_type, key, numel) = match pid[..] {
+        [tag, ty, key, _location, numel] => (tag, ty, key, numel),
+        [tag, ty, key, _location, numel, view] => {
+            if t.node(view) != &Node::None {
+                bail!(
+                    "is a view of a storage (saved by an old PyTorch); load and re-save the file \
+                     with a recent PyTorch, or convert it to safetensors"
+                );
+            }
+            (tag, ty, key, numel)
+        }
+        _ => bail!("persistent id has {} items, expected 5 or 6", pid.len()),
     };
     if key_str(t, tag).as_deref() != Some("storage") {
         bail!("persistent id is not a ('storage', ...) record");
@@ -430,7 +577,8 @@ mod tests {
     /// Written by `tests/data/torch_save/make_fixtures.py` (PyTorch 2.11): the reference's
     /// checkpoint layout with a yacs CfgNode config and an optimizer holding tensors.
     const CHECKPOINT: &[u8] = include_bytes!("../../tests/data/torch_save/checkpoint.pth");
-    const LEGACY: &[u8] = include_bytes!("../../tests/data/torch_save/legacy.pth");
+    /// The same, saved with `_use_new_zipfile_serialization=False`.
+    const LEGACY: &[u8] = include_bytes!("../../tests/data/torch_save/checkpoint_legacy.pth");
 
     fn values(t: &Tensor) -> Vec<f64> {
         Vec::<f64>::try_from(t.to_kind(Kind::Double).flatten(0, -1)).unwrap()
@@ -444,9 +592,16 @@ mod tests {
     }
 
     #[test]
-    fn reads_every_tensor_of_a_reference_style_checkpoint() {
+    fn reads_every_tensor_of_a_reference_style_checkpoint_zip_and_legacy() {
         assert_eq!(sniff(CHECKPOINT), Format::Zip);
-        let sd = load_state_dict(Path::new("checkpoint.pth"), CHECKPOINT).unwrap();
+        assert_eq!(sniff(LEGACY), Format::LegacyTorch);
+        for bytes in [CHECKPOINT, LEGACY] {
+            check_checkpoint_fixture(bytes);
+        }
+    }
+
+    fn check_checkpoint_fixture(bytes: &[u8]) {
+        let sd = load_state_dict(Path::new("checkpoint.pth"), bytes).unwrap();
         assert_eq!(
             sd.ignored,
             ["optimizer", "scheduler", "epoch", "global_step", "config"]
@@ -619,8 +774,26 @@ mod tests {
     }
 
     #[test]
+    fn legacy_format_errors() {
+        // Truncated inside the last storage record, and inside the object pickle.
+        let e = err(&LEGACY[..LEGACY.len() - 2]);
+        assert!(e.contains("w.pth") && e.contains("truncated"), "{e}");
+        let e = err(&LEGACY[..LEGACY.len() / 2]);
+        assert!(
+            e.contains("object pickle") && e.contains("truncated"),
+            "{e}"
+        );
+        // The system info says big-endian.
+        let mut big = LEGACY.to_vec();
+        let at = big.windows(13).position(|w| w == b"little_endian").unwrap();
+        let flag = at + big[at..].iter().position(|&b| b == 0x88).unwrap();
+        big[flag] = 0x89;
+        let e = err(&big);
+        assert!(e.contains("big-endian"), "{e}");
+    }
+
+    #[test]
     fn formats_are_told_by_content() {
-        assert_eq!(sniff(LEGACY), Format::LegacyTorch);
         let mut st = 2u64.to_le_bytes().to_vec();
         st.extend_from_slice(b"{}");
         assert_eq!(sniff(&st), Format::Safetensors);

@@ -88,7 +88,7 @@ pub fn load(path: &Path) -> Result<Loaded> {
             }
             tensors
         }
-        Format::Zip => {
+        Format::Zip | Format::LegacyTorch => {
             let sd = torch_file::load_state_dict(path, &bytes)?;
             if !sd.ignored.is_empty() {
                 tracing::info!(
@@ -99,13 +99,6 @@ pub fn load(path: &Path) -> Result<Loaded> {
             }
             sd.tensors
         }
-        Format::LegacyTorch => bail!(
-            "{} was written in torch.save's legacy format (_use_new_zipfile_serialization=False), \
-             which imgclf does not read: re-save it with torch.save's default settings \
-             (PyTorch >= 1.6), or convert it to safetensors \
-             (safetensors.torch.save_file(state_dict, path))",
-            path.display()
-        ),
         Format::Unknown => bail!(
             "{} is neither a safetensors file nor a torch.save zip archive (it starts with \
              {:02x?}); pass an imgclf checkpoint, a state dict saved with \
@@ -297,15 +290,10 @@ mod tests {
     }
 
     #[test]
-    fn unsupported_files_name_the_fix() {
-        let path = fixture("legacy.pth");
-        let e = format!("{:#}", load(&path).err().unwrap());
-        assert!(
-            e.contains("legacy.pth")
-                && e.contains("_use_new_zipfile_serialization=False")
-                && e.contains("safetensors"),
-            "{e}"
-        );
+    fn legacy_checkpoint_dict_loads_and_unknown_files_name_the_fix() {
+        let loaded = load(&fixture("checkpoint_legacy.pth")).unwrap();
+        let row = &loaded.model["row"];
+        assert_eq!(Vec::<f32>::try_from(row).unwrap(), [3.0, 4.0, 5.0]);
         let path = fixture("make_fixtures.py");
         let e = format!("{:#}", load(&path).err().unwrap());
         assert!(

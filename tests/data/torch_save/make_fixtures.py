@@ -51,20 +51,20 @@ state['u8'] = torch.tensor([0, 255], dtype=torch.uint8)
 state['flag'] = torch.tensor([True, False])
 
 config = CfgNode(model=CfgNode(name='resnet_preact'), train=CfgNode(batch_size=128))
-torch.save(
-    {
-        'model': state,
-        'optimizer': opt.state_dict(),
-        'scheduler': {'last_epoch': 3},
-        'epoch': 3,
-        'global_step': 12,
-        'config': config,
-    }, 'checkpoint.pth')
+checkpoint = {
+    'model': state,
+    'optimizer': opt.state_dict(),
+    'scheduler': {'last_epoch': 3},
+    'epoch': 3,
+    'global_step': 12,
+    'config': config,
+}
+torch.save(checkpoint, 'checkpoint.pth')
+# The same in the legacy format (the default before PyTorch 1.6, when the reference was written).
+torch.save(checkpoint, 'checkpoint_legacy.pth', _use_new_zipfile_serialization=False)
 
 dp = nn.DataParallel(nn.Linear(2, 1))
 with torch.no_grad():
     dp.module.weight.copy_(torch.tensor([[1.0, 2.0]]))
     dp.module.bias.copy_(torch.tensor([3.0]))
 torch.save(dp.state_dict(), 'data_parallel.pth')
-
-torch.save({'w': torch.ones(1)}, 'legacy.pth', _use_new_zipfile_serialization=False)
