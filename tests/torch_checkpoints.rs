@@ -1,7 +1,7 @@
 //! PyTorch checkpoints load unchanged: one PyTorch ResNet-preact saved as a bare `torch.save`
-//! state dict, as the reference's checkpoint dict, as a DataParallel state dict and as
-//! safetensors gives the same `imgclf evaluate` predictions, equal to PyTorch's own logits, and
-//! serves as `train.checkpoint`.
+//! state dict, as the reference's checkpoint dict (zip and legacy format), as a DataParallel
+//! state dict and as safetensors gives the same `imgclf evaluate` predictions, equal to
+//! PyTorch's own logits, and serves as `train.checkpoint`.
 
 use imgclf_tests::*;
 use std::path::{Path, PathBuf};
@@ -71,6 +71,10 @@ fn torch_save_checkpoints_evaluate_like_safetensors_and_pytorch() {
         ("bare.pth", None),
         (
             "reference.pth",
+            Some("loading its 'model' entry (ignoring optimizer, scheduler, epoch, global_step, config)"),
+        ),
+        (
+            "reference_legacy.pth",
             Some("loading its 'model' entry (ignoring optimizer, scheduler, epoch, global_step, config)"),
         ),
         ("data_parallel.pth", Some("every key starts with `module.`")),

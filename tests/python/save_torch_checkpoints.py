@@ -6,6 +6,8 @@ optimizer state holds tensors, and writes into --out:
   bare.pth             torch.save(model.state_dict())
   reference.pth        the reference's checkpoint dict (fvcore Checkpointer layout):
                        {'model', 'optimizer', 'scheduler', 'epoch', 'global_step', 'config'}
+  reference_legacy.pth the same in torch.save's legacy format
+                       (_use_new_zipfile_serialization=False, the default before 1.6)
   data_parallel.pth    torch.save(nn.DataParallel(model).state_dict()) ('module.' keys)
   weights.safetensors  the same state dict as safetensors
   logits.npz           'logits': PyTorch's eval-mode logits on the test split of
@@ -56,16 +58,18 @@ def main() -> None:
     os.makedirs(a.out, exist_ok=True)
     out = lambda name: os.path.join(a.out, name)  # noqa: E731
     torch.save(state, out("bare.pth"))
-    torch.save(
-        {
-            "model": state,
-            "optimizer": optimizer.state_dict(),
-            "scheduler": {"last_epoch": 1, "base_lrs": [0.1]},
-            "epoch": 1,
-            "global_step": 10,
-            "config": {"model": {"name": "resnet_preact",
-                                 "resnet_preact": {"depth": a.depth}}},
-        }, out("reference.pth"))
+    checkpoint = {
+        "model": state,
+        "optimizer": optimizer.state_dict(),
+        "scheduler": {"last_epoch": 1, "base_lrs": [0.1]},
+        "epoch": 1,
+        "global_step": 10,
+        "config": {"model": {"name": "resnet_preact",
+                             "resnet_preact": {"depth": a.depth}}},
+    }
+    torch.save(checkpoint, out("reference.pth"))
+    torch.save(checkpoint, out("reference_legacy.pth"),
+               _use_new_zipfile_serialization=False)
     torch.save(nn.DataParallel(model).state_dict(), out("data_parallel.pth"))
     save_safetensors(out("weights.safetensors"), state)
 
