@@ -492,6 +492,17 @@ fn compare(run: &Run, predictions: &Path) -> Result<f64, String> {
     Ok(worst)
 }
 
+/// The failure of a case whose plugin is not installed.
+fn missing_plugin(r: &Run) -> String {
+    format!(
+        "{}: plugin `{}` is not loaded, so this case cannot be checked (not in {}: \
+         `cargo xtask build` builds every crate under plugins/)",
+        r.id,
+        r.case.plugin,
+        plugin_dir().display()
+    )
+}
+
 /// The last lines of a command's stderr, for failure messages.
 fn tail(text: &str, lines: usize) -> String {
     let all: Vec<&str> = text.lines().collect();
@@ -511,13 +522,7 @@ fn check(f: &Fixture, r: &Run, models: &BTreeMap<String, Vec<String>>) -> (Strin
     {
         return (
             line("plugin missing"),
-            Some(format!(
-                "{}: plugin `{plugin}` is not loaded (not built into {}?), so `{}` cannot be \
-                 checked",
-                r.id,
-                plugin_dir().display(),
-                r.command_line()
-            )),
+            Some(format!("{} (`{}`)", missing_plugin(r), r.command_line())),
         );
     }
     let eval_dir = r.dir.join("eval");
@@ -951,12 +956,7 @@ fn every_architecture_takes_pytorchs_training_step() {
         total += 1;
         if reg.get(Kind::Model, r.case.plugin).is_none() {
             table.push(line("plugin missing"));
-            failures.push(format!(
-                "{}: no loaded plugin provides the model `{}` (searched {})",
-                r.id,
-                r.case.plugin,
-                plugin_dir().display()
-            ));
+            failures.push(missing_plugin(r));
             continue;
         }
         match train_step(&reg, r) {
@@ -1053,7 +1053,7 @@ fn check_initial_state(what: &str, select: fn(&imgclf_plugin_api::NamedTensor) -
         }
         if reg.get(Kind::Model, r.case.plugin).is_none() {
             table.push(line("plugin missing"));
-            failures.push(format!("{}: no plugin provides `{}`", r.id, r.case.plugin));
+            failures.push(missing_plugin(r));
             continue;
         }
         let mut overrides = r.overrides.clone();
