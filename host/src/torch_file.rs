@@ -270,15 +270,23 @@ fn preview(names: &[String]) -> String {
 
 /// A description of a node for messages: `a dict`, `an object of foo.Bar`, ...
 fn what(t: &Pickle, id: Id) -> String {
-    match t.node(id) {
+    match t.node(unwrap(t, id)) {
         Node::Reduce { func, .. } | Node::NewObj { cls: func, .. } => {
             format!("an object built by {}", t.describe(*func))
         }
-        Node::Build { obj, .. } | Node::SetItems { obj, .. } | Node::Appends { obj, .. } => {
-            what(t, *obj)
-        }
         other => format!("a {}", pickle::node_kind(other)),
     }
+}
+
+/// The object under any BUILD / SETITEMS / APPENDS wrappers (iteratively: a crafted file cannot
+/// exhaust the stack; each wrapper points at an older node, so this ends).
+fn unwrap(t: &Pickle, mut id: Id) -> Id {
+    while let Node::Build { obj, .. } | Node::SetItems { obj, .. } | Node::Appends { obj, .. } =
+        t.node(id)
+    {
+        id = *obj;
+    }
+    id
 }
 
 fn key_str(t: &Pickle, id: Id) -> Option<String> {
@@ -292,22 +300,30 @@ fn key_str(t: &Pickle, id: Id) -> Option<String> {
 /// The items of a dict-like node: a dict, `collections.OrderedDict()` filled by SETITEMS (and
 /// its `_metadata` state from BUILD, ignored), or a dict subclass (yacs `CfgNode`) rebuilt by
 /// NEWOBJ / REDUCE and filled the same way.
-fn dict_items(t: &Pickle, id: Id) -> Option<Vec<(Id, Id)>> {
-    match t.node(id) {
-        Node::Dict(items) => Some(items.clone()),
-        Node::Build { obj, .. } => dict_items(t, *obj),
-        // Any object that received SETITEMS is dict-like (OrderedDict, a dict subclass).
-        Node::SetItems { obj, items } => {
-            let mut all = dict_items(t, *obj).unwrap_or_default();
-            all.extend(items.iter().copied());
-            Some(all)
+fn dict_items(t: &Pickle, mut id: Id) -> Option<Vec<(Id, Id)>> {
+    // Items set on the object, outermost (latest) wrapper first.
+    let mut later: Vec<&[(Id, Id)]> = Vec::new();
+    let mut base = loop {
+        match t.node(id) {
+            Node::Dict(items) => break items.clone(),
+            Node::Build { obj, .. } => id = *obj,
+            // Any object that received SETITEMS is dict-like (OrderedDict, a dict subclass).
+            Node::SetItems { obj, items } => {
+                later.push(items);
+                id = *obj;
+            }
+            // An empty OrderedDict, before any SETITEMS.
+            Node::Reduce { func, .. } if t.is_global(*func, &["collections"], "OrderedDict") => {
+                break Vec::new()
+            }
+            _ if !later.is_empty() => break Vec::new(),
+            _ => return None,
         }
-        // An empty OrderedDict, before any SETITEMS.
-        Node::Reduce { func, .. } if t.is_global(*func, &["collections"], "OrderedDict") => {
-            Some(Vec::new())
-        }
-        _ => None,
+    };
+    for items in later.into_iter().rev() {
+        base.extend_from_slice(items);
     }
+    Some(base)
 }
 
 /// Where the raw storages are.
@@ -444,30 +460,46 @@ fn int_arg(t: &Pickle, id: Id, what: &str) -> Result<i64> {
 
 /// Rebuilds the tensor pickled at `id`.
 fn tensor(t: &Pickle, id: Id, storages: &mut Storages) -> Result<Tensor> {
-    match t.node(id) {
-        // A Parameter pickled with its state (`_rebuild_parameter_with_state`), or any tensor
-        // that gained attributes: the state is ignored.
-        Node::Build { obj, .. } => tensor(t, *obj, storages),
-        Node::Reduce { func, args } => rebuild(t, *func, *args, storages),
+    tensor_at(t, id, storages, 0)
+}
+
+/// Parameters and tensor subclasses wrap the plain tensor; deeper nesting than this is no
+/// file PyTorch writes.
+const MAX_WRAPPING: usize = 8;
+
+fn tensor_at(t: &Pickle, id: Id, storages: &mut Storages, depth: usize) -> Result<Tensor> {
+    // BUILD: a Parameter pickled with its state (`_rebuild_parameter_with_state`), or any
+    // tensor that gained attributes: the state is ignored.
+    match t.node(unwrap(t, id)) {
+        Node::Reduce { func, args } => rebuild(t, *func, *args, storages, depth),
         _ => bail!("is {}, not a tensor", what(t, id)),
     }
 }
 
-fn rebuild(t: &Pickle, func: Id, args_id: Id, storages: &mut Storages) -> Result<Tensor> {
+fn rebuild(
+    t: &Pickle,
+    func: Id,
+    args_id: Id,
+    storages: &mut Storages,
+    depth: usize,
+) -> Result<Tensor> {
+    if depth > MAX_WRAPPING {
+        bail!("tensor is wrapped more than {MAX_WRAPPING} levels deep");
+    }
     let a = args(t, args_id)?;
     let torch_utils = &["torch._utils"];
     if t.is_global(func, torch_utils, "_rebuild_parameter")
         || t.is_global(func, torch_utils, "_rebuild_parameter_with_state")
     {
         let data = *a.first().context("_rebuild_parameter without arguments")?;
-        return tensor(t, data, storages);
+        return tensor_at(t, data, storages, depth + 1);
     }
     if t.is_global(func, &["torch._tensor"], "_rebuild_from_type_v2") {
         // (func, new_type, args, state): a tensor subclass; rebuild the plain tensor.
         let [f, _ty, inner, _state] = a[..] else {
             bail!("_rebuild_from_type_v2 takes 4 arguments, found {}", a.len());
         };
-        return rebuild(t, f, inner, storages);
+        return rebuild(t, f, inner, storages, depth + 1);
     }
     let v3 = t.is_global(func, torch_utils, "_rebuild_tensor_v3");
     if !v3 && !t.is_global(func, torch_utils, "_rebuild_tensor_v2") {
@@ -631,7 +663,8 @@ mod tests {
                 "f64",
                 "i32",
                 "u8",
-                "flag"
+                "flag",
+                "param"
             ]
         );
         use Kind::*;
@@ -655,6 +688,8 @@ mod tests {
         assert_eq!(get("i32"), (Int, vec![2], vec![-7.0, 9.0]));
         assert_eq!(get("u8"), (Uint8, vec![2], vec![0.0, 255.0]));
         assert_eq!(get("flag"), (Bool, vec![2], vec![1.0, 0.0]));
+        // An nn.Parameter (torch._utils._rebuild_parameter around the tensor).
+        assert_eq!(get("param"), (Float, vec![1], vec![2.5]));
     }
 
     /// A protocol-2 pickle of `{'w': _rebuild_tensor_v2(persistent_id(('storage',

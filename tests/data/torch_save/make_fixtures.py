@@ -49,6 +49,7 @@ state['f64'] = torch.tensor([0.1], dtype=torch.float64)
 state['i32'] = torch.tensor([-7, 9], dtype=torch.int32)
 state['u8'] = torch.tensor([0, 255], dtype=torch.uint8)
 state['flag'] = torch.tensor([True, False])
+state['param'] = nn.Parameter(torch.tensor([2.5]))  # as state_dict(keep_vars=True)
 
 config = CfgNode(model=CfgNode(name='resnet_preact'), train=CfgNode(batch_size=128))
 checkpoint = {
