@@ -2,13 +2,14 @@
 //! (the reference's fvcore `Checkpointer`), read into named tensors without executing any pickle
 //! code.
 //!
-//! The zip format (PyTorch >= 1.6) holds `<prefix>/data.pkl` (the pickled object) and `<prefix>/data/<key>` (the raw
-//! storages). The pickle is decoded symbolically ([`crate::pickle`]); tensors are recognised as
+//! The zip format (PyTorch >= 1.6) holds `<prefix>/data.pkl` (the pickled object) and
+//! `<prefix>/data/<key>` (the raw storages). The pickle is decoded symbolically ([`crate::pickle`]); tensors are recognised as
 //! `torch._utils._rebuild_tensor_v2(persistent_id(('storage', torch.<Dtype>Storage, key,
 //! location, numel)), storage_offset, size, stride, ...)` (and `_rebuild_tensor_v3`,
 //! `_rebuild_parameter`), and rebuilt from the storage bytes with their offset, size and stride.
 //! The legacy format (`_use_new_zipfile_serialization=False`, the default before 1.6) is the
 //! same pickle followed by the raw storages in one stream ([`read_legacy`]).
+//!
 //! Everything else in the file (optimizer state, scheduler, config, yacs `CfgNode`s) is left as
 //! symbols and ignored.
 
@@ -38,6 +39,7 @@ const LEGACY_MAGIC: [u8; 14] = [
     0x80, 0x02, 0x8a, 0x0a, 0x6c, 0xfc, 0x9c, 0x46, 0xf9, 0x20, 0x6a, 0xa8, 0x50, 0x19,
 ];
 
+/// Tells the format of a weights file from its first bytes.
 pub fn sniff(bytes: &[u8]) -> Format {
     if bytes.starts_with(b"PK\x03\x04") {
         return Format::Zip;
@@ -193,17 +195,18 @@ fn read_legacy(path: &Path, bytes: &[u8]) -> Result<StateDict> {
         let elt = match elt_sizes.get(&key) {
             Some(Some(e)) => *e,
             Some(None) => bail!("storage {key} has a storage type imgclf does not know"),
-            None => bail!("storage {key} is listed but no tensor refers to it"),
+            None => bail!("storage {key} is listed but nothing in the object refers to it"),
         };
         let header = bytes
-            .get(pos..pos + 8)
+            .get(pos..)
+            .and_then(|rest| rest.get(..8))
             .with_context(|| format!("the file ends before storage {key} (truncated file?)"))?;
         let count = u64::from_le_bytes(header.try_into().unwrap());
         let len = usize::try_from(count)
             .ok()
             .and_then(|c| c.checked_mul(elt))
             .with_context(|| format!("storage {key} has an invalid element count {count}"))?;
-        let data = bytes.get(pos + 8..pos + 8 + len).with_context(|| {
+        let data = bytes[pos + 8..].get(..len).with_context(|| {
             format!(
                 "storage {key} ({len} bytes at byte {}) is cut off by the end of the file \
                  ({} bytes; truncated file?)",
@@ -274,7 +277,15 @@ fn what(t: &Pickle, id: Id) -> String {
         Node::Reduce { func, .. } | Node::NewObj { cls: func, .. } => {
             format!("an object built by {}", t.describe(*func))
         }
-        other => format!("a {}", pickle::node_kind(other)),
+        other => {
+            let kind = pickle::node_kind(other);
+            let article = if kind.starts_with(['a', 'e', 'i', 'o', 'u']) {
+                "an"
+            } else {
+                "a"
+            };
+            format!("{article} {kind}")
+        }
     }
 }
 

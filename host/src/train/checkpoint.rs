@@ -100,8 +100,8 @@ pub fn load(path: &Path) -> Result<Loaded> {
             sd.tensors
         }
         Format::Unknown => bail!(
-            "{} is neither a safetensors file nor a torch.save zip archive (it starts with \
-             {:02x?}); pass an imgclf checkpoint, a state dict saved with \
+            "{} is neither a safetensors file nor a torch.save file (it starts with {:02x?}); \
+             pass an imgclf checkpoint, a state dict saved with \
              safetensors.torch.save_file, or a file written by torch.save",
             path.display(),
             &bytes[..bytes.len().min(8)]
