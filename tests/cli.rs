@@ -967,3 +967,51 @@ fn reference_augmentation_commands_and_configs_run_with_their_augmentations_on()
         }
     }
 }
+
+#[test]
+fn bad_optimizer_and_schedule_settings_fail_before_anything_is_written() {
+    let d = scratch("bad-optim");
+    let out = d.join("out");
+    let base = [
+        "train",
+        "--config",
+        "configs/fashion_mnist/resnet_preact.yaml",
+        "train.output_dir",
+        out.to_str().unwrap(),
+    ];
+    for (extra, expected) in [
+        (
+            &["train.optimizer", "adam", "optim.adam.betas", "[0.9]"][..],
+            "optim.adam.betas must be two numbers",
+        ),
+        (
+            &["train.optimizer", "adabound", "optim.adabound.gamma", "1.5"][..],
+            "optim.adabound.gamma must be in [0, 1)",
+        ),
+        (
+            &[
+                "scheduler.type",
+                "sgdr",
+                "scheduler.epochs",
+                "160",
+                "scheduler.T0",
+                "10",
+                "scheduler.T_mul",
+                "2.0",
+            ][..],
+            "cover 310 epochs, but the schedule has 160",
+        ),
+    ] {
+        for dry in [true, false] {
+            let mut cmd = imgclf(&workspace());
+            cmd.args(base).args(extra);
+            if dry {
+                cmd.arg("--dry-run");
+            }
+            let (code, _, err) = run(&mut cmd);
+            assert_eq!(code, 1, "{extra:?}: {err}");
+            assert!(err.contains(expected), "{extra:?}: {err}");
+            assert!(!out.exists(), "{extra:?}: nothing written");
+        }
+    }
+}

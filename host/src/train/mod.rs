@@ -547,6 +547,18 @@ pub fn run(registry: &Registry, request: &Request, args: &TrainArgs) -> Result<(
         .resume
         .clone()
         .unwrap_or_else(|| PathBuf::from(c.str("train.output_dir")));
+    // Building the optimizer and the schedule runs their config checks (betas, Nesterov without
+    // momentum, SGDR cycles that must fill the schedule) before anything is loaded or written.
+    let opt_entry = s
+        .optimizer
+        .as_ref()
+        .expect("training setup has an optimizer");
+    let optimizer = registry.plugin(opt_entry).create_optimizer(
+        &opt_entry.info.name,
+        &c.section_json(""),
+        param_groups(&tensors, c),
+    )?;
+    build_schedule(registry, &s, 1)?;
 
     if args.dry_run {
         // Building the augmentations runs their config checks (impossible combinations).
@@ -641,15 +653,6 @@ pub fn run(registry: &Registry, request: &Request, args: &TrainArgs) -> Result<(
     );
 
     // Components.
-    let opt_entry = s
-        .optimizer
-        .as_ref()
-        .expect("training setup has an optimizer");
-    let optimizer = registry.plugin(opt_entry).create_optimizer(
-        &opt_entry.info.name,
-        &c.section_json(""),
-        param_groups(&tensors, c),
-    )?;
     let schedule = build_schedule(registry, &s, steps_per_epoch as u64)?;
     let pipeline = build_pipeline(registry, &s, device)?;
 
