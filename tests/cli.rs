@@ -906,69 +906,6 @@ fn reference_augmentation_commands_and_configs_run_with_their_augmentations_on()
 }
 
 #[test]
-fn reference_augmentation_commands_and_configs_run_with_their_augmentations_on() {
-    // Every single-device README command that switches an augmentation on, and every config in
-    // configs/augmentations: the dry run builds the augmentations (their config checks) and
-    // lists the switched-on one as active.
-    let commands = std::fs::read_to_string(workspace().join("tests/data/commands.txt")).unwrap();
-    let mut runs: Vec<(String, Vec<String>, Vec<String>)> = Vec::new();
-    for line in commands
-        .lines()
-        .filter(|l| l.starts_with("python train.py"))
-    {
-        let args = split_command(line.trim_start_matches("python train.py"));
-        let on: Vec<String> = args
-            .windows(2)
-            .filter(|w| w[0].starts_with("augmentation.use_") && w[1] == "True")
-            .map(|w| w[0].trim_start_matches("augmentation.use_").to_string())
-            .filter(|a| !a.starts_with("random_crop") && !a.starts_with("random_horizontal"))
-            .collect();
-        if !on.is_empty() {
-            runs.push((line.to_string(), args, on));
-        }
-    }
-    let dir = workspace().join("configs/augmentations/cifar");
-    for e in std::fs::read_dir(&dir).unwrap() {
-        let p = e.unwrap().path();
-        let name = p.file_stem().unwrap().to_string_lossy().to_string();
-        runs.push((
-            p.display().to_string(),
-            vec!["--config".into(), p.display().to_string()],
-            vec![name],
-        ));
-    }
-    let names: Vec<&str> = runs.iter().flat_map(|r| &r.2).map(String::as_str).collect();
-    for a in [
-        "cutout",
-        "random_erasing",
-        "mixup",
-        "ricap",
-        "dual_cutout",
-        "cutmix",
-        "label_smoothing",
-    ] {
-        assert!(names.contains(&a), "nothing runs {a}: {names:?}");
-    }
-    for (what, args, on) in &runs {
-        let (code, out, err) = run(imgclf(&workspace())
-            .arg("train")
-            .args(args)
-            .arg("--dry-run"));
-        assert_eq!(code, 0, "{what}\n{out}{err}");
-        let active = out
-            .lines()
-            .find(|l| l.starts_with("augmentations: "))
-            .unwrap_or_default();
-        for a in on {
-            assert!(active.contains(&format!("{a} ({a} ")), "{what}: {active}");
-        }
-        if on.iter().any(|a| a == "ricap") {
-            assert!(!active.contains("random_crop"), "{what}: {active}");
-        }
-    }
-}
-
-#[test]
 fn bad_optimizer_and_schedule_settings_fail_before_anything_is_written() {
     let d = scratch("bad-optim");
     let out = d.join("out");
