@@ -56,6 +56,23 @@ pub fn blocks_per_stage(
     Ok(n)
 }
 
+/// What the reference's CIFAR networks do while they are built: one training-mode forward pass
+/// of a single all-zero image (to measure the classifier's input size), which updates every
+/// BatchNorm's running statistics once (`num_batches_tracked` 1; `running_var` 0.9 and
+/// `running_mean` 0 where the normalised input is constant zero). Ports of those networks end
+/// `build` with this, so a fresh model's state dict equals the reference's.
+pub fn probed_like_the_reference(
+    mut model: Box<dyn crate::Model>,
+    ctx: &crate::ModelContext,
+) -> crate::Result<Box<dyn crate::Model>> {
+    let zeros = Tensor::zeros(
+        [1, ctx.n_channels, ctx.image_size, ctx.image_size],
+        (Kind::Float, ctx.device),
+    );
+    let _ = tch::no_grad(|| model.forward(&zeros, true))?;
+    Ok(model)
+}
+
 /// Ordered registry of a model's tensors. Cheap to clone (shared).
 #[derive(Clone)]
 pub struct ParamStore {

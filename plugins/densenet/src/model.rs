@@ -3,7 +3,9 @@
 //! transitions (BN-ReLU-conv1x1 compressing by `compression_rate`, 2x2 average pool); optional
 //! dropout after every convolution; state-dict names as the reference's.
 
-use imgclf_plugin_api::nn::{BatchNorm2d, Conv2d, ConvConfig, InitMode, Linear, ParamStore, Scope};
+use imgclf_plugin_api::nn::{
+    self, BatchNorm2d, Conv2d, ConvConfig, InitMode, Linear, ParamStore, Scope,
+};
 use imgclf_plugin_api::{
     plugin_bail, ComponentInfo, ConfigView, KeyDecl, Kind, Model, ModelContext, ModelFactory,
     NamedTensor, Result,
@@ -297,7 +299,8 @@ impl ModelFactory for DenseNetFactory {
     }
 
     fn build(&self, config: &ConfigView, ctx: &ModelContext) -> Result<Box<dyn Model>> {
-        Ok(Box::new(DenseNet::new(&Config::from_view(config)?, ctx)?))
+        let model = Box::new(DenseNet::new(&Config::from_view(config)?, ctx)?);
+        nn::probed_like_the_reference(model, ctx)
     }
 }
 

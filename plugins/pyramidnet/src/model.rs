@@ -280,7 +280,8 @@ impl ModelFactory for PyramidNetFactory {
     }
 
     fn build(&self, config: &ConfigView, ctx: &ModelContext) -> Result<Box<dyn Model>> {
-        Ok(Box::new(PyramidNet::new(&Config::from_view(config)?, ctx)?))
+        let model = Box::new(PyramidNet::new(&Config::from_view(config)?, ctx)?);
+        nn::probed_like_the_reference(model, ctx)
     }
 }
 

@@ -251,7 +251,8 @@ impl ModelFactory for ResNetFactory {
     }
 
     fn build(&self, config: &ConfigView, ctx: &ModelContext) -> Result<Box<dyn Model>> {
-        Ok(Box::new(ResNet::new(&Config::from_view(config)?, ctx)?))
+        let model = Box::new(ResNet::new(&Config::from_view(config)?, ctx)?);
+        nn::probed_like_the_reference(model, ctx)
     }
 }
 

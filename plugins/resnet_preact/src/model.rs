@@ -318,10 +318,8 @@ impl ModelFactory for ResNetPreactFactory {
     }
 
     fn build(&self, config: &ConfigView, ctx: &ModelContext) -> Result<Box<dyn Model>> {
-        Ok(Box::new(ResNetPreact::new(
-            &Config::from_view(config)?,
-            ctx,
-        )?))
+        let model = Box::new(ResNetPreact::new(&Config::from_view(config)?, ctx)?);
+        nn::probed_like_the_reference(model, ctx)
     }
 }
 

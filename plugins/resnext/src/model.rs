@@ -223,7 +223,8 @@ impl ModelFactory for ResNextFactory {
     }
 
     fn build(&self, config: &ConfigView, ctx: &ModelContext) -> Result<Box<dyn Model>> {
-        Ok(Box::new(ResNext::new(&Config::from_view(config)?, ctx)?))
+        let model = Box::new(ResNext::new(&Config::from_view(config)?, ctx)?);
+        nn::probed_like_the_reference(model, ctx)
     }
 }
 

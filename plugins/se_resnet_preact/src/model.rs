@@ -323,10 +323,8 @@ impl ModelFactory for SeResNetPreactFactory {
     }
 
     fn build(&self, config: &ConfigView, ctx: &ModelContext) -> Result<Box<dyn Model>> {
-        Ok(Box::new(SeResNetPreact::new(
-            &Config::from_view(config)?,
-            ctx,
-        )?))
+        let model = Box::new(SeResNetPreact::new(&Config::from_view(config)?, ctx)?);
+        nn::probed_like_the_reference(model, ctx)
     }
 }
 

@@ -304,7 +304,8 @@ impl ModelFactory for ShakeShakeFactory {
     }
 
     fn build(&self, config: &ConfigView, ctx: &ModelContext) -> Result<Box<dyn Model>> {
-        Ok(Box::new(ShakeShake::new(&Config::from_view(config)?, ctx)?))
+        let model = Box::new(ShakeShake::new(&Config::from_view(config)?, ctx)?);
+        nn::probed_like_the_reference(model, ctx)
     }
 }
 

@@ -2,7 +2,7 @@
 //! optionally followed by BN), each ending in a 2x2 max-pool, then one linear layer on the
 //! flattened features; state-dict names as the reference's (`stage1.conv0`, `stage1.bn0`).
 
-use imgclf_plugin_api::nn::{BatchNorm2d, Conv2d, ConvConfig, InitMode, Linear, ParamStore};
+use imgclf_plugin_api::nn::{self, BatchNorm2d, Conv2d, ConvConfig, InitMode, Linear, ParamStore};
 use imgclf_plugin_api::{
     plugin_bail, ComponentInfo, ConfigView, KeyDecl, Kind, Model, ModelContext, ModelFactory,
     NamedTensor, Result,
@@ -182,7 +182,8 @@ impl ModelFactory for VggFactory {
     }
 
     fn build(&self, config: &ConfigView, ctx: &ModelContext) -> Result<Box<dyn Model>> {
-        Ok(Box::new(Vgg::new(&Config::from_view(config)?, ctx)?))
+        let model = Box::new(Vgg::new(&Config::from_view(config)?, ctx)?);
+        nn::probed_like_the_reference(model, ctx)
     }
 }
 

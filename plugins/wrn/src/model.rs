@@ -2,7 +2,9 @@
 //! `widening_factor`, optional dropout between the two convolutions), with the reference's
 //! state-dict names.
 
-use imgclf_plugin_api::nn::{BatchNorm2d, Conv2d, ConvConfig, InitMode, Linear, ParamStore, Scope};
+use imgclf_plugin_api::nn::{
+    self, BatchNorm2d, Conv2d, ConvConfig, InitMode, Linear, ParamStore, Scope,
+};
 use imgclf_plugin_api::{
     plugin_bail, ComponentInfo, ConfigView, KeyDecl, Kind, Model, ModelContext, ModelFactory,
     NamedTensor, Result,
@@ -226,7 +228,8 @@ impl ModelFactory for WrnFactory {
     }
 
     fn build(&self, config: &ConfigView, ctx: &ModelContext) -> Result<Box<dyn Model>> {
-        Ok(Box::new(Wrn::new(&Config::from_view(config)?, ctx)?))
+        let model = Box::new(Wrn::new(&Config::from_view(config)?, ctx)?);
+        nn::probed_like_the_reference(model, ctx)
     }
 }
 
