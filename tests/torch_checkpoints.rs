@@ -142,3 +142,47 @@ fn loss_and_accuracy(data: &Path, logits: &[f32]) -> (f64, f64) {
     let n = test.labels.len() as f64;
     (loss / n, correct as f64 / n)
 }
+
+/// Without PyTorch at hand: the checked-in `torch.save` files reach the model through the CLI
+/// (a DataParallel state dict loses its prefix, then does not fit ResNet-preact), and a
+/// damaged file is an error naming it.
+#[test]
+fn checked_in_torch_save_files_through_evaluate() {
+    let d = scratch("torch-checkpoints-cli");
+    let data = d.join("data");
+    fashion_mnist_subset(&data, 8, 8);
+    let fixture = workspace().join("tests/data/torch_save/data_parallel.pth");
+    let eval = |ckpt: &Path| {
+        run(imgclf(&workspace()).args([
+            "evaluate",
+            "--config",
+            "configs/fashion_mnist/resnet_preact.yaml",
+            "model.resnet_preact.depth",
+            DEPTH,
+            "dataset.dataset_dir",
+            data.to_str().unwrap(),
+            "test.checkpoint",
+            ckpt.to_str().unwrap(),
+            "test.output_dir",
+            d.join("eval").to_str().unwrap(),
+        ]))
+    };
+    let (code, _, err) = eval(&fixture);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("every key starts with `module.`")
+            && err.contains("data_parallel.pth does not fit this model")
+            && err.contains("unexpected (2): bias, weight"),
+        "{err}"
+    );
+
+    let bytes = std::fs::read(&fixture).unwrap();
+    let cut = d.join("cut.pth");
+    std::fs::write(&cut, &bytes[..bytes.len() - 30]).unwrap();
+    let (code, _, err) = eval(&cut);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("cut.pth: cannot read this torch.save file") && err.contains("truncated"),
+        "{err}"
+    );
+}
