@@ -3,6 +3,7 @@
 //! uniformly and clipped to the image, is copied from each image's partner. The labels are mixed
 //! by the area actually pasted: `lambda` is corrected to `1 - box area / image area` after
 //! clipping and rounding (as CutMix's original code does), so the soft targets match the pixels.
+//! `correct_lambda False` keeps the drawn `lambda`, as the reference's collator does.
 
 use imgclf_plugin_api::augment::{permutation, rect_mask, Rect};
 use imgclf_plugin_api::rng::{step_rng, Rng};
@@ -17,6 +18,8 @@ const SECTION: &str = "augmentation.cutmix";
 
 pub struct CutMix {
     pub beta: Beta<f64>,
+    /// Weigh the labels by the pasted area (else by the drawn `lambda`).
+    pub correct_lambda: bool,
 }
 
 /// One batch's draw.
@@ -75,7 +78,11 @@ impl Augmentation for CutMix {
             .images
             .f_index_select(0, &idx)?
             .f_where_self(&mask, &batch.images)?;
-        let lam = d.corrected_lambda;
+        let lam = if self.correct_lambda {
+            d.corrected_lambda
+        } else {
+            d.lambda
+        };
         let targets = &batch.targets * lam
             + batch
                 .targets
@@ -100,17 +107,27 @@ impl AugmentationFactory for CutMixFactory {
         )
         .papers(&["1905.04899"])
         .switched_by("augmentation.use_cutmix", Stage::Mix)
-        .keys(vec![KeyDecl::float(
-            &format!("{SECTION}.alpha"),
-            1.0,
-            "the box's area fraction 1 - lambda has lambda ~ Beta(alpha, alpha)",
-        )])
+        .keys(vec![
+            KeyDecl::float(
+                &format!("{SECTION}.alpha"),
+                1.0,
+                "the box's area fraction 1 - lambda has lambda ~ Beta(alpha, alpha)",
+            ),
+            KeyDecl::bool(
+                &format!("{SECTION}.correct_lambda"),
+                true,
+                "mix the labels by the pasted (clipped) box's area, as CutMix's code; False keeps the drawn lambda, as the reference",
+            ),
+        ])
     }
 
     fn build(&self, config: &ConfigView, _ctx: &DataContext) -> Result<Box<dyn Augmentation>> {
         let alpha = config.float(&format!("{SECTION}.alpha"))?;
         match Beta::new(alpha, alpha) {
-            Ok(beta) if alpha > 0.0 => Ok(Box::new(CutMix { beta })),
+            Ok(beta) if alpha > 0.0 => Ok(Box::new(CutMix {
+                beta,
+                correct_lambda: config.bool(&format!("{SECTION}.correct_lambda"))?,
+            })),
             _ => plugin_bail!("{SECTION}.alpha must be > 0, got {alpha}"),
         }
     }
@@ -124,6 +141,7 @@ mod tests {
     fn cutmix(alpha: f64) -> CutMix {
         CutMix {
             beta: Beta::new(alpha, alpha).unwrap(),
+            correct_lambda: true,
         }
     }
 
@@ -194,5 +212,23 @@ mod tests {
                 }
             }
         }
+        // The reference's weighting: same pixels, labels by the drawn lambda.
+        let mut uncorrected = CutMix {
+            correct_lambda: false,
+            ..cutmix(1.0)
+        };
+        let d = uncorrected.draw(3, n, 32, 32);
+        let out = uncorrected
+            .apply(
+                Batch {
+                    images: images.copy(),
+                    targets: targets.copy(),
+                    views: 1,
+                },
+                3,
+            )
+            .unwrap();
+        let i = (0..n).find(|&i| d.perm[i as usize] != i).unwrap();
+        assert!((out.targets.double_value(&[i, i]) - d.lambda).abs() < 1e-6);
     }
 }

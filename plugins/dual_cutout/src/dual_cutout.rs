@@ -1,6 +1,8 @@
 //! Dual-Cutout: every training image becomes two views with independent Cutout squares
 //! (stacked view-major: `2N` images), and the loss is the mean cross-entropy of both views plus
-//! `dual_cutout_alpha` times the squared distance between the two views' softmax outputs.
+//! `dual_cutout_alpha` times the squared distance between the two views' softmax outputs
+//! (`dual_cutout_consistency softmax`, the paper's form), or, with `logits`, the reference's
+//! `F.mse_loss` of the two views' raw logits (mean over images and classes).
 
 use crate::boxes::{CutoutBoxes, SECTION};
 use imgclf_plugin_api::rng::step_rng;
@@ -19,9 +21,19 @@ const CONFLICTS: &[&str] = &[
     "augmentation.use_label_smoothing",
 ];
 
+/// What the consistency term compares.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Consistency {
+    /// Squared distance of the softmax outputs, summed over classes, mean over images.
+    Softmax,
+    /// Mean squared difference of the logits over images and classes (the reference's code).
+    Logits,
+}
+
 pub struct DualCutout {
     pub boxes: CutoutBoxes,
     pub alpha: f64,
+    pub consistency: Consistency,
 }
 
 impl DualCutout {
@@ -33,10 +45,13 @@ impl DualCutout {
                 .sum_dim_intlist(1, false, K::Float)
                 .mean(K::Float))
         };
-        let consistency = (views[0].softmax(1, K::Float) - views[1].softmax(1, K::Float))
-            .square()
-            .sum_dim_intlist(1, false, K::Float)
-            .mean(K::Float);
+        let consistency = match self.consistency {
+            Consistency::Softmax => (views[0].softmax(1, K::Float) - views[1].softmax(1, K::Float))
+                .square()
+                .sum_dim_intlist(1, false, K::Float)
+                .mean(K::Float),
+            Consistency::Logits => (&views[0] - &views[1]).square().mean(K::Float),
+        };
         Ok((ce(&views[0])? + ce(&views[1])?) * 0.5 + consistency * self.alpha)
     }
 }
@@ -78,11 +93,19 @@ impl AugmentationFactory for DualCutoutFactory {
         )
         .papers(&["1802.07426"])
         .switched_by("augmentation.use_dual_cutout", Stage::Erase)
-        .keys(vec![KeyDecl::float(
-            &format!("{SECTION}.dual_cutout_alpha"),
-            0.1,
-            "weight of the squared distance between the two views' softmax outputs",
-        )])
+        .keys(vec![
+            KeyDecl::float(
+                &format!("{SECTION}.dual_cutout_alpha"),
+                0.1,
+                "weight of the consistency term between the two views' outputs",
+            ),
+            KeyDecl::str(
+                &format!("{SECTION}.dual_cutout_consistency"),
+                "softmax",
+                "softmax: squared distance of the softmax outputs (paper); logits: mean squared difference of the logits (the reference's code)",
+            )
+            .choices(&["softmax", "logits"]),
+        ])
     }
 
     fn build(&self, config: &ConfigView, ctx: &DataContext) -> Result<Box<dyn Augmentation>> {
@@ -103,9 +126,20 @@ impl AugmentationFactory for DualCutoutFactory {
         if alpha.is_nan() || alpha < 0.0 {
             plugin_bail!("{SECTION}.dual_cutout_alpha must be >= 0, got {alpha}");
         }
+        let consistency = match config
+            .str(&format!("{SECTION}.dual_cutout_consistency"))?
+            .as_str()
+        {
+            "softmax" => Consistency::Softmax,
+            "logits" => Consistency::Logits,
+            other => plugin_bail!(
+                "{SECTION}.dual_cutout_consistency must be 'softmax' or 'logits', got '{other}'"
+            ),
+        };
         Ok(Box::new(DualCutout {
             boxes: CutoutBoxes::from_config(config, ctx.image_size)?,
             alpha,
+            consistency,
         }))
     }
 }
@@ -124,6 +158,7 @@ mod tests {
                 mask_color: -3.0,
             },
             alpha: 0.5,
+            consistency: Consistency::Softmax,
         }
     }
 
@@ -175,6 +210,18 @@ mod tests {
         let ce = (-(p1[0].ln()) - p2[0].ln()) / 2.0;
         let dist: f64 = p1.iter().zip(&p2).map(|(a, b)| (a - b) * (a - b)).sum();
         assert!((got - (ce + 0.5 * dist)).abs() < 1e-5, "{got}");
+        // The reference's form: F.mse_loss(logits1, logits2) = mean of (2, 0, 0)^2 = 4/3.
+        let reference = DualCutout {
+            consistency: Consistency::Logits,
+            ..dual()
+        }
+        .loss_of(&Tensor::cat(&[&l1, &l2], 0), &t)
+        .unwrap()
+        .double_value(&[]);
+        assert!(
+            (reference - (ce + 0.5 * 4.0 / 3.0)).abs() < 1e-5,
+            "{reference}"
+        );
     }
 
     #[test]
