@@ -56,6 +56,59 @@ pub fn blocks_per_stage(
     Ok(n)
 }
 
+/// Where a block sits in a network built by [`stages`], and its geometry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BlockAt {
+    /// Stage index, from 0 (named `stage{stage+1}`).
+    pub stage: usize,
+    /// Block index within the stage, from 0 (named `block{index+1}`).
+    pub index: i64,
+    pub c_in: i64,
+    pub c_out: i64,
+    pub stride: i64,
+}
+
+impl BlockAt {
+    /// The first block of a stage (it changes width and stride).
+    pub fn is_first(&self) -> bool {
+        self.index == 0
+    }
+}
+
+/// The stage layout of the reference's CIFAR residual networks: stage `i` (scope `stage{i+1}`)
+/// has `n` blocks (scopes `block{j+1}`); its first block goes from the previous width
+/// (`c_in` for the first stage) to `widths[i]` with `strides[i]`, the others keep `widths[i]`
+/// at stride 1. `block` builds one block in its scope.
+pub fn stages<B>(
+    root: &Scope,
+    c_in: i64,
+    widths: &[i64],
+    strides: &[i64],
+    n: i64,
+    mut block: impl FnMut(&Scope, BlockAt) -> B,
+) -> Vec<Vec<B>> {
+    let mut prev = c_in;
+    let mut out = Vec::with_capacity(widths.len());
+    for (stage, (&c_out, &stride)) in widths.iter().zip(strides).enumerate() {
+        let s = root.sub(format!("stage{}", stage + 1));
+        let blocks = (0..n)
+            .map(|index| {
+                let at = BlockAt {
+                    stage,
+                    index,
+                    c_in: if index == 0 { prev } else { c_out },
+                    c_out,
+                    stride: if index == 0 { stride } else { 1 },
+                };
+                block(&s.sub(format!("block{}", index + 1)), at)
+            })
+            .collect();
+        out.push(blocks);
+        prev = c_out;
+    }
+    out
+}
+
 /// What the reference's CIFAR networks do while they are built: one training-mode forward pass
 /// of a single all-zero image (to measure the classifier's input size), which updates every
 /// BatchNorm's running statistics once (`num_batches_tracked` 1; `running_var` 0.9 and
@@ -352,6 +405,38 @@ mod tests {
             ]
         );
         assert_eq!(store.parameter_count(), 8 * 3 * 9 + 16);
+    }
+
+    #[test]
+    fn stages_chain_widths_and_stride_only_the_first_block() {
+        let store = ParamStore::new(Device::Cpu);
+        let mut seen = Vec::new();
+        let st = stages(&store.root(), 16, &[16, 32, 64], &[1, 2, 2], 2, |s, at| {
+            seen.push((
+                s.sub("x")
+                    .param("w", Tensor::zeros([1], (Kind::Float, Device::Cpu))),
+                at,
+            ));
+            at.c_out
+        });
+        assert_eq!(st, vec![vec![16, 16], vec![32, 32], vec![64, 64]]);
+        let names: Vec<String> = store.tensors().into_iter().map(|t| t.name).collect();
+        assert_eq!(names[2], "stage2.block1.x.w");
+        let geometry: Vec<(i64, i64, i64, bool)> = seen
+            .iter()
+            .map(|(_, a)| (a.c_in, a.c_out, a.stride, a.is_first()))
+            .collect();
+        assert_eq!(
+            geometry,
+            [
+                (16, 16, 1, true),
+                (16, 16, 1, false),
+                (16, 32, 2, true),
+                (32, 32, 1, false),
+                (32, 64, 2, true),
+                (64, 64, 1, false)
+            ]
+        );
     }
 
     #[test]

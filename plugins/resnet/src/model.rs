@@ -174,20 +174,9 @@ impl ResNet {
             cfg.init_mode,
         );
         let bn = BatchNorm2d::new(&root.sub("bn"), cfg.initial_channels);
-        let mut stages = Vec::new();
-        let mut c_in = ch[0];
-        for (i, (&c_out, stride)) in ch.iter().zip([1, 2, 2]).enumerate() {
-            let s = root.sub(format!("stage{}", i + 1));
-            stages.push(
-                (0..n)
-                    .map(|b| {
-                        let (ci, st) = if b == 0 { (c_in, stride) } else { (c_out, 1) };
-                        Block::new(&s.sub(format!("block{}", b + 1)), ci, c_out, st, cfg)
-                    })
-                    .collect(),
-            );
-            c_in = c_out;
-        }
+        let stages = nn::stages(&root, ch[0], &ch, &[1, 2, 2], n, |s, at| {
+            Block::new(s, at.c_in, at.c_out, at.stride, cfg)
+        });
         let fc = Linear::new(&root.sub("fc"), ch[2], ctx.n_classes, cfg.init_mode);
         let description = format!(
             "ResNet-{} ({} blocks, {n} per stage, channels {ch:?})",

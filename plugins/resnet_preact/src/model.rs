@@ -229,30 +229,10 @@ impl ResNetPreact {
             },
             cfg.init_mode,
         );
-        let mut stages = Vec::new();
-        let mut c_in = ch[0];
-        for (i, (&c_out, stride)) in ch.iter().zip([1, 2, 2]).enumerate() {
-            let s = root.sub(format!("stage{}", i + 1));
-            let blocks = (0..n_blocks)
-                .map(|b| {
-                    let (ci, st, preact) = if b == 0 {
-                        (c_in, stride, cfg.preact_stage[i])
-                    } else {
-                        (c_out, 1, false)
-                    };
-                    Block::new(
-                        &s.sub(format!("block{}", b + 1)),
-                        ci,
-                        c_out,
-                        st,
-                        cfg,
-                        preact,
-                    )
-                })
-                .collect();
-            stages.push(blocks);
-            c_in = c_out;
-        }
+        let stages = nn::stages(&root, ch[0], &ch, &[1, 2, 2], n_blocks, |s, at| {
+            let preact = at.is_first() && cfg.preact_stage[at.stage];
+            Block::new(s, at.c_in, at.c_out, at.stride, cfg, preact)
+        });
         let bn = BatchNorm2d::new(&root.sub("bn"), ch[2]);
         let fc = imgclf_plugin_api::nn::Linear::new(
             &root.sub("fc"),

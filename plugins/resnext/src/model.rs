@@ -145,21 +145,9 @@ impl ResNext {
         };
         let conv = Conv2d::new(&root.sub("conv"), ctx.n_channels, c0, 3, cc, cfg.init_mode);
         let bn = BatchNorm2d::new(&root.sub("bn"), c0);
-        let mut stages = Vec::new();
-        let mut c_in = c0;
-        for (i, (&c_out, stride)) in widths.iter().zip([1, 2, 2]).enumerate() {
-            let s = root.sub(format!("stage{}", i + 1));
-            stages.push(
-                (0..n)
-                    .map(|b| {
-                        let (ci, st) = if b == 0 { (c_in, stride) } else { (c_out, 1) };
-                        let name = s.sub(format!("block{}", b + 1));
-                        Block::new(&name, ci, c_out, st, i as u32, cfg)
-                    })
-                    .collect(),
-            );
-            c_in = c_out;
-        }
+        let stages = nn::stages(&root, c0, &widths, &[1, 2, 2], n, |s, at| {
+            Block::new(s, at.c_in, at.c_out, at.stride, at.stage as u32, cfg)
+        });
         let fc = Linear::new(&root.sub("fc"), widths[2], ctx.n_classes, cfg.init_mode);
         let description = format!(
             "ResNeXt-{} ({}x{}d, {n} blocks per stage, widths {widths:?})",

@@ -238,24 +238,10 @@ impl SeResNetPreact {
             ..Default::default()
         };
         let conv = Conv2d::new(&root.sub("conv"), ctx.n_channels, c0, 3, cc, INIT);
-        let mut stages = Vec::new();
-        let mut c_in = c0;
-        for (i, (&c_out, stride)) in widths.iter().zip([1, 2, 2]).enumerate() {
-            let s = root.sub(format!("stage{}", i + 1));
-            stages.push(
-                (0..n)
-                    .map(|b| {
-                        let name = s.sub(format!("block{}", b + 1));
-                        if b == 0 {
-                            Block::new(&name, c_in, c_out, stride, cfg, cfg.preact_stage[i])
-                        } else {
-                            Block::new(&name, c_out, c_out, 1, cfg, false)
-                        }
-                    })
-                    .collect(),
-            );
-            c_in = c_out;
-        }
+        let stages = nn::stages(&root, c0, &widths, &[1, 2, 2], n, |s, at| {
+            let preact = at.is_first() && cfg.preact_stage[at.stage];
+            Block::new(s, at.c_in, at.c_out, at.stride, cfg, preact)
+        });
         let bn = BatchNorm2d::new(&root.sub("bn"), widths[2]);
         let fc = Linear::new(&root.sub("fc"), widths[2], ctx.n_classes, INIT);
         let description =

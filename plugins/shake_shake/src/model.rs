@@ -231,20 +231,9 @@ impl ShakeShake {
         let root = store.root();
         let conv = conv(&root, "conv", ctx.n_channels, STEM, 3, 1, cfg.init_mode);
         let bn = BatchNorm2d::new(&root.sub("bn"), STEM);
-        let mut stages = Vec::new();
-        let mut c_in = STEM;
-        for (i, (&c_out, stride)) in widths.iter().zip([1, 2, 2]).enumerate() {
-            let s = root.sub(format!("stage{}", i + 1));
-            stages.push(
-                (0..n)
-                    .map(|b| {
-                        let (ci, st) = if b == 0 { (c_in, stride) } else { (c_out, 1) };
-                        Block::new(&s.sub(format!("block{}", b + 1)), ci, c_out, st, cfg)
-                    })
-                    .collect(),
-            );
-            c_in = c_out;
-        }
+        let stages = nn::stages(&root, STEM, &widths, &[1, 2, 2], n, |s, at| {
+            Block::new(s, at.c_in, at.c_out, at.stride, cfg)
+        });
         let fc = Linear::new(&root.sub("fc"), widths[2], ctx.n_classes, cfg.init_mode);
         let s = cfg.shake;
         let description = format!(
