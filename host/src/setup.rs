@@ -175,10 +175,19 @@ fn selected_plugin_name(registry: &Registry, request: &Request) -> Result<Option
     }
     if registry.plugin_by_name(p).is_none() {
         let names: Vec<&str> = registry.plugins.iter().map(|l| l.name.as_str()).collect();
-        let close: Vec<&str> = names
+        // The closest names only: with many plugins sharing a prefix (resnet, resnet_preact,
+        // resnext) a plain threshold would suggest all of them.
+        let mut scored: Vec<(f64, &str)> = names
             .iter()
-            .copied()
-            .filter(|n| strsim::jaro_winkler(n, p) > 0.8)
+            .map(|n| (strsim::jaro_winkler(n, p), *n))
+            .filter(|(score, _)| *score > 0.8)
+            .collect();
+        scored.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(b.1)));
+        let best = scored.first().map_or(0.0, |(score, _)| *score);
+        let close: Vec<&str> = scored
+            .into_iter()
+            .take_while(|(score, _)| *score >= best - 0.05)
+            .map(|(_, n)| n)
             .collect();
         bail!(
             "--plugin {p}: no such plugin{}; loaded plugins: {} (searched {})",
