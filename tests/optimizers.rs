@@ -223,10 +223,12 @@ fn cases() -> Vec<(&'static str, Map<String, Value>)> {
             cat(&[&multistep, &no_wd_bn, &clip]),
         ),
         (
-            "sgd-ghost-bn-exponential-warmup",
+            "sgd-ghost-bn-clip-exponential-warmup",
             // Chunks of 8 images make steps sensitive: a smaller rate keeps rounding small.
+            // Clipping comes before the division by train.subdivision, as in the reference.
             cat(&[
                 &ghost,
+                &clip,
                 &warm_exp,
                 &linear,
                 &[("train.base_lr", json!(0.02))],
