@@ -632,6 +632,30 @@ fn lr_schedule_prints_every_iteration_with_warmup_and_milestone_boundaries() {
         "final LR {:?}",
         rows[11]
     );
+
+    // Warmup type none ignores scheduler.warmup.epochs: the cosine spans all 4 epochs (the
+    // reference would shorten it to 2 and extrapolate it upwards past its end).
+    let rows = lr_rows(&[
+        "--config",
+        "configs/fashion_mnist/resnet_preact.yaml",
+        "scheduler.epochs",
+        "4",
+        "scheduler.warmup.type",
+        "none",
+        "scheduler.warmup.epochs",
+        "2",
+        "scheduler.type",
+        "cosine",
+        "scheduler.lr_min_factor",
+        "0.0",
+        "--steps-per-epoch",
+        "1",
+        "--csv",
+    ]);
+    let cosine = |k: f64| 0.1 * 0.5 * (1.0 + (k / 4.0 * std::f64::consts::PI).cos());
+    for (k, row) in rows.iter().enumerate() {
+        assert!(close(row.2, cosine(k as f64)), "{rows:?}");
+    }
 }
 
 #[test]
