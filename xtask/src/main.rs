@@ -59,8 +59,16 @@ fn cache_dir() -> PathBuf {
 /// cached per user and torch version (installed on first use, reused by every clone).
 fn torch() -> Result<Torch> {
     if let Some(l) = std::env::var_os("LIBTORCH") {
+        // A libtorch inside a Python environment (`<env>/lib/python3.X/site-packages/torch`)
+        // comes with the Python that runs the PyTorch side of tests and benchmarks.
+        let beside = Path::new(&l)
+            .ancestors()
+            .nth(4)
+            .map(|env| env.join("bin/python"))
+            .filter(|p| p.exists());
         let python = std::env::var_os("IMGCLF_PYTHON")
             .map(PathBuf::from)
+            .or(beside)
             .unwrap_or_else(|| "python3".into());
         return Ok(Torch {
             libtorch: PathBuf::from(l),

@@ -128,9 +128,9 @@ impl Vgg {
         }
         let features = c_in * side * side;
         let fc = Linear::new(&root.sub("fc"), features, ctx.n_classes, cfg.init_mode);
-        let depth = cfg.n_layers.iter().sum::<i64>() + 1;
+        let convs = cfg.n_layers.iter().sum::<i64>();
         let description = format!(
-            "VGG-{depth}{} (layers {:?}, channels {:?}, {features} features)",
+            "VGG{} ({convs} convolutions in stages of {:?}, channels {:?}, {features} features)",
             if cfg.use_bn { " with BN" } else { "" },
             cfg.n_layers,
             cfg.n_channels
