@@ -36,24 +36,52 @@ impl InitMode {
     }
 }
 
-/// Blocks per stage of a 3-stage CIFAR residual network of `depth` layers whose blocks have
-/// `layers_per_block` weighted layers per stage-unit (basic 6, bottleneck 9: depth = kn+2).
+/// Blocks per stage of a 3-stage CIFAR network of `depth` layers whose blocks have
+/// `layers_per_block` weighted layers per stage-unit, plus `offset` layers outside the stages
+/// (residual networks: basic 6n+2, bottleneck 9n+2; WRN 6n+4; DenseNet 3n+4 or 6n+4).
 /// An invalid depth is an error naming `{section}.depth` and the valid form.
 pub fn blocks_per_stage(
     section: &str,
     depth: i64,
     layers_per_block: i64,
+    offset: i64,
     block: &str,
 ) -> crate::Result<i64> {
-    let n = (depth - 2) / layers_per_block;
-    if n < 1 || n * layers_per_block + 2 != depth {
+    let n = (depth - offset) / layers_per_block;
+    if n < 1 || n * layers_per_block + offset != depth {
         return Err(crate::Error(format!(
-            "{section}.depth {depth} is invalid for {block} blocks: it must be {layers_per_block}n+2 (e.g. {}, {})",
-            layers_per_block + 2,
-            layers_per_block * 18 + 2
+            "{section}.depth {depth} is invalid for {block} blocks: it must be {layers_per_block}n+{offset} (e.g. {}, {})",
+            layers_per_block + offset,
+            layers_per_block * 18 + offset
         )));
     }
     Ok(n)
+}
+
+/// [`blocks_per_stage`] of the reference's residual networks: basic blocks 6n+2, bottleneck
+/// blocks 9n+2.
+pub fn residual_blocks_per_stage(
+    section: &str,
+    depth: i64,
+    bottleneck: bool,
+) -> crate::Result<i64> {
+    if bottleneck {
+        blocks_per_stage(section, depth, 9, 2, "bottleneck")
+    } else {
+        blocks_per_stage(section, depth, 6, 2, "basic")
+    }
+}
+
+/// `{section}.block_type` of the reference's CIFAR networks: `false` for 'basic', `true` for
+/// 'bottleneck'.
+pub fn is_bottleneck(c: &crate::ConfigView, section: &str) -> crate::Result<bool> {
+    match c.str(&format!("{section}.block_type"))?.as_str() {
+        "basic" => Ok(false),
+        "bottleneck" => Ok(true),
+        other => Err(crate::Error(format!(
+            "{section}.block_type `{other}` is not one of 'basic', 'bottleneck'"
+        ))),
+    }
 }
 
 /// Where a block sits in a network built by [`stages`], and its geometry.

@@ -34,12 +34,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from bench import cpu_model  # noqa: E402
 
 # (model, config file, overrides) per size. `small` keeps each architecture's
 # distinctive structure at a size a 2-core CPU trains in seconds per step.
@@ -79,17 +80,6 @@ ARCHITECTURES = {
          ["model.se_resnet_preact.depth", "20"]),
     ],
 }
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 # --------------------------------------------------------------------------

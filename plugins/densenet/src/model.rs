@@ -64,13 +64,7 @@ impl Config {
     }
 
     pub fn from_view(c: &ConfigView) -> Result<Self> {
-        let bottleneck = match c.str(&format!("{SECTION}.block_type"))?.as_str() {
-            "basic" => false,
-            "bottleneck" => true,
-            other => {
-                plugin_bail!("{SECTION}.block_type `{other}` is not one of 'basic', 'bottleneck'")
-            }
-        };
+        let bottleneck = nn::is_bottleneck(c, SECTION)?;
         let cfg = Config {
             depth: c.int(&format!("{SECTION}.depth"))?,
             bottleneck,
@@ -96,22 +90,11 @@ impl Config {
 
     /// Dense layers per stage, checking the depth.
     fn layers_per_stage(&self) -> Result<i64> {
-        let per = if self.bottleneck { 6 } else { 3 };
-        let n = (self.depth - 4) / per;
-        if n < 1 || per * n + 4 != self.depth {
-            plugin_bail!(
-                "{SECTION}.depth {} is invalid for {} layers: it must be {per}n+4 (e.g. {}, {})",
-                self.depth,
-                if self.bottleneck {
-                    "bottleneck"
-                } else {
-                    "basic"
-                },
-                per + 4,
-                if self.bottleneck { 100 } else { 40 }
-            );
+        if self.bottleneck {
+            nn::blocks_per_stage(SECTION, self.depth, 6, 4, "bottleneck")
+        } else {
+            nn::blocks_per_stage(SECTION, self.depth, 3, 4, "basic")
         }
-        Ok(n)
     }
 
     /// Channels after a transition: `int(c * compression_rate)` as the reference computes it.

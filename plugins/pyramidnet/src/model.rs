@@ -58,13 +58,7 @@ impl Config {
     }
 
     pub fn from_view(c: &ConfigView) -> Result<Self> {
-        let bottleneck = match c.str(&format!("{SECTION}.block_type"))?.as_str() {
-            "basic" => false,
-            "bottleneck" => true,
-            other => {
-                plugin_bail!("{SECTION}.block_type `{other}` is not one of 'basic', 'bottleneck'")
-            }
-        };
+        let bottleneck = nn::is_bottleneck(c, SECTION)?;
         let cfg = Config {
             depth: c.int(&format!("{SECTION}.depth"))?,
             initial_channels: c.int(&format!("{SECTION}.initial_channels"))?,
@@ -176,11 +170,7 @@ pub struct PyramidNet {
 
 impl PyramidNet {
     pub fn new(cfg: &Config, ctx: &ModelContext) -> Result<Self> {
-        let n = if cfg.bottleneck {
-            nn::blocks_per_stage(SECTION, cfg.depth, 9, "bottleneck")?
-        } else {
-            nn::blocks_per_stage(SECTION, cfg.depth, 6, "basic")?
-        };
+        let n = nn::residual_blocks_per_stage(SECTION, cfg.depth, cfg.bottleneck)?;
         let widths = cfg.widths(n);
         let store = ParamStore::new(ctx.device);
         let root = store.root();

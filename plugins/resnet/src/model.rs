@@ -5,8 +5,8 @@ use imgclf_plugin_api::nn::{
     self, BatchNorm2d, Conv2d, ConvConfig, InitMode, Linear, ParamStore, Scope,
 };
 use imgclf_plugin_api::{
-    plugin_bail, ComponentInfo, ConfigView, KeyDecl, Kind, Model, ModelContext, ModelFactory,
-    NamedTensor, Result,
+    ComponentInfo, ConfigView, KeyDecl, Kind, Model, ModelContext, ModelFactory, NamedTensor,
+    Result,
 };
 use tch::Tensor;
 
@@ -45,13 +45,7 @@ impl Config {
     }
 
     pub fn from_view(c: &ConfigView) -> Result<Self> {
-        let bottleneck = match c.str(&format!("{SECTION}.block_type"))?.as_str() {
-            "basic" => false,
-            "bottleneck" => true,
-            other => {
-                plugin_bail!("{SECTION}.block_type `{other}` is not one of 'basic', 'bottleneck'")
-            }
-        };
+        let bottleneck = nn::is_bottleneck(c, SECTION)?;
         Ok(Config {
             depth: c.int(&format!("{SECTION}.depth"))?,
             bottleneck,
@@ -62,11 +56,7 @@ impl Config {
 
     /// Blocks per stage, checking the depth.
     fn blocks_per_stage(&self) -> Result<i64> {
-        if self.bottleneck {
-            nn::blocks_per_stage(SECTION, self.depth, 9, "bottleneck")
-        } else {
-            nn::blocks_per_stage(SECTION, self.depth, 6, "basic")
-        }
+        nn::residual_blocks_per_stage(SECTION, self.depth, self.bottleneck)
     }
 }
 

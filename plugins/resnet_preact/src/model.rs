@@ -3,8 +3,8 @@
 
 use imgclf_plugin_api::nn::{self, BatchNorm2d, Conv2d, ConvConfig, InitMode, ParamStore, Scope};
 use imgclf_plugin_api::{
-    plugin_bail, ComponentInfo, ConfigView, KeyDecl, Kind, Model, ModelContext, ModelFactory,
-    NamedTensor, Result,
+    ComponentInfo, ConfigView, KeyDecl, Kind, Model, ModelContext, ModelFactory, NamedTensor,
+    Result,
 };
 use tch::Tensor;
 
@@ -37,10 +37,7 @@ impl BlockType {
     }
     /// Blocks per stage for a given depth, checking it is a valid depth.
     fn blocks_per_stage(self, depth: i64) -> Result<i64> {
-        match self {
-            BlockType::Basic => nn::blocks_per_stage(SECTION, depth, 6, "basic"),
-            BlockType::Bottleneck => nn::blocks_per_stage(SECTION, depth, 9, "bottleneck"),
-        }
+        nn::residual_blocks_per_stage(SECTION, depth, self == BlockType::Bottleneck)
     }
 }
 
@@ -83,12 +80,10 @@ impl Config {
     }
 
     pub fn from_view(c: &ConfigView) -> Result<Self> {
-        let block_type = match c.str(&format!("{SECTION}.block_type"))?.as_str() {
-            "basic" => BlockType::Basic,
-            "bottleneck" => BlockType::Bottleneck,
-            other => {
-                plugin_bail!("{SECTION}.block_type `{other}` is not one of 'basic', 'bottleneck'")
-            }
+        let block_type = if nn::is_bottleneck(c, SECTION)? {
+            BlockType::Bottleneck
+        } else {
+            BlockType::Basic
         };
         let stages = c.bool_list(&format!("{SECTION}.preact_stage"))?;
         let preact_stage: [bool; 3] = stages.as_slice().try_into().map_err(|_| {

@@ -134,7 +134,7 @@ pub struct ResNext {
 
 impl ResNext {
     pub fn new(cfg: &Config, ctx: &ModelContext) -> Result<Self> {
-        let n = nn::blocks_per_stage(SECTION, cfg.depth, 9, "bottleneck")?;
+        let n = nn::residual_blocks_per_stage(SECTION, cfg.depth, true)?;
         let c0 = cfg.initial_channels;
         let widths = [c0 * EXPANSION, 2 * c0 * EXPANSION, 4 * c0 * EXPANSION];
         let store = ParamStore::new(ctx.device);

@@ -69,13 +69,7 @@ impl Config {
 
     pub fn from_view(c: &ConfigView) -> Result<Self> {
         let key = |k: &str| format!("{SECTION}.{k}");
-        let bottleneck = match c.str(&key("block_type"))?.as_str() {
-            "basic" => false,
-            "bottleneck" => true,
-            other => {
-                plugin_bail!("{SECTION}.block_type `{other}` is not one of 'basic', 'bottleneck'")
-            }
-        };
+        let bottleneck = nn::is_bottleneck(c, SECTION)?;
         let stages = c.bool_list(&key("preact_stage"))?;
         let Ok(preact_stage) = <[bool; 3]>::try_from(stages.as_slice()) else {
             plugin_bail!("{SECTION}.preact_stage needs 3 values (one per stage), got {stages:?}");
@@ -221,14 +215,8 @@ pub struct SeResNetPreact {
 
 impl SeResNetPreact {
     pub fn new(cfg: &Config, ctx: &ModelContext) -> Result<Self> {
-        let (n, e) = if cfg.bottleneck {
-            (
-                nn::blocks_per_stage(SECTION, cfg.depth, 9, "bottleneck")?,
-                4,
-            )
-        } else {
-            (nn::blocks_per_stage(SECTION, cfg.depth, 6, "basic")?, 1)
-        };
+        let n = nn::residual_blocks_per_stage(SECTION, cfg.depth, cfg.bottleneck)?;
+        let e = if cfg.bottleneck { 4 } else { 1 };
         let c0 = cfg.initial_channels;
         let widths = [c0, 2 * c0 * e, 4 * c0 * e];
         let store = ParamStore::new(ctx.device);

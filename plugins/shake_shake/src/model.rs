@@ -224,7 +224,7 @@ pub struct ShakeShake {
 
 impl ShakeShake {
     pub fn new(cfg: &Config, ctx: &ModelContext) -> Result<Self> {
-        let n = nn::blocks_per_stage(SECTION, cfg.depth, 6, "shake-shake")?;
+        let n = nn::blocks_per_stage(SECTION, cfg.depth, 6, 2, "shake-shake")?;
         let c0 = cfg.initial_channels;
         let widths = [c0, 2 * c0, 4 * c0];
         let store = ParamStore::new(ctx.device);

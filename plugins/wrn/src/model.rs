@@ -63,14 +63,7 @@ impl Config {
     }
 
     fn blocks_per_stage(&self) -> Result<i64> {
-        let n = (self.depth - 4) / 6;
-        if n < 1 || 6 * n + 4 != self.depth {
-            plugin_bail!(
-                "{SECTION}.depth {} is invalid: a WRN has depth 6n+4 (e.g. 10, 16, 28, 40)",
-                self.depth
-            );
-        }
-        Ok(n)
+        nn::blocks_per_stage(SECTION, self.depth, 6, 4, "WRN basic")
     }
 }
 
