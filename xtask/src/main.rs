@@ -279,14 +279,172 @@ fn test(t: &Torch, extra: &[String]) -> Result<()> {
     ensure_fashion_mnist()?;
     let profile = build(t, false, true)?;
     let mut c = cargo(t);
-    c.args(["test", "--workspace", "--exclude", "xtask"])
-        .env("IMGCLF_BIN", profile.join("imgclf"))
-        .env("IMGCLF_PLUGIN_DIR", profile.join("plugins"))
-        .env("IMGCLF_FIXTURE_DIR", profile.join("fixture-plugins"))
-        .env("IMGCLF_PYTHON", &t.python)
-        .env("IMGCLF_QUIET_PLUGIN_PANICS", "1")
-        .args(extra);
-    run(&mut c)
+    // Every test binary runs even when an earlier one fails; the summary lists them all.
+    c.args([
+        "test",
+        "--no-fail-fast",
+        "--workspace",
+        "--exclude",
+        "xtask",
+    ])
+    .env("IMGCLF_BIN", profile.join("imgclf"))
+    .env("IMGCLF_PLUGIN_DIR", profile.join("plugins"))
+    .env("IMGCLF_FIXTURE_DIR", profile.join("fixture-plugins"))
+    .env("IMGCLF_PYTHON", &t.python)
+    .env("IMGCLF_QUIET_PLUGIN_PANICS", "1")
+    .args(extra);
+    run_tests(c)
+}
+
+/// Runs `cargo test`, passing its output through, and ends with a summary of every failing test
+/// binary and test (an error when there is any).
+fn run_tests(mut cmd: Command) -> Result<()> {
+    use std::io::{BufRead, Write};
+    eprintln!("xtask: {cmd:?}");
+    // One pipe for stdout and stderr keeps cargo's "Running" lines in order with the tests.
+    let (reader, writer) = std::io::pipe().context("cannot create a pipe")?;
+    cmd.stdout(writer.try_clone()?).stderr(writer);
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("cannot start {cmd:?}"))?;
+    // `cmd` holds the pipe's write ends: without dropping it, reading would never end.
+    drop(cmd);
+    let mut summary = TestSummary::default();
+    let mut out = std::io::stdout();
+    for line in std::io::BufReader::new(reader).split(b'\n') {
+        let line = line.context("reading cargo test's output")?;
+        out.write_all(&line)?;
+        out.write_all(b"\n")?;
+        summary.line(&String::from_utf8_lossy(&line));
+    }
+    let status = child.wait()?;
+    match summary.report() {
+        None if status.success() => Ok(()),
+        report => {
+            eprintln!(
+                "\nxtask: cargo test failed ({status})\n{}",
+                report
+                    .unwrap_or_else(|| "  no failing test or binary named in its output\n".into())
+            );
+            bail!("the test suite failed")
+        }
+    }
+}
+
+/// A test binary that failed: cargo's name for it, how to rerun it, its failing tests.
+#[derive(Debug, Default, PartialEq)]
+struct FailedBinary {
+    binary: String,
+    rerun: Option<String>,
+    tests: Vec<String>,
+}
+
+/// Failing tests and test binaries, read line by line from `cargo test --no-fail-fast` output.
+#[derive(Default)]
+struct TestSummary {
+    /// The binary running now (from cargo's `Running tests/cli.rs (...)` line).
+    current: String,
+    failed: Vec<FailedBinary>,
+}
+
+impl TestSummary {
+    fn entry(&mut self) -> &mut FailedBinary {
+        if self.failed.last().is_none_or(|f| f.binary != self.current) {
+            self.failed.push(FailedBinary {
+                binary: self.current.clone(),
+                ..Default::default()
+            });
+        }
+        self.failed.last_mut().expect("just pushed")
+    }
+
+    fn line(&mut self, line: &str) {
+        let l = line.trim();
+        if let Some(rest) = l.strip_prefix("Running ") {
+            self.current = rest.split(" (").next().unwrap_or(rest).to_string();
+        } else if let Some(rest) = l.strip_prefix("Doc-tests ") {
+            self.current = format!("doc-tests {rest}");
+        } else if let Some(name) = l
+            .strip_prefix("test ")
+            .and_then(|r| r.strip_suffix(" ... FAILED"))
+        {
+            self.entry().tests.push(name.to_string());
+        } else if let Some(rest) = l.split("to rerun pass `").nth(1) {
+            // Printed right after the binary that failed, crashed ones included.
+            let rerun = rest.split('`').next().unwrap_or(rest).to_string();
+            self.entry().rerun = Some(rerun);
+        }
+    }
+
+    fn report(&self) -> Option<String> {
+        if self.failed.is_empty() {
+            return None;
+        }
+        let n: usize = self.failed.iter().map(|f| f.tests.len()).sum();
+        let mut text = format!(
+            "xtask: {n} failing test(s) in {} test binar{}:\n",
+            self.failed.len(),
+            if self.failed.len() == 1 { "y" } else { "ies" }
+        );
+        for f in &self.failed {
+            let rerun = f
+                .rerun
+                .as_ref()
+                .map(|r| format!(" (rerun: cargo xtask test {r})"))
+                .unwrap_or_default();
+            text += &format!("  {}{rerun}\n", f.binary);
+            if f.tests.is_empty() {
+                text += "    no test reported FAILED: the binary crashed or aborted (see its output above)\n";
+            }
+            for t in &f.tests {
+                text += &format!("    {t}\n");
+            }
+        }
+        Some(text)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_summary_lists_every_failing_binary_and_test() {
+        let mut s = TestSummary::default();
+        for l in [
+            "     Running unittests src/lib.rs (target/debug/deps/imgclf-1)",
+            "test config::ok ... ok",
+            "     Running tests/cli.rs (target/debug/deps/cli-2)",
+            "test a_b ... FAILED",
+            "test c_d ... FAILED",
+            "error: test failed, to rerun pass `--test cli`",
+            "     Running tests/optimizers.rs (target/debug/deps/optimizers-3)",
+            "error: test failed, to rerun pass `--test optimizers`",
+            "     Running tests/training.rs (target/debug/deps/training-4)",
+            "test e ... ok",
+        ] {
+            s.line(l);
+        }
+        assert_eq!(
+            s.failed,
+            [
+                FailedBinary {
+                    binary: "tests/cli.rs".into(),
+                    rerun: Some("--test cli".into()),
+                    tests: vec!["a_b".into(), "c_d".into()],
+                },
+                FailedBinary {
+                    binary: "tests/optimizers.rs".into(),
+                    rerun: Some("--test optimizers".into()),
+                    tests: vec![],
+                },
+            ]
+        );
+        let r = s.report().unwrap();
+        assert!(r.contains("2 failing test(s) in 2 test binaries"), "{r}");
+        assert!(r.contains("crashed"), "{r}");
+        assert!(TestSummary::default().report().is_none());
+    }
 }
 
 fn lint(t: &Torch) -> Result<()> {
