@@ -13,6 +13,7 @@
 //! loads in an older host, and the host refuses plugins whose interface it cannot read.
 //! Every change is recorded in `plugin-api/CHANGELOG.md`.
 
+pub mod amp;
 pub mod augment;
 pub mod component;
 pub mod config;
@@ -20,6 +21,7 @@ pub mod error;
 pub mod ffi;
 pub mod nn;
 pub mod rng;
+mod shim;
 pub mod tensor;
 
 pub use component::*;
