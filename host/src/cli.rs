@@ -482,6 +482,10 @@ pub fn main() -> i32 {
     };
     match run(cli) {
         Ok(code) => code,
+        Err(e) if e.downcast_ref::<crate::train::Interrupted>().is_some() => {
+            tracing::warn!("{e}");
+            130
+        }
         Err(e) => {
             eprintln!(
                 "error: {}",

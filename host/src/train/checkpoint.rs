@@ -39,6 +39,7 @@ pub fn save(
     pos: &Position,
     model: &[NamedTensor],
     optimizer: &[NamedTensor],
+    extra: &[(String, Tensor)],
 ) -> Result<PathBuf> {
     let mut tensors: Vec<(String, Tensor)> = model
         .iter()
@@ -49,6 +50,7 @@ pub fn save(
             .iter()
             .map(|t| (format!("optimizer.{}", t.name), t.tensor.shallow_clone())),
     );
+    tensors.extend(extra.iter().map(|(n, t)| (n.clone(), t.shallow_clone())));
     let meta = HashMap::from([
         ("format".to_string(), FORMAT.to_string()),
         ("epoch".to_string(), pos.epoch.to_string()),
@@ -64,6 +66,8 @@ pub struct Loaded {
     pub position: Option<Position>,
     pub model: HashMap<String, Tensor>,
     pub optimizer: Vec<NamedTensor>,
+    /// The training parts' state (names with their part's prefix, e.g. `precision.`).
+    pub extra: Vec<(String, Tensor)>,
 }
 
 fn meta_u64(meta: &HashMap<String, String>, key: &str, path: &Path) -> Result<u64> {
@@ -111,6 +115,7 @@ pub fn load(path: &Path) -> Result<Loaded> {
         position: None,
         model: strip_module_prefix(path, plain),
         optimizer: vec![],
+        extra: vec![],
     })
 }
 
@@ -143,7 +148,7 @@ fn imgclf_checkpoint(
         step_in_epoch: meta_u64(meta, "step_in_epoch", path)?,
         global_step: meta_u64(meta, "global_step", path)?,
     };
-    let (mut model, mut optimizer) = (HashMap::new(), Vec::new());
+    let (mut model, mut optimizer, mut extra) = (HashMap::new(), Vec::new(), Vec::new());
     for (name, t) in tensors {
         if let Some(n) = name.strip_prefix("model.") {
             model.insert(n.to_string(), t);
@@ -153,12 +158,15 @@ fn imgclf_checkpoint(
                 tensor: t,
                 trainable: false,
             });
+        } else {
+            extra.push((name, t));
         }
     }
     Ok(Loaded {
         position: Some(position),
         model,
         optimizer,
+        extra,
     })
 }
 

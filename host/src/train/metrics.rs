@@ -56,6 +56,19 @@ impl Meter {
     pub fn acc5(&self) -> f64 {
         self.acc5 / self.n.max(1.0)
     }
+    /// The weighted sums behind the averages (image count, loss, acc@1, acc@5), e.g. to add
+    /// them up across ranks.
+    pub fn sums(&self) -> [f64; 4] {
+        [self.n, self.loss, self.acc1, self.acc5]
+    }
+    pub fn from_sums(s: [f64; 4]) -> Meter {
+        Meter {
+            n: s[0],
+            loss: s[1],
+            acc1: s[2],
+            acc5: s[3],
+        }
+    }
 }
 
 /// Appends one JSON object per line to `metrics.jsonl`.
@@ -80,11 +93,15 @@ impl MetricsFile {
         lr: f64,
         images_per_sec: f64,
         elapsed_s: f64,
+        extra: &[(String, f64)],
     ) -> Result<()> {
-        let line = json!({
+        let mut line = json!({
             "epoch": epoch, "step": step, "split": split, "loss": m.loss(), "acc1": m.acc1(), "acc5": m.acc5(),
             "lr": lr, "images_per_sec": images_per_sec, "elapsed_s": elapsed_s,
         });
+        for (k, v) in extra {
+            line[k] = json!(v);
+        }
         let mut f = std::fs::OpenOptions::new()
             .create(true)
             .append(true)

@@ -1,0 +1,33 @@
+//! The validation / test pass over an in-memory set.
+
+use super::data;
+use super::metrics::{topk_accuracy_labels, Meter};
+use super::pipeline::Normalizer;
+use crate::datasets::ImageSet;
+use anyhow::Result;
+use imgclf_plugin_api::ffi::HostModel;
+use tch::Device;
+
+/// Validation/test pass: mean cross-entropy, top-1 and top-5 accuracy.
+pub fn evaluate_set(
+    model: &mut HostModel,
+    set: &ImageSet,
+    batch_size: usize,
+    norm: &Normalizer,
+    device: Device,
+) -> Result<Meter> {
+    let mut meter = Meter::default();
+    let indices: Vec<usize> = (0..set.len()).collect();
+    tch::no_grad(|| -> Result<()> {
+        for chunk in indices.chunks(batch_size.max(1)) {
+            let (images, labels) = data::gather(set, chunk);
+            let labels = labels.to_device(device);
+            let logits = model.forward(&norm.apply(&images.to_device(device)), false)?;
+            let loss = logits.cross_entropy_for_logits(&labels).double_value(&[]);
+            let (a1, a5) = topk_accuracy_labels(&logits, &labels);
+            meter.update(chunk.len(), loss, a1, a5);
+        }
+        Ok(())
+    })?;
+    Ok(meter)
+}

@@ -1,0 +1,273 @@
+//! The training loop: epochs of steps over the parts `run` assembled, with validation,
+//! checkpoints, resume and interruption. Each part keeps its own concerns (see the module
+//! docs of `precision`, `collective`, `sinks`, `checkpoint`); the loop only orders them.
+
+use super::checkpoint::{self, Position};
+use super::collective::Collective;
+use super::metrics::{Meter, MetricsFile};
+use super::pipeline::Pipeline;
+use super::precision::Precision;
+use super::schedule::LrSchedule;
+use super::sinks::{EpochReport, Sinks, Split, StepReport};
+use super::step::{self, StepSettings};
+use super::{data, evaluate_set, interrupt_requested, Interrupted, MODEL_STREAM};
+use crate::datasets::ImageSet;
+use anyhow::{Context, Result};
+use imgclf_plugin_api::ffi::{HostModel, HostOptimizer};
+use imgclf_plugin_api::rng::mix_seed;
+use imgclf_plugin_api::NamedTensor;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+use tch::{Device, Tensor};
+
+/// How long and how often: the loop's fixed settings.
+pub struct Plan {
+    pub epochs: u64,
+    pub steps_per_epoch: u64,
+    pub batch_size: usize,
+    /// Validate every `val_period` epochs (0: never).
+    pub val_period: u64,
+    pub val_first: bool,
+    pub val_batch_size: usize,
+    pub log_period: u64,
+    pub checkpoint_period: u64,
+    pub seed: u64,
+}
+
+/// Everything a run trains with.
+pub struct Trainer {
+    pub device: Device,
+    pub model: HostModel,
+    pub tensors: Vec<NamedTensor>,
+    pub optimizer: HostOptimizer,
+    pub schedule: LrSchedule,
+    pub pipeline: Pipeline,
+    pub precision: Box<dyn Precision>,
+    pub collective: Box<dyn Collective>,
+    pub sinks: Sinks,
+    pub settings: StepSettings,
+    /// The run's output directory.
+    pub out: PathBuf,
+    pub start: Instant,
+}
+
+impl Trainer {
+    /// Saves a checkpoint of the model, the optimizer and the parts' state (writer only).
+    fn checkpoint(&self, pos: &Position) -> Result<Option<PathBuf>> {
+        if !self.collective.is_writer() {
+            return Ok(None);
+        }
+        let opt_state = self.optimizer.state()?;
+        let extra: Vec<(String, Tensor)> = self
+            .precision
+            .state()?
+            .into_iter()
+            .map(|(n, t)| (format!("precision.{n}"), t))
+            .collect();
+        checkpoint::save(&self.out, pos, &self.tensors, &opt_state, &extra).map(Some)
+    }
+
+    /// Restores the newest complete checkpoint of `resume` (or the initial weights of
+    /// `train.checkpoint`), returning where training continues.
+    pub fn restore(
+        &mut self,
+        resume: Option<&Path>,
+        initial_weights: &str,
+        start: Position,
+    ) -> Result<Position> {
+        let metrics = MetricsFile::new(&self.out);
+        let writer = self.collective.is_writer();
+        let newest = match resume {
+            Some(dir) => checkpoint::newest(dir)?,
+            None => None,
+        };
+        let pos = if let Some((path, p)) = &newest {
+            let loaded = checkpoint::load(path)?;
+            checkpoint::copy_into_model(&self.tensors, &loaded.model, path)?;
+            self.optimizer.load_state(loaded.optimizer)?;
+            let precision_state: Vec<(String, Tensor)> = loaded
+                .extra
+                .into_iter()
+                .filter_map(|(n, t)| n.strip_prefix("precision.").map(|n| (n.to_string(), t)))
+                .collect();
+            self.precision.load_state(&precision_state)?;
+            if writer {
+                metrics.truncate_after(p.global_step)?;
+            }
+            tracing::info!(
+                "resumed from {} (epoch {}, step {})",
+                path.display(),
+                p.epoch,
+                p.global_step
+            );
+            *p
+        } else {
+            if let Some(dir) = resume {
+                tracing::warn!(
+                    "no complete checkpoint in {}: starting from the beginning",
+                    dir.display()
+                );
+                if writer {
+                    metrics.truncate_after(0)?;
+                }
+            }
+            if !initial_weights.is_empty() {
+                let path = Path::new(initial_weights);
+                let loaded = checkpoint::load(path)
+                    .with_context(|| format!("train.checkpoint = '{initial_weights}'"))?;
+                checkpoint::copy_into_model(&self.tensors, &loaded.model, path)?;
+                tracing::info!("initial weights from {initial_weights}");
+            }
+            start
+        };
+        self.collective.broadcast(&self.tensors)?;
+        Ok(pos)
+    }
+
+    fn validate(&mut self, val: &ImageSet, plan: &Plan, pos: &Position, lr: f64) -> Result<()> {
+        let t0 = Instant::now();
+        let m = evaluate_set(
+            &mut self.model,
+            val,
+            plan.val_batch_size,
+            &self.pipeline.norm,
+            self.device,
+        )?;
+        let mut sums = m.sums();
+        self.collective.reduce_sums(&mut sums)?;
+        let m = Meter::from_sums(sums);
+        self.sinks.epoch(&EpochReport {
+            split: Split::Val,
+            epoch: pos.epoch,
+            global_step: pos.global_step,
+            meter: &m,
+            lr,
+            images: m.n as usize,
+            seconds: t0.elapsed().as_secs_f64(),
+            elapsed_s: self.start.elapsed().as_secs_f64(),
+        })
+    }
+
+    fn interrupted(&self, pos: &Position) -> Result<Interrupted> {
+        let path = self.checkpoint(pos)?;
+        Ok(Interrupted {
+            checkpoint: path.map(|p| p.display().to_string()).unwrap_or_default(),
+            dir: self.out.display().to_string(),
+        })
+    }
+
+    /// Trains from `pos` to the end of the plan.
+    pub fn fit(
+        &mut self,
+        train_set: Arc<ImageSet>,
+        val_set: &ImageSet,
+        plan: &Plan,
+        mut pos: Position,
+    ) -> Result<()> {
+        if plan.val_period > 0 && pos.global_step == 0 && plan.val_first {
+            let lr = self.schedule.lr(0)?;
+            self.validate(val_set, plan, &pos, lr)?;
+        }
+        while pos.epoch < plan.epochs {
+            let epoch = pos.epoch; // 0-based index of the epoch being trained
+            let order = data::epoch_order(train_set.len(), plan.seed, epoch);
+            let rx = data::spawn_epoch(
+                train_set.clone(),
+                order,
+                plan.batch_size,
+                plan.steps_per_epoch as usize,
+                pos.step_in_epoch as usize,
+            );
+            self.sinks.epoch_start(
+                epoch + 1,
+                plan.epochs,
+                plan.steps_per_epoch,
+                pos.step_in_epoch,
+            );
+            let t0 = Instant::now();
+            let mut meter = Meter::default();
+            let mut lr = 0.0;
+            for raw in rx {
+                let step = raw.index as u64;
+                let (images, labels) = raw.tensors();
+                let (images, labels) =
+                    (images.to_device(self.device), labels.to_device(self.device));
+                let p = self
+                    .pipeline
+                    .prepare(images, labels, plan.seed, epoch, step)?;
+                let n = p.labels.size()[0] as usize;
+                tch::manual_seed(
+                    mix_seed(&[plan.seed, MODEL_STREAM, epoch, step]) as i64 & i64::MAX,
+                );
+                lr = self.schedule.lr(pos.global_step)?;
+                let out = step::step(
+                    &mut self.model,
+                    &self.tensors,
+                    &mut self.optimizer,
+                    &self.pipeline,
+                    self.precision.as_mut(),
+                    self.collective.as_mut(),
+                    &self.settings,
+                    p,
+                    lr,
+                )
+                .with_context(|| format!("epoch {} step {}", epoch + 1, step + 1))?;
+                meter.update(n, out.loss, out.acc1, out.acc5);
+                pos.global_step += 1;
+                pos.step_in_epoch = step + 1;
+                let last = pos.step_in_epoch == plan.steps_per_epoch;
+                let extra: Vec<(String, f64)> = self
+                    .precision
+                    .loss_scale()
+                    .map(|s| vec![("loss_scale".to_string(), s)])
+                    .unwrap_or_default();
+                self.sinks.step(&StepReport {
+                    epoch: epoch + 1,
+                    epochs: plan.epochs,
+                    step_in_epoch: pos.step_in_epoch,
+                    steps_per_epoch: plan.steps_per_epoch,
+                    global_step: pos.global_step,
+                    lr,
+                    loss: out.loss,
+                    acc1: out.acc1,
+                    acc5: out.acc5,
+                    running: &meter,
+                    images_per_sec: meter.n / t0.elapsed().as_secs_f64().max(1e-9),
+                    elapsed_s: self.start.elapsed().as_secs_f64(),
+                    log: pos.step_in_epoch.is_multiple_of(plan.log_period) || last,
+                    extra: &extra,
+                })?;
+                if interrupt_requested() && !last {
+                    self.sinks.finish();
+                    return Err(self.interrupted(&pos)?.into());
+                }
+            }
+            pos.epoch += 1;
+            pos.step_in_epoch = 0;
+            self.sinks.epoch(&EpochReport {
+                split: Split::Train,
+                epoch: pos.epoch,
+                global_step: pos.global_step,
+                meter: &meter,
+                lr,
+                images: meter.n as usize,
+                seconds: t0.elapsed().as_secs_f64(),
+                elapsed_s: self.start.elapsed().as_secs_f64(),
+            })?;
+            if plan.val_period > 0 && pos.epoch.is_multiple_of(plan.val_period) {
+                self.validate(val_set, plan, &pos, lr)?;
+            }
+            if interrupt_requested() {
+                return Err(self.interrupted(&pos)?.into());
+            }
+            if pos.epoch.is_multiple_of(plan.checkpoint_period) || pos.epoch == plan.epochs {
+                if let Some(path) = self.checkpoint(&pos)? {
+                    tracing::info!("saved {}", path.display());
+                }
+            }
+        }
+        self.sinks.finish();
+        Ok(())
+    }
+}
