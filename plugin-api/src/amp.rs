@@ -270,3 +270,240 @@ pub fn update_scale(
         "updating the loss scale",
     )
 }
+
+/// `torch.amp.GradScaler`'s settings; [`Default`] is PyTorch's.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GradScalerOptions {
+    /// The first loss scale (PyTorch: 2^16).
+    pub init_scale: f64,
+    /// Factor the scale grows by after `growth_interval` clean steps in a row (2.0).
+    pub growth_factor: f64,
+    /// Factor the scale shrinks by on a step with inf/NaN gradients (0.5).
+    pub backoff_factor: f64,
+    /// Clean steps in a row before the scale grows (2000).
+    pub growth_interval: i64,
+}
+
+impl Default for GradScalerOptions {
+    fn default() -> Self {
+        GradScalerOptions {
+            init_scale: 65536.0,
+            growth_factor: 2.0,
+            backoff_factor: 0.5,
+            growth_interval: 2000,
+        }
+    }
+}
+
+/// Dynamic loss scaling, step for step as `torch.amp.GradScaler`: [`scale`](Self::scale) the
+/// loss before backward, [`unscale`](Self::unscale) the gradients (in place, by the float32
+/// reciprocal of the scale computed in float64) which says whether they are all finite (skip
+/// the optimizer step when not), then [`update`](Self::update) the scale with ATen's
+/// `_amp_update_scale_`. The scale and growth tracker are tensors on the gradients' device, as
+/// in PyTorch, so [`state`](Self::state) / [`load_state`](Self::load_state) round-trip exactly.
+pub struct GradScaler {
+    options: GradScalerOptions,
+    scale: Tensor,
+    growth_tracker: Tensor,
+    /// Set by `unscale`, consumed by `update`.
+    found_inf: Option<Tensor>,
+}
+
+impl GradScaler {
+    pub fn new(device: Device, options: GradScalerOptions) -> Result<Self> {
+        if !(options.growth_factor > 1.0) {
+            return Err(Error(format!(
+                "loss scale growth factor {} must be above 1",
+                options.growth_factor
+            )));
+        }
+        if !(options.backoff_factor > 0.0 && options.backoff_factor < 1.0) {
+            return Err(Error(format!(
+                "loss scale backoff factor {} must be in (0, 1)",
+                options.backoff_factor
+            )));
+        }
+        if options.growth_interval < 1 {
+            return Err(Error(format!(
+                "loss scale growth interval {} must be at least 1",
+                options.growth_interval
+            )));
+        }
+        Ok(GradScaler {
+            options,
+            scale: Tensor::f_full([1], options.init_scale, (Kind::Float, device))?,
+            growth_tracker: Tensor::f_zeros([1], (Kind::Int, device))?,
+            found_inf: None,
+        })
+    }
+
+    pub fn options(&self) -> GradScalerOptions {
+        self.options
+    }
+
+    /// The current loss scale.
+    pub fn scale_value(&self) -> Result<f64> {
+        Ok(self.scale.f_double_value(&[0])?)
+    }
+
+    /// Clean steps counted towards the next growth.
+    pub fn growth_tracker_value(&self) -> Result<i64> {
+        Ok(self.growth_tracker.f_int64_value(&[0])?)
+    }
+
+    /// `loss * scale` (the scale moved to the loss's device), to call backward on.
+    pub fn scale(&self, loss: &Tensor) -> Result<Tensor> {
+        Ok(loss.f_mul(&self.scale.f_to_device(loss.device())?)?)
+    }
+
+    /// Divides every gradient by the scale in place and records whether any is inf or NaN;
+    /// returns `true` when all are finite (the optimizer may step). Float16 gradients are
+    /// refused, as PyTorch refuses them: keep float32 (master) gradients.
+    pub fn unscale(&mut self, grads: &mut [Tensor]) -> Result<bool> {
+        if let Some(g) = grads.iter().find(|g| g.kind() == Kind::Half) {
+            return Err(Error(format!(
+                "cannot unscale float16 gradients (shape {:?}): the optimizer must step float32 \
+                 (master) weights under loss scaling",
+                g.size()
+            )));
+        }
+        let device = self.scale.device();
+        let inv_scale = self
+            .scale
+            .f_to_kind(Kind::Double)?
+            .f_reciprocal()?
+            .f_to_kind(Kind::Float)?;
+        let mut found_inf = Tensor::f_zeros([1], (Kind::Float, device))?;
+        if !grads.is_empty() {
+            non_finite_check_and_unscale(grads, &mut found_inf, &inv_scale)?;
+        }
+        let finite = found_inf.f_double_value(&[0])? == 0.0;
+        self.found_inf = Some(found_inf);
+        Ok(finite)
+    }
+
+    /// Updates the scale from the last [`unscale`](Self::unscale): backoff on inf/NaN, growth
+    /// after `growth_interval` clean steps.
+    pub fn update(&mut self) -> Result<()> {
+        let found_inf = self.found_inf.take().ok_or_else(|| {
+            Error("GradScaler::update without unscale in the same step".to_string())
+        })?;
+        update_scale(
+            &mut self.scale,
+            &mut self.growth_tracker,
+            &found_inf,
+            self.options.growth_factor,
+            self.options.backoff_factor,
+            self.options.growth_interval,
+        )
+    }
+
+    /// The state to checkpoint: `("scale", float32 [1])`, `("growth_tracker", int32 [1])`.
+    pub fn state(&self) -> Vec<(String, Tensor)> {
+        vec![
+            ("scale".to_string(), self.scale.shallow_clone()),
+            (
+                "growth_tracker".to_string(),
+                self.growth_tracker.shallow_clone(),
+            ),
+        ]
+    }
+
+    /// Restores [`state`](Self::state) (copied into this scaler's tensors on its device).
+    pub fn load_state(&mut self, state: &[(String, Tensor)]) -> Result<()> {
+        for (name, target) in [
+            ("scale", &mut self.scale),
+            ("growth_tracker", &mut self.growth_tracker),
+        ] {
+            let (_, t) = state
+                .iter()
+                .find(|(n, _)| n == name)
+                .ok_or_else(|| Error(format!("loss scaler state has no `{name}`")))?;
+            if t.numel() != 1 {
+                return Err(Error(format!(
+                    "loss scaler `{name}` has shape {:?}, expected one element",
+                    t.size()
+                )));
+            }
+            let value = t
+                .f_to_kind(target.kind())?
+                .f_to_device(target.device())?
+                .f_reshape([1])?;
+            tch::no_grad(|| target.f_copy_(&value))?;
+        }
+        self.found_inf = None;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_autocast_guard_sets_and_restores_the_thread_state() {
+        assert!(!is_enabled(Device::Cpu).unwrap());
+        let before = dtype(Device::Cpu).unwrap();
+        let x = Tensor::ones([2, 3], (Kind::Float, Device::Cpu));
+        let w = Tensor::ones([4, 3], (Kind::Float, Device::Cpu));
+        let y = autocast(Device::Cpu, Kind::BFloat16, || {
+            assert!(is_enabled(Device::Cpu).unwrap());
+            // Inner explicit float32 region.
+            let inner = Autocast::enter(Device::Cpu, Kind::BFloat16, false).unwrap();
+            assert_eq!(x.linear(&w, None::<Tensor>).kind(), Kind::Float);
+            drop(inner);
+            x.linear(&w, None::<Tensor>)
+        })
+        .unwrap();
+        assert_eq!(y.kind(), Kind::BFloat16);
+        assert!(!is_enabled(Device::Cpu).unwrap());
+        assert_eq!(dtype(Device::Cpu).unwrap(), before);
+        assert_eq!(x.linear(&w, None::<Tensor>).kind(), Kind::Float);
+        // Another thread does not see this thread's autocast.
+        let _g = Autocast::enter(Device::Cpu, Kind::BFloat16, true).unwrap();
+        let other = std::thread::spawn(|| is_enabled(Device::Cpu).unwrap())
+            .join()
+            .unwrap();
+        assert!(!other);
+    }
+
+    #[test]
+    fn shim_errors_come_back_as_errors() {
+        // Mismatched devices/dtypes: the kernel throws, the shim returns the message.
+        let mut grads = vec![Tensor::ones([2], (Kind::Float, Device::Cpu))];
+        let mut found_inf = Tensor::zeros([2, 2], (Kind::Float, Device::Cpu));
+        let inv = Tensor::ones([1], (Kind::Float, Device::Cpu));
+        let err = non_finite_check_and_unscale(&mut grads, &mut found_inf, &inv).unwrap_err();
+        assert!(err.0.starts_with("unscaling gradients: "), "{err}");
+        assert!(!err.0.contains("Exception raised from"), "{err}");
+    }
+
+    #[test]
+    fn scaler_backs_off_skips_and_grows() {
+        let options = GradScalerOptions {
+            growth_interval: 2,
+            ..Default::default()
+        };
+        let mut s = GradScaler::new(Device::Cpu, options).unwrap();
+        let mut grads = vec![Tensor::from_slice(&[65536.0f32, -131072.0])];
+        assert!(s.unscale(&mut grads).unwrap());
+        assert_eq!(Vec::<f32>::try_from(&grads[0]).unwrap(), vec![1.0, -2.0]);
+        s.update().unwrap();
+        assert_eq!(s.scale_value().unwrap(), 65536.0);
+        let mut grads = vec![Tensor::from_slice(&[f32::NAN, 1.0])];
+        assert!(!s.unscale(&mut grads).unwrap());
+        s.update().unwrap();
+        assert_eq!(s.scale_value().unwrap(), 32768.0);
+        assert_eq!(s.growth_tracker_value().unwrap(), 0);
+        for _ in 0..2 {
+            assert!(s.unscale(&mut []).unwrap());
+            s.update().unwrap();
+        }
+        assert_eq!(s.scale_value().unwrap(), 65536.0);
+        let state = s.state();
+        let mut t = GradScaler::new(Device::Cpu, options).unwrap();
+        t.load_state(&state).unwrap();
+        assert_eq!(t.scale_value().unwrap(), 65536.0);
+        assert!(t.update().is_err());
+    }
+}
