@@ -137,7 +137,8 @@ enum PluginsCmd {
         #[arg(long)]
         json: bool,
     },
-    /// One plugin: components, papers and every config key with default and help.
+    /// One plugin: components, papers and every config key with default, range and help
+    /// (`imgclf`: the host's own keys).
     Inspect {
         name: String,
         #[arg(long)]
@@ -227,7 +228,53 @@ fn print_list(reg: &Registry, as_json: bool) {
     }
 }
 
+/// `imgclf plugins inspect imgclf`: the host's own keys, as a plugin's are shown.
+fn print_host_keys(as_json: bool) {
+    let schema = crate::config::host_schema();
+    if as_json {
+        let keys: Vec<serde_json::Value> = schema
+            .keys()
+            .map(|k| {
+                json!({"key": k.key, "type": k.ty.to_string(), "default": k.default.to_string(),
+                    "choices": k.choices.iter().map(|c| c.to_string()).collect::<Vec<_>>(),
+                    "range": k.range.map(|r| r.to_json()), "supported": k.supported,
+                    "help": k.help})
+            })
+            .collect();
+        let v = json!({"name": crate::config::HOST_OWNER, "keys": keys});
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        return;
+    }
+    println!(
+        "{} {}: the host's own keys",
+        crate::config::HOST_OWNER,
+        env!("CARGO_PKG_VERSION")
+    );
+    for k in schema.keys() {
+        let choices = if k.choices.is_empty() {
+            String::new()
+        } else {
+            let c: Vec<String> = k.choices.iter().map(|v| v.to_string()).collect();
+            format!(" choices: {}", c.join(", "))
+        };
+        let range = k.range.map(|r| format!(" range: {r}")).unwrap_or_default();
+        let unsupported = if k.supported {
+            ""
+        } else {
+            " (not supported yet: default only)"
+        };
+        println!(
+            "  {:<44} {:<10} default {}{choices}{range}{unsupported}\n      {}",
+            k.key, k.ty, k.default, k.help
+        );
+    }
+}
+
 fn print_inspect(reg: &Registry, name: &str, as_json: bool) -> Result<()> {
+    if name == crate::config::HOST_OWNER && reg.plugin_by_name(name).is_none() {
+        print_host_keys(as_json);
+        return Ok(());
+    }
     let p = reg.plugin_by_name(name).with_context(|| {
         let names: Vec<&str> = reg.plugins.iter().map(|p| p.name.as_str()).collect();
         format!(
@@ -278,8 +325,9 @@ fn print_inspect(reg: &Registry, name: &str, as_json: bool) -> Result<()> {
                             .join(", ")
                     )
                 };
+                let range = k.range.map(|r| format!(" range: {r}")).unwrap_or_default();
                 println!(
-                    "  {:<44} {:<10} default {}{choices}\n      {}",
+                    "  {:<44} {:<10} default {}{choices}{range}\n      {}",
                     k.key,
                     k.ty.to_text(),
                     k.default,

@@ -6,6 +6,7 @@ pub mod cli;
 pub mod config;
 pub mod cuda;
 pub mod datasets;
+pub mod dist;
 pub mod envinfo;
 pub mod evaluate;
 pub mod io;

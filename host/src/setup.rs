@@ -104,6 +104,9 @@ pub fn full_schema(registry: &Registry) -> Result<Schema> {
                         k.choices.iter().filter_map(value_from_json).collect();
                     spec = spec.with_choices(choices);
                 }
+                if let Some(range) = k.range {
+                    spec = spec.with_range(range);
+                }
                 // Components of one plugin may share a key (adam and amsgrad both read
                 // optim.adam.betas); the same declaration twice is one key.
                 if let Some(existing) = schema.get(&spec.key) {
@@ -111,6 +114,7 @@ pub fn full_schema(registry: &Registry) -> Result<Schema> {
                         && existing.ty == spec.ty
                         && existing.default == spec.default
                         && existing.choices == spec.choices
+                        && existing.range == spec.range
                     {
                         continue;
                     }

@@ -44,6 +44,74 @@ impl KeyType {
     }
 }
 
+/// Inclusive bounds of an integer key, or of every element of an integer list key; `None` on a
+/// side means unbounded there. The host checks them when it freezes the config, before any work.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IntRange {
+    pub min: Option<i64>,
+    pub max: Option<i64>,
+}
+
+impl IntRange {
+    /// `min..` (e.g. a depth, a batch size).
+    pub fn at_least(min: i64) -> Self {
+        IntRange {
+            min: Some(min),
+            max: None,
+        }
+    }
+
+    /// `min..=max`.
+    pub fn between(min: i64, max: i64) -> Self {
+        IntRange {
+            min: Some(min),
+            max: Some(max),
+        }
+    }
+
+    /// Any i64 (stated, so that "no bound" is a decision and not an omission).
+    pub fn any() -> Self {
+        IntRange::default()
+    }
+
+    pub fn contains(&self, v: i64) -> bool {
+        self.min.is_none_or(|m| v >= m) && self.max.is_none_or(|m| v <= m)
+    }
+
+    /// As the JSON description carries it: `[min, max]`, `null` for an open side.
+    pub fn to_json(&self) -> Value {
+        serde_json::json!([self.min, self.max])
+    }
+
+    pub fn from_json(v: &Value) -> Option<Self> {
+        let side = |x: &Value| -> Option<Option<i64>> {
+            match x {
+                Value::Null => Some(None),
+                other => other.as_i64().map(Some),
+            }
+        };
+        match v.as_array()?.as_slice() {
+            [min, max] => Some(IntRange {
+                min: side(min)?,
+                max: side(max)?,
+            }),
+            _ => None,
+        }
+    }
+}
+
+/// `>= 1`, `<= 5`, `1 to 10`, `any integer`.
+impl std::fmt::Display for IntRange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (self.min, self.max) {
+            (Some(a), Some(b)) => write!(f, "{a} to {b}"),
+            (Some(a), None) => write!(f, ">= {a}"),
+            (None, Some(b)) => write!(f, "<= {b}"),
+            (None, None) => f.write_str("any integer"),
+        }
+    }
+}
+
 /// One config key a component declares.
 #[derive(Clone, Debug)]
 pub struct KeyDecl {
@@ -54,6 +122,9 @@ pub struct KeyDecl {
     /// Allowed values; empty means any value of the type.
     pub choices: Vec<Value>,
     pub help: String,
+    /// Allowed values of an `int` key (each element of a `list[int]` key). Every integer key
+    /// should declare one; descriptions without it (older plugins) accept any integer.
+    pub range: Option<IntRange>,
 }
 
 impl KeyDecl {
@@ -69,6 +140,7 @@ impl KeyDecl {
             default,
             choices: Vec::new(),
             help: help.into(),
+            range: None,
         }
     }
     pub fn bool(key: &str, default: bool, help: &str) -> Self {
@@ -111,6 +183,58 @@ impl KeyDecl {
     pub fn choices<T: Into<Value> + Clone>(mut self, choices: &[T]) -> Self {
         self.choices = choices.iter().cloned().map(Into::into).collect();
         self
+    }
+    /// Restricts an `int` key (each element of a `list[int]` key) to `range`.
+    pub fn range(mut self, range: IntRange) -> Self {
+        self.range = Some(range);
+        self
+    }
+    /// Shorthand for `range(IntRange::at_least(min))`.
+    pub fn at_least(self, min: i64) -> Self {
+        self.range(IntRange::at_least(min))
+    }
+
+    /// The key as the JSON component description carries it (`range` only when declared).
+    pub fn to_json(&self) -> Value {
+        let mut v = serde_json::json!({"key": self.key, "type": self.ty.to_text(),
+            "default": self.default, "choices": self.choices, "help": self.help});
+        if let Some(r) = &self.range {
+            v["range"] = r.to_json();
+        }
+        v
+    }
+
+    /// Reads [`KeyDecl::to_json`]'s form; `Err` names the malformed part.
+    pub fn from_json(k: &Value) -> std::result::Result<Self, &'static str> {
+        let ty = k
+            .get("type")
+            .and_then(Value::as_str)
+            .and_then(KeyType::parse)
+            .ok_or("key type")?;
+        let range = match k.get("range") {
+            None | Some(Value::Null) => None,
+            Some(r) => Some(IntRange::from_json(r).ok_or("key range")?),
+        };
+        Ok(KeyDecl {
+            key: k
+                .get("key")
+                .and_then(Value::as_str)
+                .ok_or("key name")?
+                .to_string(),
+            ty,
+            default: k.get("default").cloned().unwrap_or(Value::Null),
+            choices: k
+                .get("choices")
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default(),
+            help: k
+                .get("help")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string(),
+            range,
+        })
     }
 }
 
@@ -200,6 +324,27 @@ mod tests {
             assert_eq!(KeyType::parse(&t.to_text()), Some(t));
         }
         assert_eq!(KeyType::parse("list[int"), None);
+    }
+
+    #[test]
+    fn key_declarations_round_trip_through_json_with_and_without_a_range() {
+        let k = KeyDecl::int("model.x.depth", 20, "depth").at_least(2);
+        let v = k.to_json();
+        assert_eq!(v["range"], serde_json::json!([2, null]));
+        let back = KeyDecl::from_json(&v).unwrap();
+        assert_eq!(back.range, Some(IntRange::at_least(2)));
+        assert_eq!((back.key.as_str(), back.ty), ("model.x.depth", KeyType::Int));
+        // A description from an older plugin has no range: any integer.
+        let mut old = v.clone();
+        old.as_object_mut().unwrap().remove("range");
+        assert_eq!(KeyDecl::from_json(&old).unwrap().range, None);
+        old["range"] = serde_json::json!([1]);
+        assert_eq!(KeyDecl::from_json(&old).unwrap_err(), "key range");
+        let r = IntRange::between(0, 10);
+        assert!(r.contains(0) && r.contains(10) && !r.contains(-1) && !r.contains(11));
+        assert_eq!(r.to_string(), "0 to 10");
+        assert_eq!(IntRange::at_least(1).to_string(), ">= 1");
+        assert!(IntRange::any().contains(i64::MIN));
     }
 
     #[test]

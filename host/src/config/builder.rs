@@ -125,7 +125,7 @@ impl ConfigBuilder {
         self.values.get(key).map(|(_, source)| source)
     }
 
-    /// Checks choices and "not supported yet" for every key, then freezes. Unsupported keys
+    /// Checks choices, integer ranges and "not supported yet" for every key, then freezes. Unsupported keys
     /// are refused only at a non-default value that a user set (file or command line);
     /// imgclf may set them internally (`Derived`, `Checkpoint`).
     pub fn build(self) -> Result<Config, ConfigError> {
@@ -136,6 +136,12 @@ impl ConfigBuilder {
                 errors.push(ConfigError::NotAChoice {
                     spec: Box::new(spec.clone()),
                     got: value.clone(),
+                    origin: source.clone(),
+                });
+            } else if !spec.out_of_range(value).is_empty() {
+                errors.push(ConfigError::OutOfRange {
+                    spec: Box::new(spec.clone()),
+                    value: value.clone(),
                     origin: source.clone(),
                 });
             } else if !spec.supported && source.is_user() && *value != spec.default {

@@ -115,6 +115,19 @@ pub enum ConfigError {
     },
 
     #[error(
+        "{} must be {}{}, got {value} ({origin}); {}: {} (default {})",
+        spec.key,
+        spec.range.unwrap_or_default(),
+        if matches!(spec.ty, super::value::ValueType::List(_)) { " (each element)" } else { "" },
+        spec.key, spec.help, spec.default
+    )]
+    OutOfRange {
+        spec: Box<KeySpec>,
+        value: Value,
+        origin: Source,
+    },
+
+    #[error(
         "{} = {value} is not supported yet by {} ({}); remove it or set it back to its default {}",
         spec.key, spec.owner, origin.set_phrase(), spec.default
     )]
@@ -180,6 +193,7 @@ impl ConfigError {
             ConfigError::WrongType { spec, .. }
             | ConfigError::NoneValue { spec, .. }
             | ConfigError::NotAChoice { spec, .. }
+            | ConfigError::OutOfRange { spec, .. }
             | ConfigError::Unsupported { spec, .. } => Some(&spec.key),
             ConfigError::OddOverrides { .. }
             | ConfigError::ReadFile { .. }
@@ -198,6 +212,7 @@ impl ConfigError {
             | ConfigError::WrongType { origin, .. }
             | ConfigError::NoneValue { origin, .. }
             | ConfigError::NotAChoice { origin, .. }
+            | ConfigError::OutOfRange { origin, .. }
             | ConfigError::Unsupported { origin, .. }
             | ConfigError::Yaml { origin, .. } => Some(origin),
             _ => None,

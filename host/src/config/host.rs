@@ -1,7 +1,7 @@
 //! The keys imgclf itself owns (the reference's `config/defaults.py` minus the sections that
 //! model, augmentation and optimizer plugins declare), with defaults, choices and help lines.
 
-use super::schema::{KeySpec, Schema};
+use super::schema::{IntRange, KeySpec, Schema};
 use super::value::{Value, ValueType};
 
 fn boolean(key: &str, default: bool, help: &str) -> KeySpec {
@@ -56,17 +56,20 @@ pub fn host_schema() -> Schema {
             "dataset.image_size",
             32,
             "Input image height and width in pixels (derived from dataset.name)",
-        ),
+        )
+        .with_range(IntRange::at_least(1)),
         int(
             "dataset.n_channels",
             3,
             "Input image channels (derived from dataset.name)",
-        ),
+        )
+        .with_range(IntRange::at_least(1)),
         int(
             "dataset.n_classes",
             10,
             "Number of classes (derived from dataset.name)",
-        ),
+        )
+        .with_range(IntRange::at_least(1)),
         // Model (the architecture's own keys live under model.<name>).
         string(
             "model.type",
@@ -115,12 +118,14 @@ pub fn host_schema() -> Schema {
             "train.batch_size",
             128,
             "Training images per optimiser step",
-        ),
+        )
+        .with_range(IntRange::at_least(1)),
         int(
             "train.subdivision",
             1,
             "Split each batch into this many sub-batches (gradient accumulation)",
-        ),
+        )
+        .with_range(IntRange::at_least(1)),
         string(
             "train.optimizer",
             "sgd",
@@ -140,10 +145,11 @@ pub fn host_schema() -> Schema {
             0.0,
             "Clip gradient norm to this value; 0: no clipping",
         ),
-        int("train.start_epoch", 0, "Epoch to start from"),
-        int("train.seed", 0, "Random seed"),
+        int("train.start_epoch", 0, "Epoch to start from").with_range(IntRange::at_least(0)),
+        int("train.seed", 0, "Random seed").with_range(IntRange::at_least(0)),
         boolean("train.val_first", true, "Validate before the first epoch"),
-        int("train.val_period", 1, "Validate every this many epochs"),
+        int("train.val_period", 1, "Validate every this many epochs")
+            .with_range(IntRange::at_least(0)),
         float(
             "train.val_ratio",
             0.0,
@@ -155,12 +161,14 @@ pub fn host_schema() -> Schema {
             "experiments/exp00",
             "Directory for checkpoints, logs and the saved config",
         ),
-        int("train.log_period", 100, "Log every this many iterations"),
+        int("train.log_period", 100, "Log every this many iterations")
+            .with_range(IntRange::at_least(1)),
         int(
             "train.checkpoint_period",
             10,
             "Save a checkpoint every this many epochs",
-        ),
+        )
+        .with_range(IntRange::at_least(1)),
         boolean(
             "train.use_tensorboard",
             true,
@@ -170,7 +178,8 @@ pub fn host_schema() -> Schema {
             "train.dataloader.num_workers",
             2,
             "Training data-loading worker threads",
-        ),
+        )
+        .with_range(IntRange::at_least(0)),
         boolean(
             "train.dataloader.drop_last",
             true,
@@ -204,13 +213,17 @@ pub fn host_schema() -> Schema {
             -1,
             "Number of distributed processes",
         )
+        .with_range(IntRange::at_least(-1))
         .unsupported(),
-        int("train.dist.node_rank", -1, "Rank of this node").unsupported(),
+        int("train.dist.node_rank", -1, "Rank of this node")
+            .with_range(IntRange::at_least(-1))
+            .unsupported(),
         int(
             "train.dist.local_rank",
             0,
             "Rank of this process on its node",
         )
+        .with_range(IntRange::at_least(0))
         .unsupported(),
         boolean(
             "train.dist.use_sync_bn",
@@ -238,7 +251,7 @@ pub fn host_schema() -> Schema {
         )
         .unsupported(),
         // Learning-rate schedule.
-        int("scheduler.epochs", 160, "Number of training epochs"),
+        int("scheduler.epochs", 160, "Number of training epochs").with_range(IntRange::at_least(1)),
         string("scheduler.warmup.type", "none", "Learning-rate warm-up").with_choices([
             "none",
             "linear",
@@ -248,7 +261,8 @@ pub fn host_schema() -> Schema {
             "scheduler.warmup.epochs",
             0,
             "Warm-up epochs (counted within scheduler.epochs)",
-        ),
+        )
+        .with_range(IntRange::at_least(0)),
         float(
             "scheduler.warmup.start_factor",
             1e-3,
@@ -258,7 +272,8 @@ pub fn host_schema() -> Schema {
             "scheduler.warmup.exponent",
             4,
             "Exponent of the exponential warm-up",
-        ),
+        )
+        .with_range(IntRange::at_least(0)),
         string(
             "scheduler.type",
             "multistep",
@@ -268,22 +283,26 @@ pub fn host_schema() -> Schema {
             "scheduler.milestones",
             &[80, 120],
             "Epochs at which multistep decays the lr",
-        ),
+        )
+        .with_range(IntRange::at_least(1)),
         float("scheduler.lr_decay", 0.1, "Multistep lr decay factor"),
         float(
             "scheduler.lr_min_factor",
             1e-3,
             "Final lr as a fraction of the base lr (linear, cosine, sgdr)",
         ),
-        int("scheduler.T0", 10, "SGDR: epochs of the first cycle"),
+        int("scheduler.T0", 10, "SGDR: epochs of the first cycle")
+            .with_range(IntRange::at_least(1)),
         float("scheduler.T_mul", 1.0, "SGDR: cycle length multiplier"),
         // Validation.
-        int("validation.batch_size", 256, "Validation batch size"),
+        int("validation.batch_size", 256, "Validation batch size")
+            .with_range(IntRange::at_least(1)),
         int(
             "validation.dataloader.num_workers",
             2,
             "Validation data-loading worker threads",
-        ),
+        )
+        .with_range(IntRange::at_least(0)),
         boolean(
             "validation.dataloader.drop_last",
             false,
@@ -325,6 +344,7 @@ pub fn host_schema() -> Schema {
             256,
             "Test time: resize the shorter side to this size",
         )
+        .with_range(IntRange::at_least(1))
         .unsupported(),
         // Evaluation.
         string(
@@ -333,12 +353,13 @@ pub fn host_schema() -> Schema {
             "Weights to evaluate (imgclf checkpoint, safetensors or torch.save file)",
         ),
         string("test.output_dir", "", "Directory for evaluation outputs"),
-        int("test.batch_size", 256, "Evaluation batch size"),
+        int("test.batch_size", 256, "Evaluation batch size").with_range(IntRange::at_least(1)),
         int(
             "test.dataloader.num_workers",
             2,
             "Evaluation data-loading worker threads",
-        ),
+        )
+        .with_range(IntRange::at_least(0)),
         boolean(
             "test.dataloader.pin_memory",
             false,

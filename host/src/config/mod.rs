@@ -22,5 +22,5 @@ pub use error::{ConfigError, Source};
 pub use frozen::Config;
 pub use host::host_schema;
 pub use reference::{reference_plugin_keys, NOT_INSTALLED};
-pub use schema::{KeySpec, Schema, HOST_OWNER};
+pub use schema::{IntRange, KeySpec, Schema, HOST_OWNER};
 pub use value::{Value, ValueType};

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 
 use super::error::{ConfigError, Source};
 use super::value::{Value, ValueType};
+pub use imgclf_plugin_api::config::IntRange;
 
 /// The owner name of keys declared by the host itself.
 pub const HOST_OWNER: &str = "imgclf";
@@ -25,6 +26,9 @@ pub struct KeySpec {
     pub supported: bool,
     /// `"imgclf"` or a plugin name.
     pub owner: String,
+    /// Allowed values of an `int` key (of each element of a `list[int]` key), checked when the
+    /// config is frozen. Every host integer key declares one.
+    pub range: Option<IntRange>,
 }
 
 impl KeySpec {
@@ -38,7 +42,31 @@ impl KeySpec {
             help: help.to_string(),
             supported: true,
             owner: HOST_OWNER.to_string(),
+            range: None,
         }
+    }
+
+    /// Restricts an `int` key (each element of a `list[int]` key) to `range`.
+    pub fn with_range(mut self, range: IntRange) -> Self {
+        self.range = Some(range);
+        self
+    }
+
+    /// The value's integers outside the key's range (empty when it has none or all fit).
+    pub fn out_of_range(&self, value: &Value) -> Vec<i64> {
+        let Some(range) = &self.range else {
+            return Vec::new();
+        };
+        let mut bad = Vec::new();
+        let mut visit = vec![value];
+        while let Some(v) = visit.pop() {
+            match v {
+                Value::Int(i) if !range.contains(*i) => bad.push(*i),
+                Value::List(items) => visit.extend(items.iter().rev()),
+                _ => {}
+            }
+        }
+        bad
     }
 
     /// Restricts the key to these values.
@@ -172,6 +200,19 @@ impl Schema {
             return Err(invalid(format!(
                 "choice {bad} is not {}",
                 spec.ty.describe()
+            )));
+        }
+        if spec.range.is_some() && !is_int_or_int_list(&spec.ty) {
+            return Err(invalid(format!(
+                "a range applies to int and list[int] keys, not to a {} key",
+                spec.ty
+            )));
+        }
+        if !spec.out_of_range(&spec.default).is_empty() {
+            return Err(invalid(format!(
+                "default {} is outside its range ({})",
+                spec.default,
+                spec.range.unwrap_or_default()
             )));
         }
         if !spec.choices.is_empty() && !spec.choices.contains(&spec.default) {
@@ -340,6 +381,14 @@ impl Schema {
             .take(MAX_SUGGESTIONS)
             .map(|(_, k)| k.to_string())
             .collect()
+    }
+}
+
+fn is_int_or_int_list(ty: &ValueType) -> bool {
+    match ty {
+        ValueType::Int => true,
+        ValueType::List(inner) => is_int_or_int_list(inner),
+        _ => false,
     }
 }
 

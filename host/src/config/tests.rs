@@ -1104,3 +1104,83 @@ fn unsupported_keys_are_exactly_the_listed_ones() {
     ];
     assert_eq!(unsupported, expected);
 }
+
+#[test]
+fn every_host_integer_key_declares_a_range_that_holds_its_default() {
+    let schema = host_schema();
+    let ints: Vec<&KeySpec> = schema
+        .keys()
+        .filter(|k| matches!(&k.ty, ValueType::Int) || k.ty == ValueType::list_of(ValueType::Int))
+        .collect();
+    assert!(ints.len() > 20, "{}", ints.len());
+    let missing: Vec<&str> = ints
+        .iter()
+        .filter(|k| k.range.is_none())
+        .map(|k| k.key.as_str())
+        .collect();
+    assert!(missing.is_empty(), "integer keys without a range: {missing:?}");
+}
+
+#[test]
+fn integers_outside_their_range_are_refused_at_freeze_naming_key_and_range() {
+    let mut b = ConfigBuilder::new(host_schema());
+    b.merge_overrides(&args(&["train.batch_size", "-1", "test.batch_size", "-5"]))
+        .unwrap();
+    let err = b.build().unwrap_err();
+    let text = err.to_string();
+    assert_eq!(err.errors().len(), 2, "{text}");
+    assert!(
+        text.contains("train.batch_size must be >= 1, got -1 (command line)"),
+        "{text}"
+    );
+    assert!(
+        text.contains("test.batch_size must be >= 1, got -5 (command line)"),
+        "{text}"
+    );
+    assert!(!text.contains("18446744073709551615"), "{text}");
+    assert!(err.errors().iter().all(|e| e.key().is_some()));
+
+    // Each element of an integer list, from a file.
+    let mut b = ConfigBuilder::new(host_schema());
+    b.merge_yaml_str(
+        "scheduler:\n  milestones: [0, 5]\n",
+        file("configs/x.yaml"),
+    )
+    .unwrap();
+    let text = b.build().unwrap_err().to_string();
+    assert!(
+        text.contains("scheduler.milestones must be >= 1 (each element), got [0, 5] (from configs/x.yaml)"),
+        "{text}"
+    );
+
+    // The bounds themselves are allowed.
+    let mut b = ConfigBuilder::new(host_schema());
+    b.merge_overrides(&args(&["train.batch_size", "1", "train.val_period", "0"]))
+        .unwrap();
+    b.build().unwrap();
+}
+
+#[test]
+fn a_declared_range_must_fit_the_type_and_hold_the_default() {
+    let mut schema = Schema::new();
+    let err = schema
+        .add(
+            KeySpec::new("a.b", ValueType::Int, Value::Int(0), "b")
+                .with_range(IntRange::at_least(1)),
+        )
+        .unwrap_err();
+    assert!(err.to_string().contains("default 0 is outside its range (>= 1)"), "{err}");
+    let err = schema
+        .add(
+            KeySpec::new("a.c", ValueType::Float, Value::Float(0.5), "c")
+                .with_range(IntRange::at_least(0)),
+        )
+        .unwrap_err();
+    assert!(err.to_string().contains("int and list[int]"), "{err}");
+    schema
+        .add(
+            KeySpec::new("a.d", ValueType::Int, Value::Int(3), "d")
+                .with_range(IntRange::between(0, 3)),
+        )
+        .unwrap();
+}

@@ -145,12 +145,14 @@ impl AugmentationFactory for RandomCropFactory {
                 &format!("{SECTION}.padding"),
                 4,
                 "pixels of padding on each side",
-            ),
+            )
+            .at_least(0),
             KeyDecl::int(
                 &format!("{SECTION}.fill"),
                 0,
                 "pixel value (0-255) of constant padding",
-            ),
+            )
+            .range(imgclf_plugin_api::config::IntRange::between(0, 255)),
             KeyDecl::str(
                 &format!("{SECTION}.padding_mode"),
                 "constant",

@@ -38,7 +38,8 @@ impl CutoutBoxes {
                 &format!("{SECTION}.mask_size"),
                 16,
                 "side of the square mask in pixels",
-            ),
+            )
+            .at_least(1),
             KeyDecl::bool(
                 &format!("{SECTION}.cut_inside"),
                 false,

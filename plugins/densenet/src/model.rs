@@ -33,12 +33,14 @@ impl Config {
                 &format!("{SECTION}.depth"),
                 100,
                 "network depth: 3n+4 (basic) or 6n+4 (bottleneck)",
-            ),
+            )
+            .at_least(1),
             KeyDecl::int_list(
                 &format!("{SECTION}.n_blocks"),
                 &[6, 12, 24, 16],
                 "layers per dense block (ImageNet models only; unused here)",
-            ),
+            )
+            .at_least(1),
             KeyDecl::str(
                 &format!("{SECTION}.block_type"),
                 "bottleneck",
@@ -49,7 +51,8 @@ impl Config {
                 &format!("{SECTION}.growth_rate"),
                 12,
                 "k: channels each dense layer adds",
-            ),
+            )
+            .at_least(1),
             KeyDecl::float(
                 &format!("{SECTION}.drop_rate"),
                 0.0,

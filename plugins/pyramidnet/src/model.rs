@@ -32,17 +32,20 @@ impl Config {
                 &format!("{SECTION}.depth"),
                 272,
                 "network depth: 6n+2 (basic) or 9n+2 (bottleneck)",
-            ),
+            )
+            .at_least(1),
             KeyDecl::int_list(
                 &format!("{SECTION}.n_blocks"),
                 &[3, 24, 36, 3],
                 "blocks per stage (ImageNet models only; unused here)",
-            ),
+            )
+            .at_least(1),
             KeyDecl::int(
                 &format!("{SECTION}.initial_channels"),
                 16,
                 "channels of the first convolution",
-            ),
+            )
+            .at_least(1),
             KeyDecl::str(
                 &format!("{SECTION}.block_type"),
                 "bottleneck",
@@ -53,7 +56,8 @@ impl Config {
                 &format!("{SECTION}.alpha"),
                 200,
                 "total width increase over all blocks (before the bottleneck's 4x)",
-            ),
+            )
+            .at_least(0),
         ]
     }
 

@@ -114,7 +114,8 @@ impl AugmentationFactory for RandomErasingFactory {
                 &format!("{SECTION}.max_attempt"),
                 20,
                 "tries to find a rectangle that fits before leaving the image as is",
-            ),
+            )
+            .at_least(0),
         ])
     }
 

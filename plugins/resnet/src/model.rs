@@ -28,19 +28,22 @@ impl Config {
                 &format!("{SECTION}.depth"),
                 110,
                 "network depth: 6n+2 (basic) or 9n+2 (bottleneck)",
-            ),
+            )
+            .at_least(1),
             KeyDecl::int_list(
                 &format!("{SECTION}.n_blocks"),
                 &[2, 2, 2, 2],
                 "blocks per stage (ImageNet models only; unused here)",
-            ),
+            )
+            .at_least(1),
             KeyDecl::str(&format!("{SECTION}.block_type"), "basic", "residual block")
                 .choices(&["basic", "bottleneck"]),
             KeyDecl::int(
                 &format!("{SECTION}.initial_channels"),
                 16,
                 "channels of the first stage",
-            ),
+            )
+            .at_least(1),
         ]
     }
 

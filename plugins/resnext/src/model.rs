@@ -28,27 +28,31 @@ pub struct Config {
 impl Config {
     pub fn keys() -> Vec<KeyDecl> {
         vec![
-            KeyDecl::int(&format!("{SECTION}.depth"), 29, "network depth: 9n+2"),
+            KeyDecl::int(&format!("{SECTION}.depth"), 29, "network depth: 9n+2").at_least(1),
             KeyDecl::int_list(
                 &format!("{SECTION}.n_blocks"),
                 &[3, 4, 6, 3],
                 "blocks per stage (ImageNet models only; unused here)",
-            ),
+            )
+            .at_least(1),
             KeyDecl::int(
                 &format!("{SECTION}.initial_channels"),
                 64,
                 "channels of the first convolution (stage outputs are 4x, 8x, 16x this)",
-            ),
+            )
+            .at_least(1),
             KeyDecl::int(
                 &format!("{SECTION}.cardinality"),
                 8,
                 "groups of the 3x3 convolution",
-            ),
+            )
+            .at_least(1),
             KeyDecl::int(
                 &format!("{SECTION}.base_channels"),
                 4,
                 "channels per group in the first stage (doubled each stage)",
-            ),
+            )
+            .at_least(1),
         ]
     }
 

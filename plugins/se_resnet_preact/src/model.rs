@@ -36,17 +36,20 @@ impl Config {
                 &format!("{SECTION}.depth"),
                 110,
                 "network depth: 6n+2 (basic) or 9n+2 (bottleneck)",
-            ),
+            )
+            .at_least(1),
             KeyDecl::int(
                 &format!("{SECTION}.initial_channels"),
                 16,
                 "channels of the first stage",
-            ),
+            )
+            .at_least(1),
             KeyDecl::int(
                 &format!("{SECTION}.se_reduction"),
                 16,
                 "r: the excitation's hidden layer has C / r units",
-            ),
+            )
+            .at_least(1),
             KeyDecl::str(&format!("{SECTION}.block_type"), "basic", "residual block")
                 .choices(&["basic", "bottleneck"]),
             KeyDecl::bool(

@@ -72,12 +72,13 @@ impl Shake {
 impl Config {
     pub fn keys() -> Vec<KeyDecl> {
         vec![
-            KeyDecl::int(&format!("{SECTION}.depth"), 26, "network depth: 6n+2"),
+            KeyDecl::int(&format!("{SECTION}.depth"), 26, "network depth: 6n+2").at_least(1),
             KeyDecl::int(
                 &format!("{SECTION}.initial_channels"),
                 96,
                 "width of the first stage (the d of 2x96d); doubled per stage",
-            ),
+            )
+            .at_least(1),
             KeyDecl::bool(
                 &format!("{SECTION}.shake_forward"),
                 true,

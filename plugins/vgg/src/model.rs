@@ -28,12 +28,14 @@ impl Config {
                 &format!("{SECTION}.n_channels"),
                 &[64, 128, 256, 512, 512],
                 "output channels of each of the five stages",
-            ),
+            )
+            .at_least(1),
             KeyDecl::int_list(
                 &format!("{SECTION}.n_layers"),
                 &[2, 2, 3, 3, 3],
                 "3x3 convolutions in each of the five stages",
-            ),
+            )
+            .at_least(1),
             KeyDecl::bool(
                 &format!("{SECTION}.use_bn"),
                 true,

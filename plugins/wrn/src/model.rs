@@ -26,17 +26,19 @@ pub struct Config {
 impl Config {
     pub fn keys() -> Vec<KeyDecl> {
         vec![
-            KeyDecl::int(&format!("{SECTION}.depth"), 28, "network depth: 6n+4"),
+            KeyDecl::int(&format!("{SECTION}.depth"), 28, "network depth: 6n+4").at_least(1),
             KeyDecl::int(
                 &format!("{SECTION}.initial_channels"),
                 16,
                 "channels of the first convolution",
-            ),
+            )
+            .at_least(1),
             KeyDecl::int(
                 &format!("{SECTION}.widening_factor"),
                 10,
                 "k: stage widths are 16k, 32k, 64k",
-            ),
+            )
+            .at_least(1),
             KeyDecl::float(
                 &format!("{SECTION}.drop_rate"),
                 0.0,
