@@ -17,6 +17,7 @@ pub mod plot;
 pub mod preview;
 pub mod registry;
 pub mod setup;
+pub mod tensorboard;
 pub mod throughput;
 pub mod torch_file;
 pub mod train;
