@@ -275,8 +275,40 @@ fn dist(t: &Torch) -> Result<PathBuf> {
     Ok(dist)
 }
 
+/// Python packages the tests use beside torch and numpy, installed into the test Python when
+/// missing: `tensorboard` (its event reader checks the event files imgclf writes).
+const TEST_PYTHON_PACKAGES: &[(&str, &str)] = &[("tensorboard", "tensorboard")];
+
+fn ensure_test_python_packages(t: &Torch) -> Result<()> {
+    for (module, package) in TEST_PYTHON_PACKAGES {
+        let probe = Command::new(&t.python)
+            .args(["-c", &format!("import {module}")])
+            .output();
+        if probe.is_ok_and(|o| o.status.success()) {
+            continue;
+        }
+        eprintln!(
+            "xtask: installing {package} from PyPI for {}",
+            t.python.display()
+        );
+        // A Python that pip may not change still runs every other test.
+        if let Err(e) = run(Command::new(&t.python).args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            package,
+        ])) {
+            eprintln!("xtask: warning: {e:#}; the tests that need {package} will fail");
+        }
+    }
+    Ok(())
+}
+
 fn test(t: &Torch, extra: &[String]) -> Result<()> {
     ensure_fashion_mnist()?;
+    ensure_test_python_packages(t)?;
     let profile = build(t, false, true)?;
     let mut c = cargo(t);
     // Every test binary runs even when an earlier one fails; the summary lists them all.

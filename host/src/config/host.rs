@@ -172,7 +172,7 @@ pub fn host_schema() -> Schema {
         boolean(
             "train.use_tensorboard",
             true,
-            "Write TensorBoard event files",
+            "Write TensorBoard event files (output_dir per epoch, output_dir/running per logged step)",
         ),
         int(
             "train.dataloader.num_workers",
@@ -235,21 +235,18 @@ pub fn host_schema() -> Schema {
         boolean(
             "tensorboard.train_images",
             false,
-            "Log training images to TensorBoard",
-        )
-        .unsupported(),
+            "TensorBoard: a grid of each epoch's first training batch (Train/Image)",
+        ),
         boolean(
             "tensorboard.val_images",
             false,
-            "Log validation images to TensorBoard",
-        )
-        .unsupported(),
+            "TensorBoard: a grid of the first validation batch at epoch 0 (Val/Image)",
+        ),
         boolean(
             "tensorboard.model_params",
             false,
-            "Log parameter histograms to TensorBoard",
-        )
-        .unsupported(),
+            "TensorBoard: a histogram of every parameter after each validation",
+        ),
         // Learning-rate schedule.
         int("scheduler.epochs", 160, "Number of training epochs").with_range(IntRange::at_least(1)),
         string("scheduler.warmup.type", "none", "Learning-rate warm-up").with_choices([

@@ -576,7 +576,6 @@ fn unsupported_keys_are_refused_only_when_not_default() {
         ("tta.resize", "224"),
         ("train.dist.backend", "gloo"),
         ("train.dist.use_sync_bn", "True"),
-        ("tensorboard.model_params", "True"),
         ("train.resume", "True"),
     ] {
         let err = build(&[key, value]).unwrap_err();
@@ -1085,9 +1084,6 @@ fn unsupported_keys_are_exactly_the_listed_ones() {
         .collect();
     let expected = [
         "model.type",
-        "tensorboard.model_params",
-        "tensorboard.train_images",
-        "tensorboard.val_images",
         "train.dist.backend",
         "train.dist.init_method",
         "train.dist.local_rank",

@@ -134,19 +134,28 @@ impl Trainer {
             &self.pipeline.norm,
             self.device,
         )?;
+        let seconds = t0.elapsed().as_secs_f64();
         let mut sums = m.sums();
         self.collective.reduce_sums(&mut sums)?;
         let m = Meter::from_sums(sums);
+        let first: Vec<usize> = (0..val.len().min(plan.val_batch_size)).collect();
+        if !first.is_empty() {
+            let (images, _) = data::gather(val, &first);
+            let images = self.pipeline.norm.apply(&images.to_device(self.device));
+            self.sinks.images(Split::Val, pos.epoch, &images)?;
+        }
         self.sinks.epoch(&EpochReport {
             split: Split::Val,
             epoch: pos.epoch,
             global_step: pos.global_step,
             meter: &m,
             lr,
+            next_lr: lr,
             images: m.n as usize,
-            seconds: t0.elapsed().as_secs_f64(),
+            seconds,
             elapsed_s: self.start.elapsed().as_secs_f64(),
-        })
+        })?;
+        self.sinks.parameters(pos.epoch, &self.tensors)
     }
 
     fn interrupted(&self, pos: &Position) -> Result<Interrupted> {
@@ -197,6 +206,9 @@ impl Trainer {
                     .pipeline
                     .prepare(images, labels, plan.seed, epoch, step)?;
                 let n = p.labels.size()[0] as usize;
+                if step == 0 {
+                    self.sinks.images(Split::Train, epoch + 1, &p.images)?;
+                }
                 tch::manual_seed(
                     mix_seed(&[plan.seed, MODEL_STREAM, epoch, step]) as i64 & i64::MAX,
                 );
@@ -245,12 +257,15 @@ impl Trainer {
             }
             pos.epoch += 1;
             pos.step_in_epoch = 0;
+            // Reporting only: a schedule that ends with the last step keeps its last rate.
+            let next_lr = self.schedule.lr(pos.global_step).unwrap_or(lr);
             self.sinks.epoch(&EpochReport {
                 split: Split::Train,
                 epoch: pos.epoch,
                 global_step: pos.global_step,
                 meter: &meter,
                 lr,
+                next_lr,
                 images: meter.n as usize,
                 seconds: t0.elapsed().as_secs_f64(),
                 elapsed_s: self.start.elapsed().as_secs_f64(),

@@ -16,6 +16,7 @@ pub mod precision;
 pub mod schedule;
 pub mod sinks;
 pub mod step;
+pub mod tensorboard_sink;
 
 pub use eval::evaluate_set;
 pub use pipeline::{build_pipeline, Normalizer, Pipeline, Prepared};
@@ -376,6 +377,13 @@ pub fn run(registry: &Registry, request: &Request, args: &TrainArgs) -> Result<(
         global_step: start_epoch * steps_per_epoch,
     };
     let pos = trainer.restore(args.resume.as_deref(), c.str("train.checkpoint"), start)?;
+    if writer && c.bool("train.use_tensorboard") {
+        trainer.sinks.push(Box::new(tensorboard_sink::TensorBoardSink::create(
+            &out,
+            &pos,
+            tensorboard_sink::Extras::from_config(c),
+        )?));
+    }
 
     install_interrupt_handler();
     trainer.fit(std::sync::Arc::new(train_set), &val_set, &plan, pos)?;

@@ -4,7 +4,9 @@
 
 use super::metrics::{Meter, MetricsFile};
 use anyhow::Result;
+use imgclf_plugin_api::NamedTensor;
 use std::path::Path;
+use tch::Tensor;
 
 /// One optimisation step.
 pub struct StepReport<'a> {
@@ -45,6 +47,9 @@ pub struct EpochReport<'a> {
     pub global_step: u64,
     pub meter: &'a Meter,
     pub lr: f64,
+    /// The rate the schedule holds after this pass (the next step's): the reference's
+    /// `scheduler.get_last_lr()` at the end of an epoch, its `Train/LearningRate`.
+    pub next_lr: f64,
     pub images: usize,
     pub seconds: f64,
     pub elapsed_s: f64,
@@ -63,6 +68,16 @@ pub trait Sink {
         Ok(())
     }
     fn epoch(&mut self, _r: &EpochReport) -> Result<()> {
+        Ok(())
+    }
+    /// The first batch of a pass as the model sees it (`[N, C, H, W]`, normalised and
+    /// augmented): of each training epoch (`epoch`: the 1-based epoch being trained) and of
+    /// each validation (`epoch`: completed epochs).
+    fn images(&mut self, _split: Split, _epoch: u64, _batch: &Tensor) -> Result<()> {
+        Ok(())
+    }
+    /// The model's tensors after the validation at `epoch`.
+    fn parameters(&mut self, _epoch: u64, _tensors: &[NamedTensor]) -> Result<()> {
         Ok(())
     }
     /// Training stops (finished, interrupted or failed).
@@ -98,6 +113,16 @@ impl Sinks {
     }
     pub fn epoch(&mut self, r: &EpochReport) -> Result<()> {
         self.0.iter_mut().try_for_each(|s| s.epoch(r))
+    }
+    pub fn images(&mut self, split: Split, epoch: u64, batch: &Tensor) -> Result<()> {
+        self.0
+            .iter_mut()
+            .try_for_each(|s| s.images(split, epoch, batch))
+    }
+    pub fn parameters(&mut self, epoch: u64, tensors: &[NamedTensor]) -> Result<()> {
+        self.0
+            .iter_mut()
+            .try_for_each(|s| s.parameters(epoch, tensors))
     }
     pub fn finish(&mut self) {
         for s in &mut self.0 {
