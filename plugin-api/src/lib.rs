@@ -20,6 +20,7 @@ pub mod config;
 pub mod error;
 pub mod ffi;
 pub mod nn;
+pub mod optim;
 pub mod rng;
 mod shim;
 pub mod tensor;

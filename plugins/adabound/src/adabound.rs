@@ -7,7 +7,11 @@
 //! `p -= clamp(η / (√v + ε), lower, upper) · m`.
 //! `adabound` adds `weight_decay · p` to the gradient (L2); `adaboundw` instead subtracts
 //! `weight_decay · p` (taken before the update, not scaled by the rate) after the update.
+//!
+//! A step is a dozen `_foreach_*` list ops per set of parameters sharing a weight decay and a
+//! step count (usually one set): no per-parameter kernels.
 
+use imgclf_plugin_api::optim::{defined_grads, foreach, group_by};
 use imgclf_plugin_api::{
     plugin_bail, ComponentInfo, ConfigView, Error, KeyDecl, Kind, NamedTensor, Optimizer,
     OptimizerFactory, ParamGroup, Result,
@@ -87,40 +91,55 @@ impl Optimizer for AdaBound {
     fn step(&mut self, lr: f64) -> Result<()> {
         let h = self.h;
         tch::no_grad(|| -> Result<()> {
-            for s in &mut self.slots {
-                let mut grad = s.param.grad();
-                if !grad.defined() {
-                    continue;
+            let params: Vec<Tensor> = self.slots.iter().map(|s| s.param.shallow_clone()).collect();
+            let (index, grads) = defined_grads(&params);
+            for &i in &index {
+                self.slots[i].step += 1;
+            }
+            let sets = group_by(index.iter().map(|&i| {
+                let s = &self.slots[i];
+                (s.weight_decay.to_bits(), s.step)
+            }));
+            for ((wd, step), members) in sets {
+                let wd = f64::from_bits(wd);
+                let pick = |f: &dyn Fn(&Slot) -> &Tensor| -> Vec<Tensor> {
+                    members
+                        .iter()
+                        .map(|&k| f(&self.slots[index[k]]).shallow_clone())
+                        .collect()
+                };
+                let (p, m, v) = (
+                    pick(&|s| &s.param),
+                    pick(&|s| &s.exp_avg),
+                    pick(&|s| &s.exp_avg_sq),
+                );
+                let mut g: Vec<Tensor> =
+                    members.iter().map(|&k| grads[k].shallow_clone()).collect();
+                if wd != 0.0 && !h.decoupled {
+                    g = foreach::add_list(&g, &p, wd)?;
                 }
-                s.step += 1;
-                if s.weight_decay != 0.0 && !h.decoupled {
-                    grad = grad.f_add(&s.param.f_mul_scalar(s.weight_decay)?)?;
-                }
-                let _ = s
-                    .exp_avg
-                    .f_mul_scalar_(h.beta1)?
-                    .f_add_(&grad.f_mul_scalar(1.0 - h.beta1)?)?;
-                let _ = s
-                    .exp_avg_sq
-                    .f_mul_scalar_(h.beta2)?
-                    .f_add_(&grad.f_mul_scalar(1.0 - h.beta2)?.f_mul(&grad)?)?;
-                let denom = s.exp_avg_sq.f_sqrt()?.f_add_scalar(h.eps)?;
-                let t = s.step as f64;
+                foreach::mul_scalar_(&m, h.beta1)?;
+                foreach::add_list_(&m, &g, 1.0 - h.beta1)?;
+                foreach::mul_scalar_(&v, h.beta2)?;
+                foreach::addcmul_(&v, &g, &g, 1.0 - h.beta2)?;
+                let t = step as f64;
                 let step_size = lr * (1.0 - h.beta2.powf(t)).sqrt() / (1.0 - h.beta1.powf(t));
                 let final_lr = h.final_lr * lr / h.base_lr;
                 let lower = final_lr * (1.0 - 1.0 / (h.gamma * t + 1.0));
                 let upper = final_lr * (1.0 + 1.0 / (h.gamma * t));
-                let update = denom
-                    .f_full_like(step_size)?
-                    .f_div(&denom)?
-                    .f_clamp(lower, upper)?
-                    .f_mul(&s.exp_avg)?;
-                let mut p = s.param.shallow_clone();
-                if s.weight_decay != 0.0 && h.decoupled {
-                    let decayed = p.f_mul_scalar(s.weight_decay)?;
-                    let _ = p.f_sub_(&update)?.f_sub_(&decayed)?;
+                // update = clamp(step_size / (sqrt(v) + eps), lower, upper) * m
+                let update = foreach::sqrt(&v)?;
+                foreach::add_scalar_(&update, h.eps)?;
+                foreach::reciprocal_(&update)?;
+                foreach::mul_scalar_(&update, step_size)?;
+                foreach::clamp_(&update, lower, upper)?;
+                foreach::mul_list_(&update, &m)?;
+                if wd != 0.0 && h.decoupled {
+                    let decayed = foreach::mul_scalar(&p, wd)?;
+                    foreach::sub_list_(&p, &update)?;
+                    foreach::sub_list_(&p, &decayed)?;
                 } else {
-                    let _ = p.f_sub_(&update)?;
+                    foreach::sub_list_(&p, &update)?;
                 }
             }
             Ok(())

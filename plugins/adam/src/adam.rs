@@ -1,6 +1,8 @@
-//! `torch.optim.Adam` (single-tensor CPU path of PyTorch 2.x), optionally AMSGrad, with L2
-//! weight decay per parameter group, step for step as PyTorch computes it.
+//! `torch.optim.Adam`, optionally AMSGrad, with L2 weight decay per parameter group, step for
+//! step as PyTorch computes it: one call of ATen's fused Adam kernel (`torch.optim.Adam(fused=
+//! True)`) per weight decay, over every parameter with a gradient.
 
+use imgclf_plugin_api::optim::{defined_grads, foreach, fused_adam_, group_by, AdamStep};
 use imgclf_plugin_api::{
     plugin_bail, ComponentInfo, ConfigView, Error, KeyDecl, Kind, NamedTensor, Optimizer,
     OptimizerFactory, ParamGroup, Result,
@@ -16,6 +18,8 @@ struct Slot {
     param: Tensor,
     weight_decay: f64,
     step: u64,
+    /// `step` as the float32 scalar on the parameter's device the fused kernel reads.
+    step_t: Tensor,
     exp_avg: Tensor,
     exp_avg_sq: Tensor,
     max_exp_avg_sq: Tensor,
@@ -48,6 +52,7 @@ impl Adam {
                     } else {
                         Tensor::new()
                     },
+                    step_t: Tensor::zeros([], (tch::Kind::Float, p.tensor.device())),
                     name: p.name,
                     param: p.tensor,
                     weight_decay: g.weight_decay,
@@ -95,40 +100,56 @@ fn check_betas(betas: (f64, f64), key: &str) -> Result<()> {
 
 impl Optimizer for Adam {
     fn step(&mut self, lr: f64) -> Result<()> {
-        let (beta1, beta2, eps) = (self.beta1, self.beta2, self.eps);
         tch::no_grad(|| -> Result<()> {
-            for s in &mut self.slots {
-                let mut grad = s.param.grad();
-                if !grad.defined() {
-                    continue;
-                }
-                s.step += 1;
-                if s.weight_decay != 0.0 {
-                    grad = grad.f_add(&s.param.f_mul_scalar(s.weight_decay)?)?;
-                }
-                let _ = s.exp_avg.f_lerp_(&grad, 1.0 - beta1)?;
-                let _ = s
-                    .exp_avg_sq
-                    .f_mul_scalar_(beta2)?
-                    .f_add_(&grad.f_mul_scalar(1.0 - beta2)?.f_mul(&grad)?)?;
-                let step = s.step as f64;
-                let bias_correction1 = 1.0 - beta1.powf(step);
-                let bias_correction2 = 1.0 - beta2.powf(step);
-                let step_size = lr / bias_correction1;
-                let second = if self.amsgrad {
-                    let m = s.max_exp_avg_sq.f_maximum(&s.exp_avg_sq)?;
-                    s.max_exp_avg_sq.f_copy_(&m)?;
-                    &s.max_exp_avg_sq
-                } else {
-                    &s.exp_avg_sq
+            let params: Vec<Tensor> = self.slots.iter().map(|s| s.param.shallow_clone()).collect();
+            let (index, grads) = defined_grads(&params);
+            if index.is_empty() {
+                return Ok(());
+            }
+            let steps: Vec<Tensor> = index
+                .iter()
+                .map(|&i| self.slots[i].step_t.shallow_clone())
+                .collect();
+            foreach::add_scalar_(&steps, 1.0)?;
+            for &i in &index {
+                self.slots[i].step += 1;
+            }
+            // One kernel call per weight decay (parameter group).
+            let sets = group_by(index.iter().map(|&i| self.slots[i].weight_decay.to_bits()));
+            for (wd, members) in sets {
+                let pick = |f: &dyn Fn(&Slot) -> &Tensor| -> Vec<Tensor> {
+                    members
+                        .iter()
+                        .map(|&k| f(&self.slots[index[k]]).shallow_clone())
+                        .collect()
                 };
-                let denom = second
-                    .f_sqrt()?
-                    .f_div_scalar(bias_correction2.sqrt())?
-                    .f_add_scalar(eps)?;
-                // addcdiv(value = -step_size) evaluates (value * exp_avg) / denom.
-                let update = s.exp_avg.f_mul_scalar(-step_size)?.f_div(&denom)?;
-                let _ = s.param.shallow_clone().f_add_(&update)?;
+                let set_grads: Vec<Tensor> =
+                    members.iter().map(|&k| grads[k].shallow_clone()).collect();
+                let maxes = if self.amsgrad {
+                    pick(&|s| &s.max_exp_avg_sq)
+                } else {
+                    Vec::new()
+                };
+                let h = AdamStep {
+                    lr,
+                    beta1: self.beta1,
+                    beta2: self.beta2,
+                    weight_decay: f64::from_bits(wd),
+                    eps: self.eps,
+                    amsgrad: self.amsgrad,
+                    maximize: false,
+                };
+                fused_adam_(
+                    &pick(&|s| &s.param),
+                    &set_grads,
+                    &pick(&|s| &s.exp_avg),
+                    &pick(&|s| &s.exp_avg_sq),
+                    &maxes,
+                    &pick(&|s| &s.step_t),
+                    h,
+                    None,
+                    None,
+                )?;
             }
             Ok(())
         })
@@ -166,7 +187,11 @@ impl Optimizer for Adam {
                 (&s.name, &s.param, &mut s.step, tensors)
             }),
             names,
-        )
+        )?;
+        for s in &mut self.slots {
+            let _ = tch::no_grad(|| s.step_t.f_fill_(s.step as f64))?;
+        }
+        Ok(())
     }
 }
 

@@ -1,38 +1,30 @@
 //! `torch.optim.SGD` with momentum, dampening 0, optional Nesterov and per-group weight decay,
 //! step for step as PyTorch computes it.
 
+use imgclf_plugin_api::optim::{defined_grads, fused_sgd_, group_by, SgdStep};
 use imgclf_plugin_api::{
     ComponentInfo, ConfigView, Error, Kind, NamedTensor, Optimizer, OptimizerFactory, ParamGroup,
     Result,
 };
 use tch::Tensor;
 
-/// One parameter: its name, the parameter (a view into the flat buffer when flattened), its
-/// weight decay, and whether its momentum buffer exists yet (PyTorch creates it at the first
+/// One parameter, its weight decay, and its momentum buffer (PyTorch creates it at the first
 /// step that has a gradient).
 struct Param {
     name: String,
     tensor: Tensor,
     weight_decay: f64,
-    offset: i64,
-    numel: i64,
-    has_buffer: bool,
+    buffer: Option<Tensor>,
 }
 
-/// All parameters in one contiguous buffer, so a step is a handful of kernels over one tensor
-/// instead of several per parameter (PyTorch gets the same effect on CUDA from its
-/// multi-tensor `foreach` kernels, which libtorch's C API does not expose).
-struct Flat {
-    params: Tensor,
-    weight_decay: Tensor,
-    momentum: Tensor,
-}
-
+/// A step is one `_fused_sgd_` call per set of parameters sharing a weight decay and a buffer
+/// state (usually one or two calls in all), over the gradients autograd produced: no
+/// per-parameter kernels, no copy of the gradients into a flat buffer, and the parameters keep
+/// their memory format (channels_last included).
 pub struct Sgd {
     momentum: f64,
     nesterov: bool,
     params: Vec<Param>,
-    flat: Flat,
 }
 
 impl Sgd {
@@ -42,160 +34,80 @@ impl Sgd {
                 "train.nesterov needs train.momentum > 0 (as torch.optim.SGD requires)",
             ));
         }
-        let mut params = Vec::new();
-        let mut offset = 0;
-        for g in groups {
-            for p in g.params {
-                let numel = p.tensor.numel() as i64;
-                params.push(Param {
+        let params = groups
+            .into_iter()
+            .flat_map(|g| {
+                let wd = g.weight_decay;
+                g.params.into_iter().map(move |p| Param {
                     name: p.name,
                     tensor: p.tensor,
-                    weight_decay: g.weight_decay,
-                    offset,
-                    numel,
-                    has_buffer: false,
-                });
-                offset += numel;
-            }
-        }
-        let (kind, device) = params
-            .first()
-            .map(|p| (p.tensor.kind(), p.tensor.device()))
-            .unwrap_or((tch::Kind::Float, tch::Device::Cpu));
-        if let Some(p) = params
-            .iter()
-            .find(|p| p.tensor.kind() != kind || p.tensor.device() != device)
-        {
-            return Err(Error(format!(
-                "parameter `{}` is {:?} on {:?}, the others {kind:?} on {device:?}: SGD needs one dtype and device",
-                p.name,
-                p.tensor.kind(),
-                p.tensor.device()
-            )));
-        }
-        let flat_params = Tensor::zeros([offset], (kind, device));
-        let decay: Vec<Tensor> = params
-            .iter()
-            .map(|p| Tensor::full([p.numel], p.weight_decay, (kind, device)))
+                    weight_decay: wd,
+                    buffer: None,
+                })
+            })
             .collect();
-        tch::no_grad(|| -> Result<()> {
-            for p in &mut params {
-                let view = flat_params
-                    .narrow(0, p.offset, p.numel)
-                    .view(p.tensor.size().as_slice());
-                view.shallow_clone().f_copy_(&p.tensor)?;
-                // Re-home the parameter's data into the flat buffer; the model holds the same
-                // tensor object, so it trains the flat buffer from now on.
-                p.tensor.f_set_data(&view)?;
-            }
-            Ok(())
-        })?;
-        let weight_decay = if decay.is_empty() {
-            Tensor::zeros([0], (kind, device))
-        } else {
-            Tensor::cat(&decay, 0)
-        };
-        let flat = Flat {
-            params: flat_params,
-            weight_decay,
-            momentum: Tensor::zeros([offset], (kind, device)),
-        };
         Ok(Sgd {
             momentum,
             nesterov,
             params,
-            flat,
         })
-    }
-
-    fn buffer(&self, p: &Param) -> Tensor {
-        self.flat
-            .momentum
-            .narrow(0, p.offset, p.numel)
-            .view(p.tensor.size().as_slice())
-    }
-
-    /// `d = g + wd * p`, momentum, Nesterov and the update on one tensor (every gradient defined).
-    /// A buffer that does not exist yet is zero, so `m * 0 + d` equals PyTorch's `clone(d)`.
-    fn step_flat(&mut self, grads: &[Tensor], lr: f64) -> Result<()> {
-        let flat_grads: Vec<Tensor> = grads.iter().map(|g| g.reshape([-1])).collect();
-        let mut d = Tensor::f_cat(&flat_grads, 0)?;
-        if self.params.iter().any(|p| p.weight_decay != 0.0) {
-            d = d.f_addcmul(&self.flat.weight_decay, &self.flat.params)?;
-        }
-        if self.momentum != 0.0 {
-            let _ = self
-                .flat
-                .momentum
-                .f_mul_scalar_(self.momentum)?
-                .f_add_(&d)?;
-            d = if self.nesterov {
-                d.f_add(&self.flat.momentum.f_mul_scalar(self.momentum)?)?
-            } else {
-                self.flat.momentum.shallow_clone()
-            };
-            self.params.iter_mut().for_each(|p| p.has_buffer = true);
-        }
-        let _ = self.flat.params.f_sub_(&d.f_mul_scalar(lr)?)?;
-        Ok(())
-    }
-
-    /// The same per parameter, skipping parameters without a gradient as PyTorch does.
-    fn step_each(&mut self, lr: f64) -> Result<()> {
-        for i in 0..self.params.len() {
-            let g = self.params[i].tensor.grad();
-            if !g.defined() {
-                continue;
-            }
-            let p = &self.params[i];
-            let mut d = if p.weight_decay != 0.0 {
-                g.f_add(&p.tensor.f_mul_scalar(p.weight_decay)?)?
-            } else {
-                g
-            };
-            if self.momentum != 0.0 {
-                let mut buf = self.buffer(p);
-                if p.has_buffer {
-                    let _ = buf.f_mul_scalar_(self.momentum)?.f_add_(&d)?;
-                } else {
-                    buf.f_copy_(&d)?;
-                }
-                d = if self.nesterov {
-                    d.f_add(&buf.f_mul_scalar(self.momentum)?)?
-                } else {
-                    buf
-                };
-                self.params[i].has_buffer = true;
-            }
-            let _ = self.params[i]
-                .tensor
-                .shallow_clone()
-                .f_sub_(&d.f_mul_scalar(lr)?)?;
-        }
-        Ok(())
     }
 }
 
 impl Optimizer for Sgd {
+    /// PyTorch's SGD step; parameters without a gradient are skipped, as PyTorch does.
     fn step(&mut self, lr: f64) -> Result<()> {
-        tch::no_grad(|| {
-            let grads: Vec<Tensor> = self.params.iter().map(|p| p.tensor.grad()).collect();
-            if grads.iter().all(Tensor::defined) {
-                self.step_flat(&grads, lr)
-            } else {
-                self.step_each(lr)
+        tch::no_grad(|| -> Result<()> {
+            let all: Vec<Tensor> = self
+                .params
+                .iter()
+                .map(|p| p.tensor.shallow_clone())
+                .collect();
+            let (index, grads) = defined_grads(&all);
+            // Sets of parameters one kernel call can update: same weight decay, and either all
+            // with a momentum buffer or all without one yet (`is_first_step`).
+            let sets = group_by(index.iter().map(|&i| {
+                let p = &self.params[i];
+                (p.weight_decay.to_bits(), p.buffer.is_none())
+            }));
+            for ((wd, first), members) in sets {
+                let first = first && self.momentum != 0.0;
+                let mut params = Vec::with_capacity(members.len());
+                let mut set_grads = Vec::with_capacity(members.len());
+                let mut buffers = Vec::new();
+                for &k in &members {
+                    let p = &mut self.params[index[k]];
+                    params.push(p.tensor.shallow_clone());
+                    set_grads.push(grads[k].shallow_clone());
+                    if self.momentum != 0.0 {
+                        let b = p.buffer.get_or_insert_with(|| grads[k].zeros_like());
+                        buffers.push(b.shallow_clone());
+                    }
+                }
+                let h = SgdStep {
+                    lr,
+                    weight_decay: f64::from_bits(wd),
+                    momentum: self.momentum,
+                    dampening: 0.0,
+                    nesterov: self.nesterov,
+                    maximize: false,
+                    is_first_step: first,
+                };
+                fused_sgd_(&params, &set_grads, &buffers, h, None, None)?;
             }
+            Ok(())
         })
     }
 
     fn state(&self) -> Vec<NamedTensor> {
         self.params
             .iter()
-            .filter(|p| p.has_buffer)
-            .map(|p| NamedTensor {
-                name: format!("{}.momentum_buffer", p.name),
-                tensor: self.buffer(p),
-                trainable: false,
+            .filter_map(|p| {
+                p.buffer.as_ref().map(|b| NamedTensor {
+                    name: format!("{}.momentum_buffer", p.name),
+                    tensor: b.shallow_clone(),
+                    trainable: false,
+                })
             })
             .collect()
     }
@@ -203,10 +115,9 @@ impl Optimizer for Sgd {
     fn load_state(&mut self, state: Vec<NamedTensor>) -> Result<()> {
         let mut by_name: std::collections::HashMap<String, Tensor> =
             state.into_iter().map(|t| (t.name, t.tensor)).collect();
-        for i in 0..self.params.len() {
-            let key = format!("{}.momentum_buffer", self.params[i].name);
+        for p in &mut self.params {
+            let key = format!("{}.momentum_buffer", p.name);
             if let Some(t) = by_name.remove(&key) {
-                let p = &self.params[i];
                 if t.size() != p.tensor.size() {
                     return Err(Error(format!(
                         "momentum buffer of `{}` has shape {:?}, the parameter {:?}",
@@ -215,8 +126,10 @@ impl Optimizer for Sgd {
                         p.tensor.size()
                     )));
                 }
-                tch::no_grad(|| self.buffer(p).f_copy_(&t))?;
-                self.params[i].has_buffer = true;
+                // Same dtype, device and memory format as the parameter (and its gradients).
+                let buf = p.tensor.zeros_like();
+                tch::no_grad(|| buf.shallow_clone().f_copy_(&t))?;
+                p.buffer = Some(buf);
             }
         }
         if let Some(extra) = by_name.keys().next() {
@@ -291,7 +204,7 @@ mod tests {
         let exp2: Vec<f64> = (0..2)
             .map(|i| w1[i] - 0.1 * (d2[i] + 0.9 * buf2[i]))
             .collect();
-        let _ = w.grad().zero_();
+        imgclf_plugin_api::optim::release_grads(&[w.shallow_clone()]).unwrap();
         let loss = (&w * Tensor::from_slice(&[0.5f32, 0.5])).sum(K::Float);
         loss.backward();
         opt.step(0.1).unwrap();
@@ -342,58 +255,93 @@ mod tests {
     }
 
     #[test]
-    fn flat_and_per_parameter_steps_agree_and_params_without_grad_are_untouched() {
-        let make = || {
-            let a = Tensor::from_slice(&[0.5f32, -1.5, 2.0])
-                .view([3, 1])
-                .set_requires_grad(true);
-            let b = Tensor::from_slice(&[3.0f32]).set_requires_grad(true);
-            let unused = Tensor::from_slice(&[7.0f32]).set_requires_grad(true);
-            let named = |n: &str, t: &Tensor| NamedTensor {
-                name: n.into(),
-                tensor: t.shallow_clone(),
-                trainable: true,
-            };
-            let groups = vec![
-                ParamGroup {
-                    weight_decay: 0.01,
-                    params: vec![named("a", &a), named("b", &b)],
-                },
-                ParamGroup {
-                    weight_decay: 0.0,
-                    params: vec![named("unused", &unused)],
-                },
-            ];
-            (a, b, unused, Sgd::new(groups, 0.9, true).unwrap())
+    fn groups_and_parameters_without_grad_follow_pytorch() {
+        // a and b share a weight decay, c has its own; `unused` never gets a gradient; `late`
+        // gets its first gradient at the third step (a new buffer among existing ones).
+        let a = Tensor::from_slice(&[0.5f32, -1.5, 2.0])
+            .view([3, 1])
+            .set_requires_grad(true);
+        let b = Tensor::from_slice(&[3.0f32]).set_requires_grad(true);
+        let c = Tensor::from_slice(&[-1.0f32, 1.0]).set_requires_grad(true);
+        let unused = Tensor::from_slice(&[7.0f32]).set_requires_grad(true);
+        let late = Tensor::from_slice(&[1.0f32]).set_requires_grad(true);
+        let named = |n: &str, t: &Tensor| NamedTensor {
+            name: n.into(),
+            tensor: t.shallow_clone(),
+            trainable: true,
         };
-        let loss = |a: &Tensor, b: &Tensor| (a * a).sum(K::Float) * b;
-        // Flat path: every parameter gets a gradient (the unused one a zero gradient).
-        let (a1, b1, u1, mut flat) = make();
-        // Per-parameter path: `unused` has no gradient at all.
-        let (a2, b2, u2, mut each) = make();
-        for _ in 0..3 {
-            for t in [&a1, &b1, &u1, &a2, &b2] {
-                if t.grad().defined() {
-                    let _ = t.grad().zero_();
-                }
+        let groups = vec![
+            ParamGroup {
+                weight_decay: 0.01,
+                params: vec![named("a", &a), named("b", &b), named("late", &late)],
+            },
+            ParamGroup {
+                weight_decay: 0.0,
+                params: vec![named("c", &c), named("unused", &unused)],
+            },
+        ];
+        let mut opt = Sgd::new(groups, 0.9, true).unwrap();
+        // The same in plain f64, element by element (PyTorch's single-tensor formula).
+        let mut w: Vec<Vec<f64>> =
+            vec![vec![0.5, -1.5, 2.0], vec![3.0], vec![-1.0, 1.0], vec![1.0]];
+        let wd = [0.01, 0.01, 0.0, 0.01];
+        let mut buf: Vec<Option<Vec<f64>>> = vec![None; 4];
+        for step in 0..4 {
+            for t in [&a, &b, &c, &late] {
+                imgclf_plugin_api::optim::release_grads(&[t.shallow_clone()]).unwrap();
             }
-            (loss(&a1, &b1) + &u1 * 0.0).sum(K::Float).backward();
-            loss(&a2, &b2).backward();
-            flat.step(0.1).unwrap();
-            each.step(0.1).unwrap();
+            let mut loss = (&a * &a).sum(K::Float) * &b + (&c * 2.0).sum(K::Float);
+            if step >= 2 {
+                loss = loss + (&late * &late).sum(K::Float);
+            }
+            loss.backward();
+            // Gradients of the f64 copy: d(a^2 b)/da = 2ab, /db = sum a^2, dc = 2, dlate = 2 late.
+            let bsum: f64 = w[0].iter().map(|v| v * v).sum();
+            let g: Vec<Option<Vec<f64>>> = vec![
+                Some(w[0].iter().map(|v| 2.0 * v * w[1][0]).collect()),
+                Some(vec![bsum]),
+                Some(vec![2.0, 2.0]),
+                (step >= 2).then(|| vec![2.0 * w[3][0]]),
+            ];
+            opt.step(0.1).unwrap();
+            for i in 0..4 {
+                let Some(g) = &g[i] else { continue };
+                let d: Vec<f64> = g.iter().zip(&w[i]).map(|(g, p)| g + wd[i] * p).collect();
+                let bf = match buf[i].take() {
+                    None => d.clone(),
+                    Some(b) => b.iter().zip(&d).map(|(b, d)| 0.9 * b + d).collect(),
+                };
+                for (k, p) in w[i].iter_mut().enumerate() {
+                    *p -= 0.1 * (d[k] + 0.9 * bf[k]);
+                }
+                buf[i] = Some(bf);
+            }
         }
-        assert!(a1.allclose(&a2, 1e-6, 1e-6, false) && b1.allclose(&b2, 1e-6, 1e-6, false));
+        for (t, e) in [&a, &b, &c, &late].iter().zip(&w) {
+            let got = Vec::<f32>::try_from(&t.detach().flatten(0, -1)).unwrap();
+            for (g, e) in got.iter().zip(e) {
+                assert!(
+                    (*g as f64 - e).abs() < 1e-5 * e.abs().max(1.0),
+                    "{got:?} vs {e:?}"
+                );
+            }
+        }
         assert_eq!(
-            u2.double_value(&[0]),
+            unused.double_value(&[0]),
             7.0,
             "no gradient, no update (as PyTorch)"
         );
+        let names: Vec<String> = opt.state().into_iter().map(|t| t.name).collect();
         assert_eq!(
-            each.state().len(),
-            2,
+            names,
+            [
+                "a.momentum_buffer",
+                "b.momentum_buffer",
+                "late.momentum_buffer",
+                "c.momentum_buffer"
+            ],
             "no momentum buffer for a parameter that never had a gradient"
         );
-        assert_eq!(flat.state().len(), 3);
     }
 
     #[test]
