@@ -1,5 +1,5 @@
-//! Command-line interface: `imgclf train | evaluate | lr-schedule | throughput | preview |
-//! plugins list | plugins inspect | env`.
+//! Command-line interface: `imgclf train | evaluate | predict | lr-schedule | throughput |
+//! preview | datasets list | datasets download | plugins list | plugins inspect | env`.
 
 use crate::registry::{Discovery, Registry};
 use crate::setup::{plugin_file, Request};
@@ -40,6 +40,11 @@ enum Command {
     Throughput(ThroughputCmd),
     /// Write a PNG grid of augmented training images (and their soft labels beside it).
     Preview(PreviewCmd),
+    /// Classify your own images with a trained run (top-k classes, written as JSON and CSV).
+    Predict(crate::predict::PredictArgs),
+    /// List the datasets (folder, present, verified) or download one.
+    #[command(subcommand)]
+    Datasets(crate::datasets::commands::DatasetsCmd),
     /// List or inspect the plugins found on the plugin path.
     #[command(subcommand)]
     Plugins(PluginsCmd),
@@ -500,6 +505,12 @@ fn run(mut cli: Cli) -> Result<i32> {
             };
             crate::preview::run(&reg, &req, &args)?;
         }
+        Command::Predict(p) => {
+            let reg = discover(&cli, None)?;
+            reg.warn_load_errors();
+            crate::predict::print(&crate::predict::run(&reg, p)?);
+        }
+        Command::Datasets(d) => crate::datasets::commands::run(d)?,
         Command::Plugins(PluginsCmd::List { json }) => print_list(&discover(&cli, None)?, *json),
         Command::Plugins(PluginsCmd::Inspect { name, json }) => {
             let reg = discover(&cli, None)?;

@@ -1,5 +1,6 @@
 //! `imgclf evaluate`: the reference's `evaluate.py`: test-split predictions of a checkpoint
-//! written to `predictions.npz` (`preds` logits, `probs`, `labels`, `loss`, `acc`).
+//! written to `predictions.npz` (`preds` logits, `probs`, `labels`, `loss`, `acc`), plus the
+//! confusion matrix (`confusion_matrix.csv` and `.png`) beside it.
 
 use crate::datasets::Split;
 use crate::io::{save_npz, NpyArray};
@@ -40,6 +41,7 @@ pub fn run(registry: &Registry, request: &Request) -> Result<Summary> {
         .with_context(|| format!("test.checkpoint = '{}'", ckpt.display()))?;
     checkpoint::copy_into_model(&tensors, &loaded.model, &ckpt)?;
 
+    crate::datasets::download::ensure(s.dataset, &s.dataset_dir)?;
     let test = s.dataset.load(&s.dataset_dir, Split::Test)?;
     let norm = Normalizer::new(s.dataset.mean, s.dataset.std, device);
     let bs = c.int("test.batch_size").max(1) as usize;
@@ -69,6 +71,21 @@ pub fn run(registry: &Registry, request: &Request) -> Result<Summary> {
     let labels = preds.argmax(1, false);
     let n = test.len().max(1) as f64;
     let (loss, acc) = (loss_sum / n, correct as f64 / n);
+    let n_classes = c.int("dataset.n_classes") as usize;
+    let confusion = crate::confusion::ConfusionMatrix::new(
+        &test.labels,
+        &Vec::<i64>::try_from(&labels)?,
+        n_classes,
+    )?;
+    let (cm_csv, cm_png) = confusion.write(
+        &out_dir,
+        &crate::confusion::names_for(c.str("dataset.name"), n_classes),
+    )?;
+    tracing::info!(
+        "confusion matrix: {} and {}",
+        cm_csv.display(),
+        cm_png.display()
+    );
     let output = out_dir.join("predictions.npz");
     save_npz(
         &output,

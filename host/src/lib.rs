@@ -4,6 +4,7 @@
 pub mod allocator;
 pub mod cli;
 pub mod config;
+pub mod confusion;
 pub mod cuda;
 pub mod datasets;
 pub mod dist;
@@ -14,6 +15,7 @@ pub mod logging;
 pub mod lr_schedule;
 pub mod pickle;
 pub mod plot;
+pub mod predict;
 pub mod preview;
 pub mod registry;
 pub mod setup;

@@ -15,9 +15,13 @@
 //! See [`cifar`] and [`idx`] for the exact search order when several layouts are present.
 
 mod cifar;
+pub mod classes;
+pub mod commands;
+pub mod download;
 mod error;
 mod idx;
 mod ndarray;
+pub mod sources;
 
 #[cfg(test)]
 mod testutil;

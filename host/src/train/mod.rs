@@ -159,6 +159,7 @@ fn describe_components(s: &Setup, registry: &Registry) -> String {
 fn load_data(s: &Setup) -> Result<(ImageSet, ImageSet)> {
     let c = &s.config;
     crate::datasets::download::ensure(s.dataset, &s.dataset_dir)?;
+    crate::datasets::download::ensure(s.dataset, &s.dataset_dir)?;
     let train = s.dataset.load(&s.dataset_dir, Split::Train)?;
     if c.bool("train.use_test_as_val") {
         return Ok((train, s.dataset.load(&s.dataset_dir, Split::Test)?));
