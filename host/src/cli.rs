@@ -80,6 +80,10 @@ struct TrainCmd {
     /// Load plugins, merge and validate the config, build the model and report; write nothing.
     #[arg(long)]
     dry_run: bool,
+    /// Data-parallel on this machine: start N ranks of this command (train.distributed True,
+    /// torchrun's environment), forward signals, stop all when one fails.
+    #[arg(long, value_name = "N")]
+    nproc_per_node: Option<usize>,
     #[command(flatten)]
     config: ConfigArgs,
 }
@@ -443,11 +447,13 @@ fn hoist_trailing_options(cli: &mut Cli) -> Result<()> {
 fn run(mut cli: Cli) -> Result<i32> {
     hoist_trailing_options(&mut cli)?;
     crate::logging::init(cli.verbose);
-    let threads = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1);
+    let threads = crate::dist::launcher::intra_op_threads();
     tch::set_num_threads(threads as i32);
     match &cli.command {
+        Command::Train(t) if t.nproc_per_node.is_some() => {
+            let n = t.nproc_per_node.unwrap_or(1);
+            return crate::dist::launcher::launch(n, &crate::dist::launcher::rank_args());
+        }
         Command::Train(t) => {
             let req = request(&t.config);
             let reg = discover(&cli, Some(&req))?;
@@ -546,10 +552,9 @@ pub fn main() -> i32 {
             130
         }
         Err(e) => {
-            eprintln!(
-                "error: {}",
-                imgclf_plugin_api::error::clean_torch_message(&format!("{e:#}"))
-            );
+            let msg = imgclf_plugin_api::error::clean_torch_message(&format!("{e:#}"));
+            crate::dist::report_failure(&msg);
+            eprintln!("error: {msg}");
             1
         }
     }

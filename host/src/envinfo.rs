@@ -31,10 +31,20 @@ pub fn collect() -> Value {
         "cpu": cpu_model,
         "cpu_cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
         "torch_threads": tch::get_num_threads(),
+        // c10d backends the data-parallel shim was built with.
+        "distributed_backends": distributed_backends(),
         "os": std::env::consts::OS,
         "arch": std::env::consts::ARCH,
         "hostname": std::fs::read_to_string("/etc/hostname").map(|s| s.trim().to_string()).unwrap_or_default(),
     })
+}
+
+fn distributed_backends() -> Vec<&'static str> {
+    if crate::dist::c10d::has_nccl() {
+        vec!["gloo", "nccl"]
+    } else {
+        vec!["gloo"]
+    }
 }
 
 /// The same facts as YAML.

@@ -133,9 +133,46 @@ fn cargo(t: &Torch) -> Command {
     let mut c = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
     c.current_dir(root())
         .env("LIBTORCH", &t.libtorch)
+        .env("IMGCLF_C10D_NCCL", nccl_build_mode(t))
         .env_remove("LIBTORCH_USE_PYTORCH");
     c.env("LD_LIBRARY_PATH", ld_path(t));
     c
+}
+
+/// How host/build.rs builds ProcessGroupNCCL into the c10d shim: against the CUDA wheel's own
+/// `nccl.h` (nvidia-nccl-cu13, a torch dependency), which also needs the CUDA 13.0 `crt/` and
+/// CCCL headers: PyPI's nvidia-cuda-crt and nvidia-cuda-cccl, installed once into the venv here.
+/// With a CUDA wheel the build then `require`s NCCL, so CI always compiles and links it.
+fn nccl_build_mode(t: &Torch) -> &'static str {
+    let Some(nvidia) = t.libtorch.parent().map(|site| site.join("nvidia")) else {
+        return "auto";
+    };
+    if !nvidia.join("nccl/include/nccl.h").exists() {
+        return "auto";
+    }
+    let include = nvidia.join("cu13/include");
+    if !(include.join("crt/host_defines.h").exists()
+        && include.join("cccl/cuda/std/version").exists())
+    {
+        eprintln!(
+            "xtask: installing the CUDA 13.0 crt and CCCL headers (ProcessGroupNCCL's build) into {}",
+            t.python.display()
+        );
+        let installed = run(Command::new(&t.python).args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "nvidia-cuda-crt==13.0.*",
+            "nvidia-cuda-cccl==13.0.*",
+        ]));
+        if let Err(e) = installed {
+            eprintln!("xtask: {e:#}; building the c10d shim without NCCL");
+            return "auto";
+        }
+    }
+    "require"
 }
 
 fn ld_path(t: &Torch) -> std::ffi::OsString {
@@ -596,6 +633,7 @@ fn bench(t: &Torch, extra: &[String]) -> Result<()> {
     // torchvision transforms + DataLoader collate.
     let (script, extra) = match extra.first().map(String::as_str) {
         Some("models") => ("xtask/bench/models.py", &extra[1..]),
+        Some("dist") => ("xtask/bench/dist.py", &extra[1..]),
         Some("pipeline") => {
             ensure_torchvision(t)?;
             ("xtask/bench/pipeline.py", &extra[1..])
@@ -650,6 +688,7 @@ fn main() -> Result<()> {
                  \x20 build [--release]          build host, plugins and fixtures into target/<profile>/\n\
                  \x20 bench [--steps N]          training throughput of imgclf vs PyTorch eager, same machine, same run\n\
                  \x20 bench models [--device D]  forward/backward throughput of every architecture vs PyTorch eager\n\
+                 \x20 bench dist [--steps N]     data-parallel images/s on 1 and 2 ranks (Gloo) vs PyTorch DDP under torchrun\n\
                  \x20 bench pipeline [--device D] input pipeline (crop, flip, normalise, cutout, mixup) images/s vs torchvision\n\
                  \x20 docs [--check]             regenerate (or check) the README's plugin table\n\
                  \x20 libtorch                   print the libtorch directory in use (installs it if needed)"

@@ -198,39 +198,47 @@ pub fn host_schema() -> Schema {
         boolean(
             "train.distributed",
             false,
-            "Distributed data-parallel training",
+            "Distributed data-parallel training (run under torchrun or imgclf train --nproc-per-node N)",
+        ),
+        string(
+            "train.dist.backend",
+            "nccl",
+            "Distributed backend: nccl (CUDA tensors) or gloo (CPU)",
         )
-        .unsupported(),
-        string("train.dist.backend", "nccl", "Distributed backend").unsupported(),
+        .with_choices(["nccl", "gloo"]),
         string(
             "train.dist.init_method",
             "env://",
-            "Distributed initialisation URL",
-        )
-        .unsupported(),
+            "Rendezvous: env:// (MASTER_ADDR/MASTER_PORT, as torchrun sets) or tcp://HOST:PORT",
+        ),
         int(
             "train.dist.world_size",
             -1,
-            "Number of distributed processes",
+            "Number of distributed processes (-1: WORLD_SIZE)",
         )
-        .with_range(IntRange::at_least(-1))
-        .unsupported(),
-        int("train.dist.node_rank", -1, "Rank of this node")
-            .with_range(IntRange::at_least(-1))
-            .unsupported(),
+        .with_range(IntRange::at_least(-1)),
+        int(
+            "train.dist.node_rank",
+            -1,
+            "Rank of this process among all (-1: RANK)",
+        )
+        .with_range(IntRange::at_least(-1)),
         int(
             "train.dist.local_rank",
             0,
-            "Rank of this process on its node",
+            "Rank of this process on its node (LOCAL_RANK wins; picks the CUDA device)",
         )
-        .with_range(IntRange::at_least(0))
-        .unsupported(),
+        .with_range(IntRange::at_least(0)),
         boolean(
             "train.dist.use_sync_bn",
             false,
             "Synchronise batch norm across processes",
-        )
-        .unsupported(),
+        ),
+        float(
+            "train.dist.timeout",
+            300.0,
+            "Seconds a collective waits for the other ranks before failing (naming the rank that died or hangs)",
+        ),
         // TensorBoard extras.
         boolean(
             "tensorboard.train_images",

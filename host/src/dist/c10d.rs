@@ -93,7 +93,10 @@ fn check(err: *mut c_char) -> Result<()> {
         return Ok(());
     }
     // SAFETY: a non-NULL return is a NUL-terminated malloc'd string the shim hands over.
-    let msg = unsafe { CStr::from_ptr(err) }.to_string_lossy().trim().to_owned();
+    let msg = unsafe { CStr::from_ptr(err) }
+        .to_string_lossy()
+        .trim()
+        .to_owned();
     unsafe { sys::imgclf_c10d_free_string(err) };
     Err(anyhow!(msg))
 }
@@ -148,7 +151,11 @@ impl Store {
             )
         })
         .with_context(|| {
-            let role = if is_server { "serving" } else { "connecting to" };
+            let role = if is_server {
+                "serving"
+            } else {
+                "connecting to"
+            };
             format!("{role} the c10d TCPStore at {host}:{port}")
         })?;
         Ok(Store { raw })
@@ -304,7 +311,11 @@ impl ProcessGroup {
         self.size
     }
 
-    fn work(&self, what: &str, start: impl FnOnce(*mut *mut c_void) -> *mut c_char) -> Result<Work> {
+    fn work(
+        &self,
+        what: &str,
+        start: impl FnOnce(*mut *mut c_void) -> *mut c_char,
+    ) -> Result<Work> {
         let mut raw = std::ptr::null_mut();
         check(start(&mut raw)).with_context(|| format!("starting {what}"))?;
         Ok(Work {

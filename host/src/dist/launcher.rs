@@ -26,7 +26,10 @@ fn install_handlers() {
     for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
         // SAFETY: the handler only stores to an atomic (async-signal-safe).
         unsafe {
-            libc::signal(sig, on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t);
+            libc::signal(
+                sig,
+                on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t,
+            );
         }
     }
 }
@@ -54,6 +57,39 @@ fn signal_all(children: &mut [(usize, Child)], sig: libc::c_int) {
     }
 }
 
+/// libtorch's intra-op threads: `OMP_NUM_THREADS` when set (torchrun and this launcher set it
+/// to share the cores between ranks), else every core.
+pub fn intra_op_threads() -> usize {
+    std::env::var("OMP_NUM_THREADS")
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
+/// This process's arguments without `--nproc-per-node N` / `--nproc-per-node=N`: what each
+/// rank runs.
+pub fn rank_args() -> Vec<OsString> {
+    strip_nproc(std::env::args_os().skip(1))
+}
+
+fn strip_nproc(args: impl Iterator<Item = OsString>) -> Vec<OsString> {
+    let mut out = Vec::new();
+    let mut skip_next = false;
+    for a in args {
+        if skip_next {
+            skip_next = false;
+            continue;
+        }
+        match a.to_str() {
+            Some("--nproc-per-node") => skip_next = true,
+            Some(s) if s.starts_with("--nproc-per-node=") => {}
+            _ => out.push(a),
+        }
+    }
+    out
+}
+
 /// Runs `args` (the `imgclf` arguments, without `--nproc-per-node`) as `nproc` ranks on this
 /// machine; returns the exit code for the launcher: 0 when every rank succeeded, else the first
 /// failed rank's code (128 + signal for a killed rank).
@@ -71,8 +107,8 @@ pub fn launch(nproc: usize, args: &[OsString]) -> Result<i32> {
     let addr = std::env::var("MASTER_ADDR").unwrap_or_else(|_| "127.0.0.1".to_owned());
     // Each rank gets an equal share of the cores, as torchrun does (it sets 1).
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let threads = std::env::var("OMP_NUM_THREADS")
-        .unwrap_or_else(|_| (cores / nproc).max(1).to_string());
+    let threads =
+        std::env::var("OMP_NUM_THREADS").unwrap_or_else(|_| (cores / nproc).max(1).to_string());
     install_handlers();
     let mut children: Vec<(usize, Child)> = Vec::with_capacity(nproc);
     for rank in 0..nproc {
@@ -113,7 +149,10 @@ fn supervise(mut running: Vec<(usize, Child)>) -> Result<i32> {
     while !running.is_empty() {
         let sig = SIGNAL.swap(0, Ordering::SeqCst);
         if sig != 0 {
-            tracing::warn!("launcher: forwarding signal {sig} to {} rank(s)", running.len());
+            tracing::warn!(
+                "launcher: forwarding signal {sig} to {} rank(s)",
+                running.len()
+            );
             signal_all(&mut running, sig);
         }
         let mut i = 0;
@@ -152,4 +191,22 @@ fn supervise(mut running: Vec<(usize, Child)>) -> Result<i32> {
             .or_else(|| status.signal().map(|s| 128 + s))
             .unwrap_or(1),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_ranks_run_the_command_without_the_launcher_option() {
+        let args = |v: &[&str]| v.iter().map(OsString::from).collect::<Vec<_>>();
+        assert_eq!(
+            strip_nproc(args(&["train", "--nproc-per-node", "2", "train.seed", "1"]).into_iter()),
+            args(&["train", "train.seed", "1"])
+        );
+        assert_eq!(
+            strip_nproc(args(&["train", "a", "b", "--nproc-per-node=4", "--dry-run"]).into_iter()),
+            args(&["train", "a", "b", "--dry-run"])
+        );
+    }
 }

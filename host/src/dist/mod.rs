@@ -234,13 +234,6 @@ impl World {
         self.rendezvous.world_size
     }
 
-    /// Records this rank's failure so the others can name it.
-    pub fn report_failure(&self, message: &str) {
-        let _ = self
-            .store
-            .set(&failed_key(self.rank()), message.as_bytes());
-    }
-
     /// Explains a failed collective: which ranks reported a failure, which stopped beating.
     pub fn diagnose(&self) -> String {
         let others: Vec<usize> = (0..self.size()).filter(|&r| r != self.rank()).collect();
@@ -313,6 +306,26 @@ impl Drop for World {
         if let Some(h) = self.heartbeat.take() {
             let _ = h.join();
         }
+    }
+}
+
+/// The store and rank of this process's world, kept for [`report_failure`] (which runs after
+/// the trainer and its world are gone: the store stays open until the process exits).
+static FAILURE_STORE: std::sync::Mutex<Option<(Arc<Store>, usize)>> = std::sync::Mutex::new(None);
+
+/// Lets [`report_failure`] reach the other ranks of `world`.
+pub fn remember_for_failures(world: &World) {
+    if let Ok(mut g) = FAILURE_STORE.lock() {
+        *g = Some((world.store.clone(), world.rank()));
+    }
+}
+
+/// Records that this rank is failing with `message` (the other ranks name it in their errors).
+/// Does nothing outside a distributed run.
+pub fn report_failure(message: &str) {
+    let entry = FAILURE_STORE.lock().ok().and_then(|g| g.clone());
+    if let Some((store, rank)) = entry {
+        let _ = store.set(&failed_key(rank), message.as_bytes());
     }
 }
 

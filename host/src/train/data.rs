@@ -71,6 +71,49 @@ pub fn batches_per_epoch(n: usize, batch_size: usize, drop_last: bool) -> usize 
     }
 }
 
+/// Steps of an epoch for `world` ranks of `batch_size` images each: global batches of
+/// `world * batch_size`; without drop_last a partial last global batch counts only when every
+/// rank gets at least one image of it.
+pub fn global_steps_per_epoch(n: usize, batch_size: usize, world: usize, drop_last: bool) -> usize {
+    let global = batch_size * world.max(1);
+    let full = n / global;
+    if !drop_last && n % global >= world.max(1) {
+        full + 1
+    } else {
+        full
+    }
+}
+
+/// This rank's part of an epoch order: of each global batch of `world * batch_size` images
+/// (consecutive in `order`), the `rank`-th slice of `batch_size`; of a partial last one, the
+/// `rank`-th of `world` near-equal contiguous parts. A world of one keeps the order.
+pub fn rank_order(order: &[usize], batch_size: usize, world: usize, rank: usize) -> Vec<usize> {
+    if world <= 1 {
+        return order.to_vec();
+    }
+    let global = batch_size * world;
+    let mut out = Vec::with_capacity(order.len() / world + batch_size);
+    for chunk in order.chunks(global) {
+        let m = chunk.len();
+        if m == global {
+            out.extend_from_slice(&chunk[rank * batch_size..(rank + 1) * batch_size]);
+        } else {
+            out.extend_from_slice(&chunk[rank * m / world..(rank + 1) * m / world]);
+        }
+    }
+    out
+}
+
+/// The seed of rank `rank`'s random streams (augmentations, the model's randomness): derived
+/// from `train.seed` and the rank; a world of one uses `train.seed` itself.
+pub fn rank_seed(seed: u64, rank: usize, world: usize) -> u64 {
+    if world <= 1 {
+        seed
+    } else {
+        mix_seed(&[seed, 0x5241_4e4b, rank as u64])
+    }
+}
+
 /// Streams the batches `start..` of one epoch from a background thread.
 pub fn spawn_epoch(
     set: Arc<ImageSet>,
@@ -120,6 +163,34 @@ mod tests {
         let mut s = a.clone();
         s.sort();
         assert_eq!(s, (0..100).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn ranks_split_each_global_batch_so_any_world_sees_the_same_global_batches() {
+        let order = epoch_order(22, 3, 0);
+        // World 2, batch 4: global batches of 8; rank r takes rows r*4..r*4+4 of each.
+        let r0 = rank_order(&order, 4, 2, 0);
+        let r1 = rank_order(&order, 4, 2, 1);
+        assert_eq!(&r0[..4], &order[0..4]);
+        assert_eq!(&r1[..4], &order[4..8]);
+        assert_eq!(&r0[4..8], &order[8..12]);
+        assert_eq!(&r1[4..8], &order[12..16]);
+        // The partial last global batch (6 images) in halves.
+        assert_eq!(&r0[8..], &order[16..19]);
+        assert_eq!(&r1[8..], &order[19..22]);
+        // Step s of the two ranks together is step s of one process with batch 8.
+        for s in 0..2 {
+            let mut both: Vec<usize> = r0[s * 4..s * 4 + 4].to_vec();
+            both.extend_from_slice(&r1[s * 4..s * 4 + 4]);
+            assert_eq!(both, order[s * 8..s * 8 + 8]);
+        }
+        assert_eq!(rank_order(&order, 4, 1, 0), order);
+        assert_eq!(global_steps_per_epoch(22, 4, 2, true), 2);
+        assert_eq!(global_steps_per_epoch(22, 4, 2, false), 3);
+        assert_eq!(global_steps_per_epoch(17, 4, 2, false), 2);
+        assert_eq!(global_steps_per_epoch(22, 8, 1, true), batches_per_epoch(22, 8, true));
+        assert_eq!(rank_seed(5, 0, 1), 5);
+        assert_ne!(rank_seed(5, 0, 2), rank_seed(5, 1, 2));
     }
 
     #[test]

@@ -16,8 +16,22 @@ pub fn evaluate_set(
     norm: &Normalizer,
     device: Device,
 ) -> Result<Meter> {
+    evaluate_shard(model, set, batch_size, norm, device, (0, 1))
+}
+
+/// The pass over shard `rank` of `world` contiguous shards of the set (sizes differ by at most
+/// one image); the shards' sums add up to the whole set's.
+pub fn evaluate_shard(
+    model: &mut HostModel,
+    set: &ImageSet,
+    batch_size: usize,
+    norm: &Normalizer,
+    device: Device,
+    (rank, world): (usize, usize),
+) -> Result<Meter> {
     let mut meter = Meter::default();
-    let indices: Vec<usize> = (0..set.len()).collect();
+    let (n, w) = (set.len(), world.max(1));
+    let indices: Vec<usize> = (rank * n / w..(rank + 1) * n / w).collect();
     tch::no_grad(|| -> Result<()> {
         for chunk in indices.chunks(batch_size.max(1)) {
             let (images, labels) = data::gather(set, chunk);

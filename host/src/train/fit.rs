@@ -10,7 +10,8 @@ use super::precision::Precision;
 use super::schedule::LrSchedule;
 use super::sinks::{EpochReport, Sinks, Split, StepReport};
 use super::step::{self, StepSettings};
-use super::{data, evaluate_set, interrupt_requested, Interrupted, MODEL_STREAM};
+use super::eval::evaluate_shard;
+use super::{data, interrupt_requested, Interrupted, MODEL_STREAM};
 use crate::datasets::ImageSet;
 use anyhow::{Context, Result};
 use imgclf_plugin_api::ffi::{HostModel, HostOptimizer};
@@ -127,12 +128,14 @@ impl Trainer {
 
     fn validate(&mut self, val: &ImageSet, plan: &Plan, pos: &Position, lr: f64) -> Result<()> {
         let t0 = Instant::now();
-        let m = evaluate_set(
+        // Each rank evaluates its shard; the sums add up to one pass over the whole set.
+        let m = evaluate_shard(
             &mut self.model,
             val,
             plan.val_batch_size,
             &self.pipeline.norm,
             self.device,
+            (self.collective.rank(), self.collective.world_size()),
         )?;
         let seconds = t0.elapsed().as_secs_f64();
         let mut sums = m.sums();
@@ -180,7 +183,18 @@ impl Trainer {
         }
         while pos.epoch < plan.epochs {
             let epoch = pos.epoch; // 0-based index of the epoch being trained
-            let order = data::epoch_order(train_set.len(), plan.seed, epoch);
+            let (rank, world) = (self.collective.rank(), self.collective.world_size());
+            // The global batch of every step is the same set of images whatever the world
+            // size; this rank takes its slice of it.
+            let order = data::rank_order(
+                &data::epoch_order(train_set.len(), plan.seed, epoch),
+                plan.batch_size,
+                world,
+                rank,
+            );
+            // Per-rank random streams (augmentations, the model's own randomness); a world of
+            // one keeps the single-process streams.
+            let seed = data::rank_seed(plan.seed, rank, world);
             let rx = data::spawn_epoch(
                 train_set.clone(),
                 order,
@@ -204,13 +218,13 @@ impl Trainer {
                     (images.to_device(self.device), labels.to_device(self.device));
                 let p = self
                     .pipeline
-                    .prepare(images, labels, plan.seed, epoch, step)?;
+                    .prepare(images, labels, seed, epoch, step)?;
                 let n = p.labels.size()[0] as usize;
                 if step == 0 {
                     self.sinks.images(Split::Train, epoch + 1, &p.images)?;
                 }
                 tch::manual_seed(
-                    mix_seed(&[plan.seed, MODEL_STREAM, epoch, step]) as i64 & i64::MAX,
+                    mix_seed(&[seed, MODEL_STREAM, epoch, step]) as i64 & i64::MAX,
                 );
                 lr = self.schedule.lr(pos.global_step)?;
                 let out = step::step(
@@ -250,13 +264,16 @@ impl Trainer {
                     log: pos.step_in_epoch.is_multiple_of(plan.log_period) || last,
                     extra: &extra,
                 })?;
-                if interrupt_requested() && !last {
+                if self.agreed_interrupt()? && !last {
                     self.sinks.finish();
                     return Err(self.interrupted(&pos)?.into());
                 }
             }
             pos.epoch += 1;
             pos.step_in_epoch = 0;
+            let mut sums = meter.sums();
+            self.collective.reduce_sums(&mut sums)?;
+            let meter = Meter::from_sums(sums);
             // Reporting only: a schedule that ends with the last step keeps its last rate.
             let next_lr = self.schedule.lr(pos.global_step).unwrap_or(lr);
             self.sinks.epoch(&EpochReport {
@@ -273,7 +290,7 @@ impl Trainer {
             if plan.val_period > 0 && pos.epoch.is_multiple_of(plan.val_period) {
                 self.validate(val_set, plan, &pos, lr)?;
             }
-            if interrupt_requested() {
+            if self.agreed_interrupt()? {
                 return Err(self.interrupted(&pos)?.into());
             }
             if pos.epoch.is_multiple_of(plan.checkpoint_period) || pos.epoch == plan.epochs {
@@ -283,6 +300,21 @@ impl Trainer {
             }
         }
         self.sinks.finish();
+        self.collective.verify_identical(&self.tensors)?;
+        // Nobody leaves while another rank still needs it (rank 0 may serve the store).
+        self.collective.barrier()?;
         Ok(())
+    }
+
+    /// Whether any rank was asked to stop (Ctrl-C, SIGTERM from a launcher), agreed by every
+    /// rank at the same step so that all stop together.
+    fn agreed_interrupt(&mut self) -> Result<bool> {
+        let mine = interrupt_requested();
+        if self.collective.world_size() == 1 {
+            return Ok(mine);
+        }
+        let mut v = [f64::from(u8::from(mine))];
+        self.collective.reduce_sums(&mut v)?;
+        Ok(v[0] > 0.0)
     }
 }

@@ -266,7 +266,16 @@ pub fn run(registry: &Registry, request: &Request, args: &TrainArgs) -> Result<(
     }
     let s = setup(registry, &request, Purpose::Train)?;
     let c = &s.config;
-    let device = device_of(c)?;
+    if let Some(dir) = collective::restarted_run(c, args.resume.is_some() || args.dry_run) {
+        // torchrun restarted the ranks after a failure: continue from the newest complete
+        // checkpoint of the run's own directory.
+        let resumed = TrainArgs {
+            resume: Some(dir),
+            ..args.clone()
+        };
+        return run(registry, &request, &resumed);
+    }
+    let device = collective::device_for_rank(c, device_of(c)?)?;
     tch::manual_seed(c.int("train.seed"));
     if device.is_cuda() {
         tch::Cuda::cudnn_set_benchmark(c.bool("cudnn.benchmark"));
@@ -291,7 +300,11 @@ pub fn run(registry: &Registry, request: &Request, args: &TrainArgs) -> Result<(
     )?;
     build_schedule(registry, &s, 1)?;
     let mut precision = precision::from_config(c)?;
-    let collective = collective::from_config(c)?;
+    let collective = if args.dry_run {
+        collective::dry_run(c)?
+    } else {
+        collective::from_config(c)?
+    };
     if args.dry_run {
         // Building the augmentations runs their config checks (impossible combinations).
         build_pipeline(registry, &s, device)?;
@@ -324,9 +337,10 @@ pub fn run(registry: &Registry, request: &Request, args: &TrainArgs) -> Result<(
     if batch_size == 0 {
         bail!("train.batch_size must be >= 1");
     }
-    let steps_per_epoch = data::batches_per_epoch(
+    let steps_per_epoch = data::global_steps_per_epoch(
         train_set.len(),
         batch_size,
+        collective.world_size(),
         c.bool("train.dataloader.drop_last"),
     ) as u64;
     if steps_per_epoch == 0 {
