@@ -194,3 +194,53 @@ pub fn npz_f32(path: &Path, key: &str) -> Result<(Vec<usize>, Vec<f32>), String>
         .collect();
     Ok((shape, values))
 }
+
+/// A small class-per-folder dataset in `dir/{train,val}/<class>/`: `per_class` images per
+/// class and split, of odd sizes (a few pixels to ~70, both orientations), alternately JPEG
+/// and PNG (one gray-scale PNG per class), each class with its own colour so that a model can
+/// learn it. Returns the class names in torchvision's order.
+pub fn write_image_folder(dir: &Path, classes: &[&str], per_class: usize) -> Vec<String> {
+    let sizes = [
+        (37u32, 29u32),
+        (50, 41),
+        (23, 64),
+        (71, 33),
+        (9, 12),
+        (45, 45),
+    ];
+    for split in ["train", "val"] {
+        for (k, class) in classes.iter().enumerate() {
+            let folder = dir.join(split).join(class);
+            std::fs::create_dir_all(&folder).unwrap();
+            for i in 0..per_class {
+                let (w, h) = sizes[(i + k) % sizes.len()];
+                let base = [
+                    (k * 80 % 256) as u8,
+                    (255 - k * 60 % 256) as u8,
+                    (k * 37 % 256) as u8,
+                ];
+                let img = image::RgbImage::from_fn(w, h, |x, y| {
+                    let n = ((x * 7 + y * 13 + i as u32 * 5) % 40) as u8;
+                    image::Rgb([
+                        base[0].saturating_add(n),
+                        base[1].saturating_sub(n),
+                        base[2].wrapping_add(n),
+                    ])
+                });
+                let path = match i % 3 {
+                    0 => folder.join(format!("img{i:03}.jpg")),
+                    1 => folder.join(format!("img{i:03}.PNG")),
+                    _ => {
+                        let gray = image::DynamicImage::ImageRgb8(img.clone()).into_luma8();
+                        gray.save(folder.join(format!("img{i:03}.png"))).unwrap();
+                        continue;
+                    }
+                };
+                img.save(&path).unwrap();
+            }
+        }
+    }
+    let mut names: Vec<String> = classes.iter().map(|c| c.to_string()).collect();
+    names.sort();
+    names
+}

@@ -2,6 +2,7 @@
 //! written to `predictions.npz` (`preds` logits, `probs`, `labels`, `loss`, `acc`), plus the
 //! confusion matrix (`confusion_matrix.csv` and `.png`) beside it.
 
+use crate::datasets::loader::Loader;
 use crate::datasets::Split;
 use crate::io::{save_npz, NpyArray};
 use crate::registry::Registry;
@@ -42,26 +43,33 @@ pub fn run(registry: &Registry, request: &Request) -> Result<Summary> {
     checkpoint::copy_into_model(&tensors, &loaded.model, &ckpt)?;
 
     crate::datasets::download::ensure(s.dataset, &s.dataset_dir)?;
-    let test = s.dataset.load(&s.dataset_dir, Split::Test)?;
-    let norm = Normalizer::new(s.dataset.mean, s.dataset.std, device);
+    // In-memory sets whole; image folders (val/) streamed by test.dataloader.num_workers.
+    let test = Loader::configured(
+        s.dataset.open(&s.dataset_dir, Split::Test, c)?,
+        c,
+        "test.dataloader",
+    );
+    let (mean, std) = s.dataset.stats(c)?;
+    let norm = Normalizer::new(&mean, &std, device);
     let bs = c.int("test.batch_size").max(1) as usize;
-    let indices: Vec<usize> = (0..test.len()).collect();
     let (mut all_logits, mut loss_sum, mut correct) = (Vec::new(), 0.0, 0i64);
+    let mut true_labels: Vec<i64> = Vec::with_capacity(test.len());
     let bar = indicatif::ProgressBar::new(test.len() as u64);
     tch::no_grad(|| -> Result<()> {
-        for chunk in indices.chunks(bs) {
-            let (images, labels) = data::gather(&test, chunk);
-            let labels = labels.to_device(device);
-            let logits = model.forward(&norm.apply(&images.to_device(device)), false)?;
-            loss_sum +=
-                logits.cross_entropy_for_logits(&labels).double_value(&[]) * chunk.len() as f64;
+        for raw in test.in_order((0..test.len()).collect(), bs) {
+            let raw = raw?;
+            let (images, labels) = data::to_device(&raw, &test, device)?;
+            let logits = model.forward(&norm.apply(&images), false)?;
+            let k = raw.labels.len();
+            true_labels.extend_from_slice(&raw.labels);
+            loss_sum += logits.cross_entropy_for_logits(&labels).double_value(&[]) * k as f64;
             correct += logits
                 .argmax(1, false)
                 .eq_tensor(&labels)
                 .sum(Kind::Int64)
                 .int64_value(&[]);
             all_logits.push(logits.to_device(tch::Device::Cpu).to_kind(Kind::Float));
-            bar.inc(chunk.len() as u64);
+            bar.inc(k as u64);
         }
         Ok(())
     })?;
@@ -69,11 +77,11 @@ pub fn run(registry: &Registry, request: &Request) -> Result<Summary> {
     let preds = Tensor::cat(&all_logits, 0);
     let probs = preds.softmax(1, Kind::Float);
     let labels = preds.argmax(1, false);
-    let n = test.len().max(1) as f64;
+    let n = true_labels.len().max(1) as f64;
     let (loss, acc) = (loss_sum / n, correct as f64 / n);
     let n_classes = c.int("dataset.n_classes") as usize;
     let confusion = crate::confusion::ConfusionMatrix::new(
-        &test.labels,
+        &true_labels,
         &Vec::<i64>::try_from(&labels)?,
         n_classes,
     )?;
@@ -99,7 +107,7 @@ pub fn run(registry: &Registry, request: &Request) -> Result<Summary> {
     )?;
     tracing::info!(
         "Loss {loss:.4} Accuracy {acc:.4} ({} test images); wrote {}",
-        test.len(),
+        true_labels.len(),
         output.display()
     );
     Ok(Summary { loss, acc, output })

@@ -87,6 +87,8 @@ pub fn value_from_json(v: &serde_json::Value) -> Option<Value> {
 /// does not already declare).
 pub fn full_schema(registry: &Registry) -> Result<Schema> {
     let mut schema = host_schema();
+    // Dataset keys beyond the reference's (dataset.mean/std, dataset.skip_unreadable).
+    schema.extend(datasets::open::keys())?;
     for kind in Kind::ALL {
         for entry in registry.of_kind(kind) {
             let owner = &registry.plugin(entry).name;
@@ -286,28 +288,7 @@ pub fn setup(registry: &Registry, request: &Request, purpose: Purpose) -> Result
             datasets::names().join(", ")
         )
     })?;
-    b.set(
-        "dataset.image_size",
-        Value::Int(dataset.image_size as i64),
-        Source::Derived,
-    )?;
-    b.set(
-        "dataset.n_channels",
-        Value::Int(dataset.n_channels as i64),
-        Source::Derived,
-    )?;
-    b.set(
-        "dataset.n_classes",
-        Value::Int(dataset.n_classes as i64),
-        Source::Derived,
-    )?;
-    if matches!(b.get("dataset.dataset_dir"), Some(Value::Str(s)) if s.is_empty()) {
-        b.set(
-            "dataset.dataset_dir",
-            Value::Str(dataset.default_dir()),
-            Source::Derived,
-        )?;
-    }
+    dataset.derive_config(&mut b)?;
     if matches!(b.get("device"), Some(Value::Str(s)) if s == "cuda") && !tch::Cuda::is_available() {
         tracing::warn!("device 'cuda' requested but CUDA is not available: training on the CPU");
         b.set("device", Value::Str("cpu".into()), Source::Derived)?;
@@ -343,7 +324,8 @@ pub fn setup(registry: &Registry, request: &Request, purpose: Purpose) -> Result
                 || registry
                     .of_kind(Kind::Augmentation)
                     .any(|e| e.info.switch.as_deref() == Some(key));
-            if !is_switch || *value != Value::Bool(true) {
+            // Image folders crop and flip each image in their loader.
+            if !is_switch || *value != Value::Bool(true) || dataset.serves_switch(key) {
                 continue;
             }
             match registry

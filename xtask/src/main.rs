@@ -313,8 +313,10 @@ fn dist(t: &Torch) -> Result<PathBuf> {
 }
 
 /// Python packages the tests use beside torch and numpy, installed into the test Python when
-/// missing: `tensorboard` (its event reader checks the event files imgclf writes).
-const TEST_PYTHON_PACKAGES: &[(&str, &str)] = &[("tensorboard", "tensorboard")];
+/// missing: `tensorboard` (its event reader checks the event files imgclf writes),
+/// `torchvision` (its ImageFolder order and transforms are what image folders must match).
+const TEST_PYTHON_PACKAGES: &[(&str, &str)] =
+    &[("tensorboard", "tensorboard"), ("torchvision", TORCHVISION)];
 
 fn ensure_test_python_packages(t: &Torch) -> Result<()> {
     for (module, package) in TEST_PYTHON_PACKAGES {
@@ -638,6 +640,12 @@ fn bench(t: &Torch, extra: &[String]) -> Result<()> {
             ensure_torchvision(t)?;
             ("xtask/bench/pipeline.py", &extra[1..])
         }
+        // `bench loader ...`: image-folder decoding (JPEG, random-resized crop, flip,
+        // normalise) against torchvision's ImageFolder + DataLoader.
+        Some("loader") => {
+            ensure_torchvision(t)?;
+            ("xtask/bench/loader.py", &extra[1..])
+        }
         _ => ("xtask/bench/bench.py", extra),
     };
     ensure_fashion_mnist()?;
@@ -690,6 +698,7 @@ fn main() -> Result<()> {
                  \x20 bench models [--device D]  forward/backward throughput of every architecture vs PyTorch eager\n\
                  \x20 bench dist [--steps N]     data-parallel images/s on 1 and 2 ranks (Gloo) vs PyTorch DDP under torchrun\n\
                  \x20 bench pipeline [--device D] input pipeline (crop, flip, normalise, cutout, mixup) images/s vs torchvision\n\
+                 \x20 bench loader [--workers W..] image-folder JPEG loading (decode, random-resized crop, flip, normalise) vs torchvision\n\
                  \x20 docs [--check]             regenerate (or check) the README's plugin table\n\
                  \x20 libtorch                   print the libtorch directory in use (installs it if needed)"
             );

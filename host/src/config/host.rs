@@ -342,15 +342,24 @@ pub fn host_schema() -> Schema {
         boolean("augmentation.use_cutmix", false, "CutMix"),
         boolean("augmentation.use_label_smoothing", false, "Label smoothing"),
         // Test-time augmentation.
-        boolean("tta.use_resize", false, "Test time: resize before cropping").unsupported(),
-        boolean("tta.use_center_crop", false, "Test time: center crop").unsupported(),
+        // Image folders (ImageNet): the validation/test transform; fixed-size datasets ignore
+        // them, as the reference's CIFAR transform does.
+        boolean(
+            "tta.use_resize",
+            false,
+            "Image folders, validation: resize the shorter side to tta.resize first",
+        ),
+        boolean(
+            "tta.use_center_crop",
+            false,
+            "Image folders, validation: center crop to dataset.image_size",
+        ),
         int(
             "tta.resize",
             256,
-            "Test time: resize the shorter side to this size",
+            "Image folders, validation: shorter side after resizing",
         )
-        .with_range(IntRange::at_least(1))
-        .unsupported(),
+        .with_range(IntRange::at_least(1)),
         // Evaluation.
         string(
             "test.checkpoint",

@@ -572,8 +572,6 @@ fn unsupported_keys_are_refused_only_when_not_default() {
         ("train.use_apex", "False"),
         ("train.precision", "O1"),
         ("model.type", "imagenet"),
-        ("tta.use_resize", "True"),
-        ("tta.resize", "224"),
         ("train.resume", "True"),
     ] {
         let err = build(&[key, value]).unwrap_err();
@@ -589,10 +587,7 @@ fn unsupported_keys_are_refused_only_when_not_default() {
     // Set in a file: the message says where.
     let mut builder = ConfigBuilder::new(host_schema());
     builder
-        .merge_yaml_str(
-            "tta:\n  use_center_crop: true\n",
-            file("configs/imagenet.yaml"),
-        )
+        .merge_yaml_str("train:\n  use_apex: false\n", file("configs/imagenet.yaml"))
         .unwrap();
     let err = builder.build().unwrap_err();
     assert!(
@@ -1069,7 +1064,8 @@ fn host_schema_matches_the_reference_defaults() {
     let imgclf_keys = ["train.dist.timeout"];
     for spec in schema.keys() {
         assert!(
-            reference.iter().any(|(key, _)| *key == spec.key) || imgclf_keys.contains(&spec.key.as_str()),
+            reference.iter().any(|(key, _)| *key == spec.key)
+                || imgclf_keys.contains(&spec.key.as_str()),
             "{} is not a reference key",
             spec.key
         );
@@ -1088,9 +1084,6 @@ fn unsupported_keys_are_exactly_the_listed_ones() {
         "train.precision",
         "train.resume",
         "train.use_apex",
-        "tta.resize",
-        "tta.use_center_crop",
-        "tta.use_resize",
     ];
     assert_eq!(unsupported, expected);
 }
@@ -1108,7 +1101,10 @@ fn every_host_integer_key_declares_a_range_that_holds_its_default() {
         .filter(|k| k.range.is_none())
         .map(|k| k.key.as_str())
         .collect();
-    assert!(missing.is_empty(), "integer keys without a range: {missing:?}");
+    assert!(
+        missing.is_empty(),
+        "integer keys without a range: {missing:?}"
+    );
 }
 
 #[test]
@@ -1132,14 +1128,13 @@ fn integers_outside_their_range_are_refused_at_freeze_naming_key_and_range() {
 
     // Each element of an integer list, from a file.
     let mut b = ConfigBuilder::new(host_schema());
-    b.merge_yaml_str(
-        "scheduler:\n  milestones: [0, 5]\n",
-        file("configs/x.yaml"),
-    )
-    .unwrap();
+    b.merge_yaml_str("scheduler:\n  milestones: [0, 5]\n", file("configs/x.yaml"))
+        .unwrap();
     let text = b.build().unwrap_err().to_string();
     assert!(
-        text.contains("scheduler.milestones must be >= 1 (each element), got [0, 5] (from configs/x.yaml)"),
+        text.contains(
+            "scheduler.milestones must be >= 1 (each element), got [0, 5] (from configs/x.yaml)"
+        ),
         "{text}"
     );
 
@@ -1159,7 +1154,11 @@ fn a_declared_range_must_fit_the_type_and_hold_the_default() {
                 .with_range(IntRange::at_least(1)),
         )
         .unwrap_err();
-    assert!(err.to_string().contains("default 0 is outside its range (>= 1)"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("default 0 is outside its range (>= 1)"),
+        "{err}"
+    );
     let err = schema
         .add(
             KeySpec::new("a.c", ValueType::Float, Value::Float(0.5), "c")

@@ -12,6 +12,10 @@
 //! * IDX files (plain or `.gz`) for MNIST, FashionMNIST and KMNIST, either flat in the directory
 //!   or in torchvision's `<dir>/<Name>/raw/` layout.
 //!
+//! * image folders (`ImageNet`, `ImageFolder`): `dataset_dir/{train,val}/<class>/<image>` listed
+//!   as torchvision's `ImageFolder` ([`folder`]), decoded and transformed image by image in the
+//!   loader's worker threads ([`loader`], [`transform`]), never held whole.
+//!
 //! See [`cifar`] and [`idx`] for the exact search order when several layouts are present.
 
 mod cifar;
@@ -19,9 +23,14 @@ pub mod classes;
 pub mod commands;
 pub mod download;
 mod error;
+pub mod folder;
+pub mod folder_cmd;
 mod idx;
+pub mod loader;
 mod ndarray;
+pub mod open;
 pub mod sources;
+pub mod transform;
 
 #[cfg(test)]
 mod testutil;
@@ -115,11 +124,14 @@ pub struct DatasetInfo {
     /// Per-channel standard deviation of pixel values scaled to [0, 1].
     pub std: &'static [f64],
     default_dir: &'static str,
+    /// Read image by image from `dataset_dir/{train,val}/<class>/` ([`folder`], [`open`])
+    /// instead of whole into memory.
+    pub image_folder: bool,
     locate_fn: LocateFn,
     load_fn: LoadFn,
 }
 
-static REGISTRY: [DatasetInfo; 5] = [
+static REGISTRY: [DatasetInfo; 7] = [
     DatasetInfo {
         name: "CIFAR10",
         n_classes: 10,
@@ -128,6 +140,7 @@ static REGISTRY: [DatasetInfo; 5] = [
         mean: &[0.4914, 0.4822, 0.4465],
         std: &[0.2470, 0.2435, 0.2616],
         default_dir: "~/.torch/datasets/CIFAR10",
+        image_folder: false,
         locate_fn: cifar::locate_cifar10,
         load_fn: cifar::load_cifar10,
     },
@@ -139,6 +152,7 @@ static REGISTRY: [DatasetInfo; 5] = [
         mean: &[0.5071, 0.4865, 0.4409],
         std: &[0.2673, 0.2564, 0.2762],
         default_dir: "~/.torch/datasets/CIFAR100",
+        image_folder: false,
         locate_fn: cifar::locate_cifar100,
         load_fn: cifar::load_cifar100,
     },
@@ -150,6 +164,7 @@ static REGISTRY: [DatasetInfo; 5] = [
         mean: &[0.1307],
         std: &[0.3081],
         default_dir: "~/.torch/datasets",
+        image_folder: false,
         locate_fn: idx::locate,
         load_fn: idx::load,
     },
@@ -161,6 +176,7 @@ static REGISTRY: [DatasetInfo; 5] = [
         mean: &[0.2860],
         std: &[0.3530],
         default_dir: "~/.torch/datasets",
+        image_folder: false,
         locate_fn: idx::locate,
         load_fn: idx::load,
     },
@@ -172,8 +188,34 @@ static REGISTRY: [DatasetInfo; 5] = [
         mean: &[0.1904],
         std: &[0.3475],
         default_dir: "~/.torch/datasets",
+        image_folder: false,
         locate_fn: idx::locate,
         load_fn: idx::load,
+    },
+    DatasetInfo {
+        name: "ImageNet",
+        n_classes: 1000,
+        n_channels: 3,
+        image_size: 224,
+        mean: &[0.485, 0.456, 0.406],
+        std: &[0.229, 0.224, 0.225],
+        default_dir: "~/datasets/ImageNet",
+        image_folder: true,
+        locate_fn: open::locate_folder,
+        load_fn: open::load_folder,
+    },
+    // Any class-per-folder collection: n_classes 0 = counted from train/ when not set.
+    DatasetInfo {
+        name: "ImageFolder",
+        n_classes: 0,
+        n_channels: 3,
+        image_size: 224,
+        mean: &[0.485, 0.456, 0.406],
+        std: &[0.229, 0.224, 0.225],
+        default_dir: "",
+        image_folder: true,
+        locate_fn: open::locate_folder,
+        load_fn: open::load_folder,
     },
 ];
 
@@ -265,7 +307,15 @@ mod tests {
         let names: Vec<_> = registry().iter().map(|d| d.name).collect();
         assert_eq!(
             names,
-            ["CIFAR10", "CIFAR100", "MNIST", "FashionMNIST", "KMNIST"]
+            [
+                "CIFAR10",
+                "CIFAR100",
+                "MNIST",
+                "FashionMNIST",
+                "KMNIST",
+                "ImageNet",
+                "ImageFolder"
+            ]
         );
         let c10 = find("CIFAR10").unwrap();
         assert_eq!((c10.n_classes, c10.n_channels, c10.image_size), (10, 3, 32));
@@ -287,7 +337,11 @@ mod tests {
             assert_eq!(d.std.len(), d.n_channels);
         }
         assert!(find("cifar10").is_none());
-        assert!(find("ImageNet").is_none());
+        let inet = find("ImageNet").unwrap();
+        assert_eq!((inet.n_classes, inet.image_size), (1000, 224));
+        assert_eq!(inet.mean, &[0.485, 0.456, 0.406]);
+        assert_eq!(inet.std, &[0.229, 0.224, 0.225]);
+        assert!(inet.image_folder && !c10.image_folder);
     }
 
     #[test]

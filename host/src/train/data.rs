@@ -3,20 +3,15 @@
 //! loading overlaps compute. The thread never calls into libtorch: an ATen op there would start
 //! a second OpenMP thread team competing with the training thread's for the same cores.
 
+use crate::datasets::loader::{BatchStream, EpochPlan, Loader};
 use crate::datasets::ImageSet;
+use anyhow::Result;
 use imgclf_plugin_api::rng::{mix_seed, step_rng};
 use rand::seq::SliceRandom;
-use std::sync::mpsc::{sync_channel, Receiver};
-use std::sync::Arc;
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
 /// The images (uint8, N x C x H x W, row-major) and labels of one batch, as plain buffers.
-pub struct RawBatch {
-    pub index: usize,
-    pub images: Vec<u8>,
-    pub labels: Vec<i64>,
-    pub shape: [i64; 4],
-}
+pub use crate::datasets::loader::RawBatch;
 
 impl RawBatch {
     /// uint8 images and int64 labels as CPU tensors (call on the training thread).
@@ -114,30 +109,47 @@ pub fn rank_seed(seed: u64, rank: usize, world: usize) -> u64 {
     }
 }
 
-/// Streams the batches `start..` of one epoch from a background thread.
+/// Streams the batches `start..n_batches` of one epoch, made by the loader's
+/// `num_workers` threads (each sample's random draws from (seed, epoch, sample)).
 pub fn spawn_epoch(
-    set: Arc<ImageSet>,
+    loader: &Loader,
     order: Vec<usize>,
     batch_size: usize,
     n_batches: usize,
     start: usize,
-) -> Receiver<RawBatch> {
-    let (tx, rx) = sync_channel(3);
-    std::thread::Builder::new()
-        .name("imgclf-loader".into())
-        .spawn(move || {
-            for b in start..n_batches {
-                let end = ((b + 1) * batch_size).min(order.len());
-                if tx
-                    .send(gather_raw(&set, &order[b * batch_size..end], b))
-                    .is_err()
-                {
-                    return; // the trainer stopped early (Ctrl-C, error)
-                }
-            }
+    seed: u64,
+    epoch: u64,
+) -> BatchStream {
+    loader.epoch(EpochPlan {
+        order,
+        batch_size,
+        start,
+        end: n_batches,
+        seed,
+        epoch,
+    })
+}
+
+/// A batch's images and labels on `device`; with the loader's `pin_memory` (CUDA only) the
+/// images are copied through page-locked memory, with `non_blocking` asynchronously.
+pub fn to_device(raw: &RawBatch, loader: &Loader, device: Device) -> Result<(Tensor, Tensor)> {
+    let (images, labels) = raw.tensors();
+    if !device.is_cuda() {
+        return Ok((images.to_device(device), labels.to_device(device)));
+    }
+    let pin = |t: Tensor| -> Result<Tensor> {
+        Ok(if loader.pin_memory {
+            t.f_pin_memory(device)?
+        } else {
+            t
         })
-        .expect("cannot spawn the data-loading thread");
-    rx
+    };
+    let (images, labels) = (pin(images)?, pin(labels)?);
+    let nb = loader.non_blocking && loader.pin_memory;
+    Ok((
+        images.f_to_device_(device, Kind::Uint8, nb, false)?,
+        labels.f_to_device_(device, Kind::Int64, nb, false)?,
+    ))
 }
 
 #[cfg(test)]
@@ -188,7 +200,10 @@ mod tests {
         assert_eq!(global_steps_per_epoch(22, 4, 2, true), 2);
         assert_eq!(global_steps_per_epoch(22, 4, 2, false), 3);
         assert_eq!(global_steps_per_epoch(17, 4, 2, false), 2);
-        assert_eq!(global_steps_per_epoch(22, 8, 1, true), batches_per_epoch(22, 8, true));
+        assert_eq!(
+            global_steps_per_epoch(22, 8, 1, true),
+            batches_per_epoch(22, 8, true)
+        );
         assert_eq!(rank_seed(5, 0, 1), 5);
         assert_ne!(rank_seed(5, 0, 2), rank_seed(5, 1, 2));
     }
@@ -197,11 +212,12 @@ mod tests {
     fn batches_cover_the_epoch_and_respect_drop_last() {
         assert_eq!(batches_per_epoch(10, 4, true), 2);
         assert_eq!(batches_per_epoch(10, 4, false), 3);
-        let s = Arc::new(set(10));
+        let s = std::sync::Arc::new(set(10));
         let order = epoch_order(10, 0, 0);
-        let got: Vec<RawBatch> = spawn_epoch(s.clone(), order.clone(), 4, 3, 1)
-            .into_iter()
-            .collect();
+        let got: Vec<RawBatch> =
+            spawn_epoch(&Loader::new(s.clone(), 2), order.clone(), 4, 3, 1, 0, 0)
+                .map(|b| b.unwrap())
+                .collect();
         assert_eq!(got.iter().map(|b| b.index).collect::<Vec<_>>(), vec![1, 2]);
         assert_eq!(got[1].labels.len(), 2);
         assert_eq!(

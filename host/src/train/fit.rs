@@ -4,21 +4,20 @@
 
 use super::checkpoint::{self, Position};
 use super::collective::Collective;
+use super::eval::evaluate_shard;
 use super::metrics::{Meter, MetricsFile};
 use super::pipeline::Pipeline;
 use super::precision::Precision;
 use super::schedule::LrSchedule;
 use super::sinks::{EpochReport, Sinks, Split, StepReport};
 use super::step::{self, StepSettings};
-use super::eval::evaluate_shard;
 use super::{data, interrupt_requested, Interrupted, MODEL_STREAM};
-use crate::datasets::ImageSet;
+use crate::datasets::loader::Loader;
 use anyhow::{Context, Result};
 use imgclf_plugin_api::ffi::{HostModel, HostOptimizer};
 use imgclf_plugin_api::rng::mix_seed;
 use imgclf_plugin_api::NamedTensor;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Instant;
 use tch::{Device, Tensor};
 
@@ -126,7 +125,7 @@ impl Trainer {
         Ok(pos)
     }
 
-    fn validate(&mut self, val: &ImageSet, plan: &Plan, pos: &Position, lr: f64) -> Result<()> {
+    fn validate(&mut self, val: &Loader, plan: &Plan, pos: &Position, lr: f64) -> Result<()> {
         let t0 = Instant::now();
         // Each rank evaluates its shard; the sums add up to one pass over the whole set.
         let m = evaluate_shard(
@@ -143,7 +142,7 @@ impl Trainer {
         let m = Meter::from_sums(sums);
         let first: Vec<usize> = (0..val.len().min(plan.val_batch_size)).collect();
         if !first.is_empty() {
-            let (images, _) = data::gather(val, &first);
+            let (images, _) = val.batch(&first)?.tensors();
             let images = self.pipeline.norm.apply(&images.to_device(self.device));
             self.sinks.images(Split::Val, pos.epoch, &images)?;
         }
@@ -172,8 +171,8 @@ impl Trainer {
     /// Trains from `pos` to the end of the plan.
     pub fn fit(
         &mut self,
-        train_set: Arc<ImageSet>,
-        val_set: &ImageSet,
+        train_set: Loader,
+        val_set: &Loader,
         plan: &Plan,
         mut pos: Position,
     ) -> Result<()> {
@@ -196,11 +195,13 @@ impl Trainer {
             // one keeps the single-process streams.
             let seed = data::rank_seed(plan.seed, rank, world);
             let rx = data::spawn_epoch(
-                train_set.clone(),
+                &train_set,
                 order,
                 plan.batch_size,
                 plan.steps_per_epoch as usize,
                 pos.step_in_epoch as usize,
+                seed,
+                epoch,
             );
             self.sinks.epoch_start(
                 epoch + 1,
@@ -212,20 +213,15 @@ impl Trainer {
             let mut meter = Meter::default();
             let mut lr = 0.0;
             for raw in rx {
+                let raw = raw?;
                 let step = raw.index as u64;
-                let (images, labels) = raw.tensors();
-                let (images, labels) =
-                    (images.to_device(self.device), labels.to_device(self.device));
-                let p = self
-                    .pipeline
-                    .prepare(images, labels, seed, epoch, step)?;
+                let (images, labels) = data::to_device(&raw, &train_set, self.device)?;
+                let p = self.pipeline.prepare(images, labels, seed, epoch, step)?;
                 let n = p.labels.size()[0] as usize;
                 if step == 0 {
                     self.sinks.images(Split::Train, epoch + 1, &p.images)?;
                 }
-                tch::manual_seed(
-                    mix_seed(&[seed, MODEL_STREAM, epoch, step]) as i64 & i64::MAX,
-                );
+                tch::manual_seed(mix_seed(&[seed, MODEL_STREAM, epoch, step]) as i64 & i64::MAX);
                 lr = self.schedule.lr(pos.global_step)?;
                 let out = step::step(
                     &mut self.model,

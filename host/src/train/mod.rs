@@ -23,6 +23,7 @@ pub use pipeline::{build_pipeline, Normalizer, Pipeline, Prepared};
 pub use schedule::{build_schedule, LrSchedule};
 
 use crate::config::Config;
+use crate::datasets::loader::{Loader, Samples};
 use crate::datasets::{ImageSet, Split};
 use crate::registry::Registry;
 use crate::setup::{setup, Purpose, Request, Setup};
@@ -31,6 +32,7 @@ use imgclf_plugin_api::ffi::HostModel;
 use imgclf_plugin_api::{ModelContext, NamedTensor, ParamGroup};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use tch::Device;
 
 /// Salts that separate the random streams derived from `train.seed`.
@@ -155,8 +157,28 @@ fn describe_components(s: &Setup, registry: &Registry) -> String {
     lines.join("\n")
 }
 
-/// Train and validation sets as the reference splits them.
-fn load_data(s: &Setup) -> Result<(ImageSet, ImageSet)> {
+/// Train and validation splits with their loaders (`train.dataloader`,
+/// `validation.dataloader`): image folders stream `train/` and `val/` as the reference's
+/// ImageNet does; in-memory datasets split as [`load_sets`] does.
+fn load_data(s: &Setup) -> Result<(Loader, Loader)> {
+    let c = &s.config;
+    let (train, val): (Arc<dyn Samples>, Arc<dyn Samples>) = if s.dataset.image_folder {
+        (
+            s.dataset.open(&s.dataset_dir, Split::Train, c)?,
+            s.dataset.open(&s.dataset_dir, Split::Test, c)?,
+        )
+    } else {
+        let (train, val) = load_sets(s)?;
+        (Arc::new(train), Arc::new(val))
+    };
+    Ok((
+        Loader::configured(train, c, "train.dataloader"),
+        Loader::configured(val, c, "validation.dataloader"),
+    ))
+}
+
+/// Train and validation sets of an in-memory dataset as the reference splits them.
+fn load_sets(s: &Setup) -> Result<(ImageSet, ImageSet)> {
     let c = &s.config;
     crate::datasets::download::ensure(s.dataset, &s.dataset_dir)?;
     crate::datasets::download::ensure(s.dataset, &s.dataset_dir)?;
@@ -393,15 +415,17 @@ pub fn run(registry: &Registry, request: &Request, args: &TrainArgs) -> Result<(
     };
     let pos = trainer.restore(args.resume.as_deref(), c.str("train.checkpoint"), start)?;
     if writer && c.bool("train.use_tensorboard") {
-        trainer.sinks.push(Box::new(tensorboard_sink::TensorBoardSink::create(
-            &out,
-            &pos,
-            tensorboard_sink::Extras::from_config(c),
-        )?));
+        trainer
+            .sinks
+            .push(Box::new(tensorboard_sink::TensorBoardSink::create(
+                &out,
+                &pos,
+                tensorboard_sink::Extras::from_config(c),
+            )?));
     }
 
     install_interrupt_handler();
-    trainer.fit(std::sync::Arc::new(train_set), &val_set, &plan, pos)?;
+    trainer.fit(train_set, &val_set, &plan, pos)?;
     if writer {
         let final_tensors: Vec<(String, tch::Tensor)> = trainer
             .tensors

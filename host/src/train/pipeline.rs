@@ -49,12 +49,14 @@ pub struct Pipeline {
 /// Builds every enabled augmentation (this is where their config checks run).
 pub fn build_pipeline(registry: &Registry, s: &Setup, device: Device) -> Result<Pipeline> {
     let c = &s.config;
+    // dataset.mean / dataset.std when set, else the dataset's own statistics.
+    let (mean, std) = s.dataset.stats(c)?;
     let data_ctx = DataContext {
         n_channels: c.int("dataset.n_channels"),
         image_size: c.int("dataset.image_size"),
         n_classes: c.int("dataset.n_classes"),
-        mean: s.dataset.mean.to_vec(),
-        std: s.dataset.std.to_vec(),
+        mean: mean.clone(),
+        std: std.clone(),
         device,
     };
     let mut augmentations = Vec::new();
@@ -70,7 +72,7 @@ pub fn build_pipeline(registry: &Registry, s: &Setup, device: Device) -> Result<
         .any(|(st, _)| matches!(st, Stage::Mix | Stage::Target));
     Ok(Pipeline {
         augmentations,
-        norm: Normalizer::new(s.dataset.mean, s.dataset.std, device),
+        norm: Normalizer::new(&mean, &std, device),
         soft_targets,
         n_classes: data_ctx.n_classes,
     })
