@@ -113,9 +113,11 @@ pub fn launch(nproc: usize, args: &[OsString]) -> Result<i32> {
     let mut children: Vec<(usize, Child)> = Vec::with_capacity(nproc);
     for rank in 0..nproc {
         let mut cmd = Command::new(&exe);
-        cmd.args(args)
-            .args(["train.distributed", "True"])
-            .env("RANK", rank.to_string())
+        cmd.args(args);
+        if !args.iter().any(|a| a == "train.distributed") {
+            cmd.args(["train.distributed", "True"]);
+        }
+        cmd.env("RANK", rank.to_string())
             .env("LOCAL_RANK", rank.to_string())
             .env("WORLD_SIZE", nproc.to_string())
             .env("LOCAL_WORLD_SIZE", nproc.to_string())

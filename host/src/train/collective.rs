@@ -144,6 +144,10 @@ pub struct DataParallel {
     world: World,
     bucket_bytes: usize,
     first_bucket_bytes: usize,
+    /// The model's buffers (BatchNorm running statistics), made rank 0's after every step as
+    /// PyTorch DDP's `broadcast_buffers`; not needed with SyncBatchNorm (already equal).
+    buffers: Vec<Tensor>,
+    sync_bn: bool,
 }
 
 impl DataParallel {
@@ -170,11 +174,46 @@ impl DataParallel {
             world,
             bucket_bytes: BUCKET_BYTES,
             first_bucket_bytes: FIRST_BUCKET_BYTES,
+            buffers: Vec::new(),
+            sync_bn: settings.use_sync_bn,
         })
     }
 
     fn fail(&self, what: &str, err: anyhow::Error) -> anyhow::Error {
         self.world.fail(what, err)
+    }
+
+    /// Rank 0's buffers to every rank, one flat tensor per dtype.
+    fn broadcast_buffers(&self) -> Result<()> {
+        tch::no_grad(|| -> Result<()> {
+            let mut kinds: Vec<Kind> = Vec::new();
+            for b in &self.buffers {
+                if !kinds.contains(&b.kind()) {
+                    kinds.push(b.kind());
+                }
+            }
+            for kind in kinds {
+                let members: Vec<&Tensor> =
+                    self.buffers.iter().filter(|b| b.kind() == kind).collect();
+                let flat = Tensor::cat(
+                    &members.iter().map(|b| b.flatten(0, -1)).collect::<Vec<_>>(),
+                    0,
+                );
+                self.world
+                    .group
+                    .broadcast(&flat, 0)
+                    .and_then(|w| w.wait())
+                    .map_err(|e| self.fail("broadcasting the buffers", e))?;
+                let mut offset = 0;
+                for b in members {
+                    let k = b.numel() as i64;
+                    b.shallow_clone()
+                        .f_copy_(&flat.narrow(0, offset, k).view_as(b))?;
+                    offset += k;
+                }
+            }
+            Ok(())
+        })
     }
 }
 
@@ -207,6 +246,11 @@ impl Collective for DataParallel {
         self.world.size()
     }
     fn broadcast(&mut self, tensors: &[NamedTensor]) -> Result<()> {
+        self.buffers = tensors
+            .iter()
+            .filter(|t| !t.trainable)
+            .map(|t| t.tensor.shallow_clone())
+            .collect();
         tch::no_grad(|| -> Result<()> {
             for t in tensors {
                 let buf = t.tensor.contiguous();
@@ -220,6 +264,9 @@ impl Collective for DataParallel {
         })
     }
     fn reduce_gradients(&mut self, grads: &[Tensor]) -> Result<()> {
+        if !self.sync_bn {
+            self.broadcast_buffers()?;
+        }
         if grads.is_empty() {
             return Ok(());
         }
