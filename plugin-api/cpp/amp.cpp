@@ -87,4 +87,11 @@ char *imgclf_amp_update_scale_(at::Tensor *scale, at::Tensor *growth_tracker,
   SHIM_CATCH
 }
 
+// Replaces a tensor's gradient (NULL: none), whatever its dtype: the O2 policy hands the
+// optimizer float32 gradients of weights whose forward ran in reduced precision.
+char *imgclf_tensor_set_grad(at::Tensor *tensor, const at::Tensor *grad) {
+  SHIM_TRY { tensor->mutable_grad() = grad != nullptr ? *grad : at::Tensor(); }
+  SHIM_CATCH
+}
+
 }  // extern "C"

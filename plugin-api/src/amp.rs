@@ -38,6 +38,7 @@ extern "C" {
         backoff: f64,
         growth_interval: i64,
     ) -> *mut c_char;
+    fn imgclf_tensor_set_grad(tensor: *mut c_void, grad: *const c_void) -> *mut c_char;
 }
 
 /// c10's `DeviceType` code for a device (autocast state is per device type, not per index).
@@ -268,6 +269,21 @@ pub fn update_scale(
             )
         },
         "updating the loss scale",
+    )
+}
+
+/// Replaces `tensor`'s gradient with `grad` (`None`: no gradient), whatever its dtype, as
+/// assigning `p.grad` in Python does (without Python's dtype check).
+pub fn set_grad(tensor: &Tensor, grad: Option<&Tensor>) -> Result<()> {
+    let mut handle = tensor.shallow_clone();
+    check(
+        unsafe {
+            imgclf_tensor_set_grad(
+                handle.as_mut_ptr() as *mut c_void,
+                grad.map_or(std::ptr::null(), |g| g.as_ptr() as *const c_void),
+            )
+        },
+        "setting a gradient",
     )
 }
 

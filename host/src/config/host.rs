@@ -110,10 +110,19 @@ pub fn host_schema() -> Schema {
         string(
             "train.precision",
             "O0",
-            "apex mixed-precision optimisation level",
+            "Mixed precision as apex's opt levels, on native autocast: O0 float32; O1 autocast \
+             with float32 weights; O2 reduced-precision weights with float32 masters \
+             (BatchNorm float32); O3 pure reduced precision. float16 O1/O2 scale the loss \
+             dynamically",
         )
-        .with_choices(["O0", "O1", "O2", "O3"])
-        .unsupported(),
+        .with_choices(["O0", "O1", "O2", "O3"]),
+        string(
+            "train.precision_dtype",
+            "float16",
+            "The reduced type of train.precision O1-O3 (bfloat16: no loss scaling, fast on \
+             CPUs with bfloat16 instructions)",
+        )
+        .with_choices(["float16", "bfloat16"]),
         int(
             "train.batch_size",
             128,

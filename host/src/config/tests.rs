@@ -570,7 +570,6 @@ fn unsupported_keys_are_refused_only_when_not_default() {
     .unwrap();
     for (key, value) in [
         ("train.use_apex", "False"),
-        ("train.precision", "O1"),
         ("model.type", "imagenet"),
         ("train.resume", "True"),
     ] {
@@ -1081,7 +1080,6 @@ fn unsupported_keys_are_exactly_the_listed_ones() {
         .collect();
     let expected = [
         "model.type",
-        "train.precision",
         "train.resume",
         "train.use_apex",
     ];

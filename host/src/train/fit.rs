@@ -128,14 +128,19 @@ impl Trainer {
     fn validate(&mut self, val: &Loader, plan: &Plan, pos: &Position, lr: f64) -> Result<()> {
         let t0 = Instant::now();
         // Each rank evaluates its shard; the sums add up to one pass over the whole set.
-        let m = evaluate_shard(
-            &mut self.model,
-            val,
-            plan.val_batch_size,
-            &self.pipeline.norm,
-            self.device,
-            (self.collective.rank(), self.collective.world_size()),
-        )?;
+        let mut evaluated = None;
+        self.precision.evaluate(&mut || {
+            evaluated = Some(evaluate_shard(
+                &mut self.model,
+                val,
+                plan.val_batch_size,
+                &self.pipeline.norm,
+                self.device,
+                (self.collective.rank(), self.collective.world_size()),
+            )?);
+            Ok(())
+        })?;
+        let m = evaluated.expect("the precision policy ran the evaluation");
         let seconds = t0.elapsed().as_secs_f64();
         let mut sums = m.sums();
         self.collective.reduce_sums(&mut sums)?;

@@ -311,6 +311,10 @@ pub fn run(registry: &Registry, request: &Request, args: &TrainArgs) -> Result<(
     // Building the optimizer, the schedule and the training parts runs their config checks
     // (betas, Nesterov without momentum, SGDR cycles that must fill the schedule) before
     // anything is loaded or written.
+    // The precision policy checks that the device can run it (before anything is written)
+    // and casts the model (O3) before the optimizer sees its tensors.
+    let mut precision = precision::from_config(c, device)?;
+    precision.prepare(&tensors)?;
     let opt_entry = s
         .optimizer
         .as_ref()
@@ -321,7 +325,6 @@ pub fn run(registry: &Registry, request: &Request, args: &TrainArgs) -> Result<(
         param_groups(&tensors, c),
     )?;
     build_schedule(registry, &s, 1)?;
-    let mut precision = precision::from_config(c)?;
     let collective = if args.dry_run {
         collective::dry_run(c)?
     } else {
@@ -378,7 +381,6 @@ pub fn run(registry: &Registry, request: &Request, args: &TrainArgs) -> Result<(
     );
 
     // Parts.
-    precision.prepare(&tensors)?;
     let plan = fit::Plan {
         epochs: c.int("scheduler.epochs") as u64,
         steps_per_epoch,

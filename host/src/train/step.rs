@@ -152,7 +152,7 @@ pub fn step(
             view_logits[v].push(l.detach());
         }
     }
-    let grads = gradients(tensors);
+    let grads = precision.gradients(tensors)?;
     collective.reduce_gradients(&grads)?;
     let stepped = precision.unscale(&grads)?;
     if stepped {
