@@ -434,3 +434,50 @@ fn every_scheduler_gives_finite_factors_starting_at_one() {
         }
     }
 }
+
+/// Every integer key of every component declares its range (checked by the host before any
+/// work, shown by `plugins inspect`), and its default lies in it.
+#[test]
+fn every_integer_key_of_every_component_declares_a_range() {
+    use imgclf_plugin_api::KeyType;
+    let reg = registry();
+    let mut missing = Vec::new();
+    let mut checked = 0;
+    for kind in Kind::ALL {
+        for e in reg.of_kind(kind) {
+            for k in &e.info.keys {
+                let int = match &k.ty {
+                    KeyType::Int => true,
+                    KeyType::List(inner) => **inner == KeyType::Int,
+                    _ => false,
+                };
+                if !int {
+                    continue;
+                }
+                checked += 1;
+                match k.range {
+                    None => missing.push(format!("{} ({})", k.key, e.info.name)),
+                    Some(r) => {
+                        let defaults: Vec<i64> = match &k.default {
+                            serde_json::Value::Array(a) => {
+                                a.iter().filter_map(|v| v.as_i64()).collect()
+                            }
+                            v => v.as_i64().into_iter().collect(),
+                        };
+                        assert!(
+                            defaults.iter().all(|d| r.contains(*d)),
+                            "{}: default {} outside its range {r}",
+                            k.key,
+                            k.default
+                        );
+                    }
+                }
+            }
+        }
+    }
+    assert!(checked >= 20, "only {checked} integer keys found");
+    assert!(
+        missing.is_empty(),
+        "integer keys without a range: {missing:?}"
+    );
+}

@@ -57,14 +57,21 @@ fn torch_save_checkpoints_evaluate_like_safetensors_and_pytorch() {
     let (shape, reference, _) = evaluate(&data, &saved.join("weights.safetensors"), &d.join("st"));
     assert_eq!(shape, [100, 10]);
     let (_, logits) = npz_f32(&saved.join("logits.npz"), "logits").unwrap();
+    // The tolerance: ten times PyTorch's own rounding floor, measured on this machine.
+    let (_, floor) = npz_f32(&saved.join("logits.npz"), "floor").unwrap();
+    let tolerance = 10.0 * floor[0];
+    assert!(tolerance > 0.0 && tolerance < 1e-3, "floor {floor:?}");
     let max_diff = reference
         .iter()
         .zip(&logits)
         .map(|(a, b)| (a - b).abs())
-        .fold(0.0f32, f32::max);
+        .fold(
+            0.0f32,
+            |m, d| if d.is_nan() { f32::INFINITY } else { m.max(d) },
+        );
     assert!(
-        max_diff < 1e-4,
-        "imgclf vs PyTorch logits differ by {max_diff}"
+        max_diff <= tolerance,
+        "imgclf vs PyTorch logits differ by {max_diff}, beyond {tolerance} (10 times the floor)"
     );
 
     for (file, log) in [

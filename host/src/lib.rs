@@ -18,6 +18,7 @@ pub mod plot;
 pub mod predict;
 pub mod preview;
 pub mod registry;
+pub mod resume;
 pub mod setup;
 pub mod tensorboard;
 pub mod throughput;

@@ -1,8 +1,8 @@
 //! From command line to a frozen config and the chosen components: builds the schema from
-//! the host's keys and every loaded component's keys, merges defaults < `--config` file <
-//! `KEY VALUE` overrides, derives the dataset geometry and the device, freezes, and resolves
-//! `model.name`, `train.optimizer`, `scheduler.type` and the `augmentation.use_*` switches
-//! through the registry.
+//! the host's keys and every loaded component's keys, merges defaults < (on `--resume`, the
+//! run's saved config) < `--config` file < `KEY VALUE` overrides, derives the dataset geometry
+//! and the device, freezes, and resolves `model.name`, `train.optimizer`, `scheduler.type` and
+//! the `augmentation.use_*` switches through the registry.
 
 use crate::config::{
     host_schema, reference_plugin_keys, Config, ConfigBuilder, KeySpec, Schema, Source, Value,
@@ -35,7 +35,8 @@ pub struct Request {
     pub plugin: Option<String>,
     pub config_file: Option<PathBuf>,
     pub overrides: Vec<String>,
-    /// `--resume DIR`: DIR's `config.yaml` is merged last.
+    /// `--resume DIR`: DIR's `config.yaml`, merged first (after the defaults); the `--config`
+    /// file and the overrides apply on top of it.
     pub resume_config: Option<PathBuf>,
 }
 
@@ -55,6 +56,8 @@ pub struct Setup {
     pub scheduler: Option<Entry>,
     /// Enabled augmentations in pipeline order.
     pub augmentations: Vec<Entry>,
+    /// On resume: the keys whose value differs from the saved run's (none of them fixed).
+    pub resume_changes: Vec<crate::resume::Change>,
 }
 
 fn key_type(t: &KeyType) -> ValueType {
@@ -222,10 +225,8 @@ fn selected_plugin_name(registry: &Registry, request: &Request) -> Result<Option
 pub fn setup(registry: &Registry, request: &Request, purpose: Purpose) -> Result<Setup> {
     let schema = full_schema(registry)?;
     let mut b = ConfigBuilder::new(schema);
-    if let Some(file) = &request.config_file {
-        b.merge_yaml_file(file)?;
-    }
-    b.merge_overrides(&request.overrides)?;
+    // On resume the saved run's config comes first: the command line applies on top of it.
+    let mut saved = None;
     if let Some(resume) = &request.resume_config {
         let text = std::fs::read_to_string(resume).with_context(|| {
             format!(
@@ -235,7 +236,17 @@ pub fn setup(registry: &Registry, request: &Request, purpose: Purpose) -> Result
         })?;
         b.merge_yaml_str(&text, Source::Checkpoint(resume.clone()))?;
         b.set("train.resume", Value::Bool(true), Source::Derived)?;
+        let values: std::collections::BTreeMap<String, Value> = b
+            .schema()
+            .keys()
+            .filter_map(|k| Some((k.key.clone(), b.get(&k.key)?.clone())))
+            .collect();
+        saved = Some(values);
     }
+    if let Some(file) = &request.config_file {
+        b.merge_yaml_file(file)?;
+    }
+    b.merge_overrides(&request.overrides)?;
 
     // --plugin selects the model.
     if let Some(plugin) = selected_plugin_name(registry, request)? {
@@ -294,6 +305,14 @@ pub fn setup(registry: &Registry, request: &Request, purpose: Purpose) -> Result
         b.set("device", Value::Str("cpu".into()), Source::Derived)?;
     }
     let config = b.build()?;
+    let resume_changes = match (&saved, &request.resume_config) {
+        (Some(saved), Some(file)) => crate::resume::changes(
+            saved,
+            &config,
+            file.parent().unwrap_or_else(|| Path::new(".")),
+        )?,
+        _ => Vec::new(),
+    };
 
     let model = registry
         .require(Kind::Model, config.str("model.name"), "model.name")?
@@ -382,5 +401,6 @@ pub fn setup(registry: &Registry, request: &Request, purpose: Purpose) -> Result
         optimizer,
         scheduler,
         augmentations,
+        resume_changes,
     })
 }

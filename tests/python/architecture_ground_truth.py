@@ -15,6 +15,11 @@ hysts/pytorch_image_classification's models/cifar/), randomises every weight, BN
 statistic (so that no BN is the identity), and writes into out_dir:
 
   weights.safetensors   the state dict under the reference's names
+  results (per case)    "floors": for every expected float tensor, its
+                        largest change when only float32 rounding changes
+                        (oneDNN off, another thread count, one-ulp
+                        perturbations of the weights and the input): the
+                        test's tolerance is a fixed multiple of it
   expected.safetensors  "logits": eval-mode logits on the dataset's test
                         split, normalised as the reference does
                         (float32 x/255, then (x - mean)/std in float64);
@@ -181,6 +186,55 @@ def training_step(model: nn.Module, x: torch.Tensor,
     return out
 
 
+def one_ulp(t: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """`t` with every float element moved one ulp up or down (at random)."""
+    if not t.is_floating_point():
+        return t.clone()
+    up = torch.randint(0, 2, t.shape, generator=gen).bool()
+    return torch.where(up, torch.nextafter(t, torch.full_like(t, math.inf)),
+                       torch.nextafter(t, torch.full_like(t, -math.inf)))
+
+
+def rounding_floors(model: nn.Module, x: torch.Tensor, fn, base: dict,
+                    seed: int) -> dict:
+    """The floor of every float result of ``fn(model, x)``: its largest
+    change from ``base`` when only float32 rounding changes (oneDNN off;
+    another number of threads; one-ulp perturbations of every weight, buffer
+    and input), at least one ulp of its largest value. The model's state is
+    restored before each variant and after the last."""
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    threads = torch.get_num_threads()
+    floors = {k: float(np.spacing(np.float32(v.abs().max().item())))
+              for k, v in base.items() if v.is_floating_point() and v.numel()}
+
+    def variant(mkldnn=True, n_threads=threads, perturb=False):
+        gen = torch.Generator().manual_seed(seed)
+        model.load_state_dict({k: one_ulp(v, gen) if perturb else v
+                               for k, v in saved.items()})
+        torch.backends.mkldnn.enabled = mkldnn
+        torch.set_num_threads(n_threads)
+        try:
+            out = fn(model, one_ulp(x, gen) if perturb else x)
+        finally:
+            torch.backends.mkldnn.enabled = True
+            torch.set_num_threads(threads)
+        for k in floors:
+            d = (out[k].double() - base[k].double()).abs().max().item()
+            floors[k] = max(floors[k], d)
+
+    variant(mkldnn=False)
+    variant(n_threads=2 if threads == 1 else 1)
+    variant(perturb=True)
+    model.load_state_dict(saved)
+    return floors
+
+
+def eval_logits(model: nn.Module, x: torch.Tensor) -> dict:
+    model.eval()
+    with torch.no_grad():
+        return {"logits": model(x)}
+
+
 def run_case(case: dict, images_cache: dict) -> dict:
     cfg = effective_config(case["config"], case["overrides"])
     name = cfg["dataset"]
@@ -209,8 +263,7 @@ def run_case(case: dict, images_cache: dict) -> dict:
                              f"{spec[name]}")
     x = normalise(images, mean, std)
     randomise_(model, x, case["seed"])
-    with torch.no_grad():
-        logits = model(x)
+    logits = eval_logits(model, x)["logits"]
     if not bool(torch.isfinite(logits).all()):
         raise ValueError("non-finite reference logits")
     out = case["out_dir"]
@@ -218,9 +271,16 @@ def run_case(case: dict, images_cache: dict) -> dict:
     save_safetensors(os.path.join(out, "weights.safetensors"),
                      model.state_dict(), {"format": "pt"})
     expected = {"logits": logits}
+    floors = rounding_floors(model, x, eval_logits, expected, case["seed"])
     train = deterministic_in_training(cfg)
     if train:
-        expected.update(training_step(model, x, cfg["n_classes"]))
+        weights = {k: v.clone() for k, v in model.state_dict().items()}
+        step = training_step(model, x, cfg["n_classes"])
+        model.load_state_dict(weights)
+        floors.update(rounding_floors(
+            model, x, lambda m, xx: training_step(m, xx, cfg["n_classes"]),
+            step, case["seed"]))
+        expected.update(step)
     save_safetensors(os.path.join(out, "expected.safetensors"), expected)
     return {
         "status": "ok",
@@ -232,6 +292,7 @@ def run_case(case: dict, images_cache: dict) -> dict:
         "parameters": sum(p.numel() for p in model.parameters()),
         "tensors": len(model.state_dict()),
         "feature_size": getattr(model, "feature_size", None),
+        "floors": floors,
         "logit_absmax": float(logits.abs().max()),
         "logit_std": float(logits.std()),
     }

@@ -3,17 +3,21 @@
 Two modes:
 
   python tests/python/check_optimizers.py init --out INIT.safetensors \
-      --depth 8 --initial-channels 4
+      --depth 8 --initial-channels 4 [--dataset-dir DIR --steps 40 --lr 0.05]
       Writes seeded initial weights of the reference ResNet-preact (1 input
-      channel, 28x28, 10 classes) as a PyTorch state dict in safetensors.
+      channel, 28x28, 10 classes) as a PyTorch state dict in safetensors,
+      first trained --steps full-batch SGD steps on DIR's training split, so
+      that the compared steps start from a moderate loss, where a step is
+      stable, instead of from random weights.
 
   python tests/python/check_optimizers.py check --cases CASES.json
       CASES.json: {"dataset_dir": ..., "init": ..., "depth": ..., "initial_channels": ...,
-      "mean": ..., "std": ..., "atol": ..., "rtol": ...,
+      "mean": ..., "std": ..., "multiple": K, "far": F,
       "orders": [imgclf's training order of each epoch, ...], "threads": imgclf's
       torch threads,
       "cases": [{"name": ..., "result": imgclf's model_final.safetensors,
-                 "config": {dotted key: value, ...}}, ...]}
+                 "config": {dotted key: value, ...},
+                 "mutations": [{"label": ..., "config": {...}}, ...]}, ...]}
       For each case trains the same network from INIT on the whole training
       split as one batch for scheduler.epochs steps, as the reference's
       train.py does (hysts/pytorch_image_classification): parameter groups
@@ -24,11 +28,19 @@ Two modes:
       warmup + main schedule (with the intended exponential warmup, which the
       reference multiplies by base_lr twice), Ghost BN by train.subdivision
       (chunks of the batch, gradients accumulated, clipped, then divided), and
-      gradient clipping with clip_grad_norm_. Then compares every tensor with
-      imgclf's result.
+      gradient clipping with clip_grad_norm_.
 
-Exit status 0 when every case agrees within atol + rtol * |torch|; 1 otherwise
-(each disagreeing case and tensor is printed); 2 on bad input.
+      The tolerance is measured, per case and tensor, on this machine: the
+      same training rerun with oneDNN off, with one thread, and from one-ulp
+      perturbations of the initial weights and the images moves each tensor
+      by at most its floor (at least one ulp of its largest value); imgclf's
+      result must lie within K times the floor of every tensor. Each mutation
+      (the case with one detail changed: Nesterov off, a milestone moved,
+      decay on BatchNorm) must land at least F times the tolerance away, which
+      shows that the tolerance tells the semantics apart.
+
+Exit status 0 when every case agrees and every mutation is told apart; 1
+otherwise (each failure is printed); 2 on bad input.
 """
 
 from __future__ import annotations
@@ -223,87 +235,159 @@ def make_optimizer(model, c):
     raise ValueError(name)
 
 
-def train(spec, case, images, labels):
-    c = case["config"]
-    torch.manual_seed(0)
-    model = ResNetPreact(depth=spec["depth"],
-                         initial_channels=spec["initial_channels"],
-                         n_channels=1, image_size=28, n_classes=10)
-    model.load_state_dict(load_safetensors(spec["init"]), strict=True)
-    model.train()
-    opt = make_optimizer(model, c)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor_fn(c, 1))
-    sub = c.get("train.subdivision", 1)
-    clip = c.get("train.gradient_clip", 0.0)
-    for epoch in range(c["scheduler.epochs"]):
-        order = torch.tensor(spec["orders"][epoch])
-        opt.zero_grad()
-        for x, y in zip(images[order].chunk(sub), labels[order].chunk(sub)):
-            F.cross_entropy(model(x), y).backward()
-        if clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-        if sub > 1:
-            for p in model.parameters():
-                p.grad.div_(sub)
-        opt.step()
-        sched.step()
-    return model.state_dict()
+def train(spec, c, init, images, labels, threads, mkldnn=True):
+    """The reference's training loop for case config `c`, from state dict
+    `init`, with `threads` intra-op threads and oneDNN on or off."""
+    torch.set_num_threads(threads)
+    torch.backends.mkldnn.enabled = mkldnn
+    try:
+        torch.manual_seed(0)
+        model = ResNetPreact(depth=spec["depth"],
+                             initial_channels=spec["initial_channels"],
+                             n_channels=1, image_size=28, n_classes=10)
+        model.load_state_dict(init, strict=True)
+        model.train()
+        opt = make_optimizer(model, c)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor_fn(c, 1))
+        sub = c.get("train.subdivision", 1)
+        clip = c.get("train.gradient_clip", 0.0)
+        for epoch in range(c["scheduler.epochs"]):
+            order = torch.tensor(spec["orders"][epoch])
+            opt.zero_grad()
+            for x, y in zip(images[order].chunk(sub), labels[order].chunk(sub)):
+                F.cross_entropy(model(x), y).backward()
+            if clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            if sub > 1:
+                for p in model.parameters():
+                    p.grad.div_(sub)
+            opt.step()
+            sched.step()
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}
+    finally:
+        torch.backends.mkldnn.enabled = True
 
 
-def load_images(spec):
-    d = spec["dataset_dir"]
+def load_images(d, mean, std):
     x = read_idx(find_idx(d, "train-images-idx3-ubyte")).astype(np.float32)
     y = read_idx(find_idx(d, "train-labels-idx1-ubyte")).astype(np.int64)
     # imgclf's normalisation, x * (1 / (255 std)) + (-mean / std) in float32,
     # so that the inputs are bit-identical and only the training is compared.
-    scale = np.float32(1.0 / (255.0 * spec["std"]))
-    shift = np.float32(-spec["mean"] / spec["std"])
+    scale = np.float32(1.0 / (255.0 * std))
+    shift = np.float32(-mean / std)
     x = x.reshape(-1, 1, 28, 28) * scale + shift
     return torch.from_numpy(x.astype(np.float32)), torch.from_numpy(y)
+
+
+def one_ulp(t, gen):
+    """`t` with every float element moved one ulp up or down (at random)."""
+    if not t.is_floating_point():
+        return t.clone()
+    up = torch.randint(0, 2, t.shape, generator=gen).bool()
+    return torch.where(up, torch.nextafter(t, torch.full_like(t, math.inf)),
+                       torch.nextafter(t, torch.full_like(t, -math.inf)))
+
+
+def float_keys(sd):
+    return [k for k, v in sd.items() if v.is_floating_point()]
+
+
+def max_diff(a, b):
+    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+
+
+def floor_of(spec, c, init, images, labels, base):
+    """The measured floor of each tensor: the largest difference from `base`
+    when only float32 rounding changes (oneDNN off; one thread; one-ulp
+    perturbations of the initial weights and the images), at least one ulp
+    of the tensor's largest value."""
+    gen = torch.Generator().manual_seed(1)
+    variants = {
+        "oneDNN off": train(spec, c, init, images, labels, spec["threads"],
+                            mkldnn=False),
+        "one thread": train(spec, c, init, images, labels, 1),
+        "one-ulp inputs and weights": train(
+            spec, c, {k: one_ulp(v, gen) for k, v in init.items()},
+            one_ulp(images, gen), labels, spec["threads"]),
+    }
+    floor, why = {}, {}
+    for k in float_keys(base):
+        scale = base[k].abs().max().item() if base[k].numel() else 0.0
+        floor[k] = float(np.spacing(np.float32(scale)))
+        why[k] = "one ulp"
+        for name, v in variants.items():
+            d = max_diff(v[k], base[k])
+            if d > floor[k]:
+                floor[k], why[k] = d, name
+    return floor, why
+
+
+def distance(sd, base, floor, multiple):
+    """Largest |sd - base| per tensor in units of the tolerance (`multiple`
+    times the tensor's floor), and that tensor."""
+    worst, at = 0.0, ""
+    for k, f in floor.items():
+        r = max_diff(sd[k].to(base[k].dtype), base[k]) / (multiple * f)
+        if not r <= worst:  # NaN counts as the worst
+            worst, at = r, k
+    return worst, at
 
 
 def check(args):
     with open(args.cases) as f:
         spec = json.load(f)
-    # The same intra-op threads as imgclf: reductions split across threads sum
-    # in another order, and a few steps amplify that beyond float32 rounding.
-    torch.set_num_threads(spec["threads"])
-    images, labels = load_images(spec)
+    images, labels = load_images(spec["dataset_dir"], spec["mean"], spec["std"])
+    init = load_safetensors(spec["init"])
+    multiple, far = spec["multiple"], spec["far"]
     failures = 0
     for case in spec["cases"]:
-        want = train(spec, case, images, labels)
+        c = case["config"]
+        # The same intra-op threads as imgclf.
+        base = train(spec, c, init, images, labels, spec["threads"])
+        floor, why = floor_of(spec, c, init, images, labels, base)
         got = load_safetensors(case["result"])
-        worst = (0.0, "")
-        bad = []
-        for k, t in want.items():
-            if k not in got:
-                bad.append(f"{k}: missing in imgclf's result")
-                continue
-            g = got[k].to(t.dtype)
-            err = (g.double() - t.double()).abs()
-            lim = spec["atol"] + spec["rtol"] * t.double().abs()
-            excess = (err - lim).max().item() if err.numel() else 0.0
-            rel = (err / lim).max().item() if err.numel() else 0.0
-            if rel > worst[0]:
-                worst = (rel, k)
-            if excess > 0:
-                bad.append(f"{k}: max |diff| {err.max().item():.3g} "
-                           f"(torch max |w| {t.abs().max().item():.3g})")
-        moved = max((want[k].double() - v.double()).abs().max().item()
-                    for k, v in load_safetensors(spec["init"]).items()
-                    if v.is_floating_point())
-        print(f"{case['name']}: worst {worst[0]:.3f} of tolerance at "
-              f"{worst[1]}; weights moved up to {moved:.3g}")
-        if bad:
+        missing = [k for k in base if k not in got]
+        if missing:
             failures += 1
-            print(f"  DISAGREES with PyTorch:\n    " + "\n    ".join(bad[:10]))
+            print(f"{case['name']}: DISAGREES: missing in imgclf's result: "
+                  f"{', '.join(missing[:10])}")
+            continue
+        ints = [k for k in base if k not in floor and not got[k].equal(base[k])]
+        rel, at = distance(got, base, floor, multiple)
+        moved = max(max_diff(base[k], init[k]) for k in floor)
+        worst_floor = max(floor, key=floor.get)
+        print(f"{case['name']}: imgclf at {rel:.3f} of tolerance at {at} "
+              f"(tolerance {multiple}x the floor {floor[at]:.2g}, from "
+              f"{why[at]}); largest floor {floor[worst_floor]:.2g} at "
+              f"{worst_floor}; weights moved up to {moved:.3g}")
+        if not rel <= 1.0 or ints:
+            failures += 1
+            print(f"  DISAGREES with PyTorch: {at}: max |diff| "
+                  f"{max_diff(got[at].to(base[at].dtype), base[at]):.3g}"
+                  + (f"; integer tensors differ: {', '.join(ints)}" if ints else ""))
+        for m in case.get("mutations", []):
+            mc = dict(c)
+            mc.update(m["config"])
+            mrel, mat = distance(
+                train(spec, mc, init, images, labels, spec["threads"]),
+                base, floor, multiple)
+            print(f"  mutation {m['label']}: {mrel:.0f} times the tolerance "
+                  f"at {mat}")
+            if not mrel >= far:
+                failures += 1
+                print(f"  INSENSITIVE: {m['label']} lands within {far} times "
+                      f"the tolerance")
     if failures:
-        print(f"{failures} case(s) disagree")
+        print(f"{failures} failure(s)")
         return 1
     return 0
 
 
 def init(args):
+    """Seeded initial weights, then `--steps` full-batch SGD steps on the
+    training split (when given), so that the checked steps start from a
+    moderate loss instead of from random weights."""
+    torch.set_num_threads(1)
     torch.manual_seed(args.seed)
     model = ResNetPreact(depth=args.depth,
                          initial_channels=args.initial_channels,
@@ -314,6 +398,21 @@ def init(args):
             if isinstance(m, nn.BatchNorm2d):
                 m.weight.uniform_(0.5, 1.5)
                 m.bias.uniform_(-0.2, 0.2)
+    if args.dataset_dir:
+        images, labels = load_images(args.dataset_dir, args.mean, args.std)
+        model.train()
+        opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
+        first = None
+        for _ in range(args.steps):
+            opt.zero_grad()
+            loss = F.cross_entropy(model(images), labels)
+            first = loss.item() if first is None else first
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            loss = F.cross_entropy(model(images), labels).item()
+        print(f"pretrained {args.steps} steps: training loss {first:.3f} -> "
+              f"{loss:.3f}")
     save_safetensors(args.out, model.state_dict())
     return 0
 
@@ -326,6 +425,11 @@ def main(argv=None):
     i.add_argument("--depth", type=int, default=8)
     i.add_argument("--initial-channels", type=int, default=4)
     i.add_argument("--seed", type=int, default=0)
+    i.add_argument("--dataset-dir", help="pretrain on its training split")
+    i.add_argument("--mean", type=float, default=0.2860)
+    i.add_argument("--std", type=float, default=0.3530)
+    i.add_argument("--steps", type=int, default=40)
+    i.add_argument("--lr", type=float, default=0.05)
     c = sub.add_parser("check")
     c.add_argument("--cases", required=True)
     args = p.parse_args(argv)

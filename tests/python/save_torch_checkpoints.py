@@ -11,7 +11,10 @@ optimizer state holds tensors, and writes into --out:
   data_parallel.pth    torch.save(nn.DataParallel(model).state_dict()) ('module.' keys)
   weights.safetensors  the same state dict as safetensors
   logits.npz           'logits': PyTorch's eval-mode logits on the test split of
-                       --dataset-dir, normalised like the reference
+                       --dataset-dir, normalised like the reference; 'floor': their
+                       largest change when only float32 rounding changes (oneDNN off,
+                       one thread, one-ulp perturbations of weights and images), from
+                       which the test derives its tolerance
 
 Usage:
   python tests/python/save_torch_checkpoints.py --out DIR --dataset-dir DATA --depth 8
@@ -26,7 +29,8 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from check_predictions import load_split, normalise  # noqa: E402
+from check_predictions import (  # noqa: E402
+    load_split, measured_floor, normalise)
 from reference_models import ResNetPreact, save_safetensors  # noqa: E402
 
 
@@ -75,10 +79,12 @@ def main() -> None:
 
     model.eval()
     images, _ = load_split(a.dataset_dir, "t10k", 1)
-    x = torch.from_numpy(normalise(images, [a.mean], [a.std]))
+    x = normalise(images, [a.mean], [a.std])
     with torch.no_grad():
-        logits = model(x).numpy().astype(np.float32)
-    np.savez(out("logits.npz"), logits=logits)
+        logits = model(torch.from_numpy(x))
+    floor, _ = measured_floor(model, x, len(x), logits)
+    np.savez(out("logits.npz"), logits=logits.numpy().astype(np.float32),
+             floor=np.float32(floor))
 
 
 if __name__ == "__main__":

@@ -40,7 +40,8 @@ pub fn host_schema() -> Schema {
             "cudnn.deterministic",
             false,
             "Use only deterministic cuDNN algorithms",
-        ),
+        )
+        .unsupported(),
         // Dataset.
         string(
             "dataset.name",
@@ -321,7 +322,8 @@ pub fn host_schema() -> Schema {
             "validation.dataloader.drop_last",
             false,
             "Drop the last incomplete validation batch",
-        ),
+        )
+        .unsupported(),
         boolean(
             "validation.dataloader.pin_memory",
             false,

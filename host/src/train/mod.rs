@@ -334,12 +334,18 @@ pub fn run(registry: &Registry, request: &Request, args: &TrainArgs) -> Result<(
         // Building the augmentations runs their config checks (impossible combinations).
         build_pipeline(registry, &s, device)?;
         print_dry_run(&s, registry, &model, &out, args.resume.is_some());
+        for change in &s.resume_changes {
+            println!("resume would change {change}");
+        }
         return Ok(());
     }
 
     let writer = collective.is_writer();
     if writer {
         prepare_output(&out, c, args.resume.is_some())?;
+        if args.resume.is_some() {
+            crate::resume::record(&out, c, &s.resume_changes)?;
+        }
     }
     tracing::info!(
         "imgclf {} training in {}",
@@ -416,6 +422,14 @@ pub fn run(registry: &Registry, request: &Request, args: &TrainArgs) -> Result<(
         global_step: start_epoch * steps_per_epoch,
     };
     let pos = trainer.restore(args.resume.as_deref(), c.str("train.checkpoint"), start)?;
+    if args.resume.is_some() && pos.epoch >= plan.epochs {
+        tracing::warn!(
+            "the run has trained {} epochs, scheduler.epochs is {}: nothing left to train (extend it with `imgclf train --resume {} scheduler.epochs N`)",
+            pos.epoch,
+            plan.epochs,
+            out.display()
+        );
+    }
     if writer && c.bool("train.use_tensorboard") {
         trainer
             .sinks
