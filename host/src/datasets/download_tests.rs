@@ -319,10 +319,20 @@ fn cifar10_downloads_verifies_and_extracts_to_torchvision_layout() {
     let info = find("CIFAR10").unwrap();
     let mut src = cifar_source(vec![server.url("ok")], &tarball);
     // The extracted batches' MD5s are checked too when the file list gives them.
-    src.contents = vec![RemoteFile {
-        name: "test_batch".into(),
-        md5: md5_hex(&py2_cifar_batch(N_PER_BATCH, 10, false)),
-    }];
+    let batch_md5 = md5_hex(&py2_cifar_batch(N_PER_BATCH, 10, false));
+    src.contents = [
+        "data_batch_1",
+        "data_batch_2",
+        "data_batch_3",
+        "data_batch_4",
+    ]
+    .iter()
+    .chain(&["data_batch_5", "test_batch"])
+    .map(|n| RemoteFile {
+        name: n.to_string(),
+        md5: batch_md5.clone(),
+    })
+    .collect();
     assert!(!present(info, root.path()));
     download(info, root.path(), &src, &quick()).unwrap();
     assert_eq!(
