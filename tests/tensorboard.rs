@@ -302,6 +302,88 @@ fn event_files_hold_metrics_jsonl_in_tensorboards_reader_and_resume_purges() {
             assert!(e["min"].as_f64().unwrap() <= e["max"].as_f64().unwrap());
         }
     }
+
+    // `imgclf plot` reads the same run.
+    let png = d.join("curves.png");
+    let (code, stdout, err) =
+        run(imgclf(&d).args(["plot", out.to_str().unwrap(), "-o", png.to_str().unwrap()]));
+    assert_eq!(code, 0, "{err}");
+    assert!(stdout.contains("curves.png"), "{stdout}");
+    let (w, h, _) = read_png(&png);
+    assert_eq!((w, h), imgclf::curves::picture_size(1));
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+fn read_png(path: &Path) -> (usize, usize, Vec<u8>) {
+    let file = std::fs::File::open(path).unwrap();
+    let mut r = png::Decoder::new(std::io::BufReader::new(file))
+        .read_info()
+        .unwrap();
+    let mut buf = vec![0; r.output_buffer_size()];
+    let info = r.next_frame(&mut buf).unwrap();
+    assert_eq!(info.color_type, png::ColorType::Rgb);
+    buf.truncate(info.buffer_size());
+    (info.width as usize, info.height as usize, buf)
+}
+
+/// A run directory whose metrics.jsonl has 3 epochs of 4 logged steps; the loss falls as
+/// `scale / step`.
+fn synthetic_run(dir: &Path, scale: f64) {
+    std::fs::create_dir_all(dir).unwrap();
+    let mut s = String::new();
+    for step in 1..=12u64 {
+        let epoch = (step + 3) / 4;
+        let line = serde_json::json!({"epoch": epoch, "step": step, "split": "train",
+            "loss": scale / step as f64, "acc1": 1.0 - 0.5 / step as f64,
+            "acc5": 1.0, "lr": 0.1 * scale});
+        s += &format!("{line}\n");
+        if step % 4 == 0 {
+            let line = serde_json::json!({"epoch": epoch, "step": step, "split": "val",
+                "loss": scale / step as f64, "acc1": 0.5, "acc5": 0.9, "lr": 0.1});
+            s += &format!("{line}\n");
+        }
+    }
+    std::fs::write(dir.join("metrics.jsonl"), s).unwrap();
+}
+
+#[test]
+fn plot_draws_each_run_in_its_colour_and_different_runs_differently() {
+    let d = scratch("plot");
+    let (a, b) = (d.join("run_a"), d.join("run_b"));
+    synthetic_run(&a, 1.0);
+    synthetic_run(&b, 3.0);
+    let plot = |dirs: &[&Path], name: &str| {
+        let png = d.join(name);
+        let mut args: Vec<String> = vec!["plot".into()];
+        args.extend(dirs.iter().map(|p| p.to_str().unwrap().to_string()));
+        args.extend(["-o".into(), png.to_str().unwrap().into()]);
+        let (code, _, err) = run(imgclf(&d).args(args));
+        assert_eq!(code, 0, "{err}");
+        read_png(&png)
+    };
+    let (w, h, only_a) = plot(&[&a], "a.png");
+    assert_eq!((w, h), imgclf::curves::picture_size(1));
+    let (_, _, only_b) = plot(&[&b], "b.png");
+    assert_eq!(only_a.len(), only_b.len());
+    // The legends name different runs and the curves lie elsewhere: many pixels differ.
+    let differing = only_a
+        .chunks(3)
+        .zip(only_b.chunks(3))
+        .filter(|(p, q)| p != q)
+        .count();
+    assert!(differing > 500, "{differing} pixels differ");
+    let (w, h, both) = plot(&[&a, &b], "both.png");
+    assert_eq!((w, h), imgclf::curves::picture_size(2));
+    let count = |c: [u8; 3]| both.chunks(3).filter(|p| *p == c).count();
+    let (first, second) = (
+        count(imgclf::curves::COLORS[0]),
+        count(imgclf::curves::COLORS[1]),
+    );
+    assert!(first > 200 && second > 200, "{first} {second}");
+    // A directory without metrics.jsonl is an error that says what is missing.
+    let (code, _, err) = run(imgclf(&d).args(["plot", d.to_str().unwrap()]));
+    assert_ne!(code, 0);
+    assert!(err.contains("metrics.jsonl"), "{err}");
     let _ = std::fs::remove_dir_all(&d);
 }
 

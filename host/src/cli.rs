@@ -36,6 +36,8 @@ enum Command {
     Evaluate(ConfigArgs),
     /// Print (and plot) the learning rate of every training iteration of a config.
     LrSchedule(LrScheduleCmd),
+    /// Draw the loss, accuracy and learning-rate curves of one or more runs into a PNG.
+    Plot(crate::curves::PlotArgs),
     /// Images per second the configured model trains and predicts on (synthetic inputs).
     Throughput(ThroughputCmd),
     /// Write a PNG grid of augmented training images (and their soft labels beside it).
@@ -516,6 +518,7 @@ fn run(mut cli: Cli) -> Result<i32> {
             reg.warn_load_errors();
             crate::predict::print(&crate::predict::run(&reg, p)?);
         }
+        Command::Plot(p) => crate::curves::run(p)?,
         Command::Datasets(d) => crate::datasets::commands::run(d)?,
         Command::Plugins(PluginsCmd::List { json }) => print_list(&discover(&cli, None)?, *json),
         Command::Plugins(PluginsCmd::Inspect { name, json }) => {

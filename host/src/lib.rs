@@ -6,6 +6,7 @@ pub mod cli;
 pub mod config;
 pub mod confusion;
 pub mod cuda;
+pub mod curves;
 pub mod datasets;
 pub mod dist;
 pub mod envinfo;

@@ -364,7 +364,7 @@ pub fn histogram(values: &[f64]) -> Result<HistogramProto> {
     let last = edges.len() - 1;
     let mut counts = vec![0f64; last];
     for &v in values {
-        if !(v >= edges[0] && v <= edges[last]) {
+        if !(edges[0]..=edges[last]).contains(&v) {
             continue;
         }
         // The number of edges <= v, minus one: the bucket whose left edge is v or below.
