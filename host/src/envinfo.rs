@@ -19,11 +19,15 @@ pub fn collect() -> Value {
                 .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
         })
         .unwrap_or_default();
+    let runtime = imgclf_plugin_api::ffi::runtime_libtorch_version();
     json!({
         "imgclf_version": env!("CARGO_PKG_VERSION"),
         "plugin_api_version": imgclf_plugin_api::API_VERSION,
         "tch_version": "0.24.0",
-        "libtorch_version": imgclf_plugin_api::LIBTORCH_VERSION,
+        // The libtorch actually loaded (asked at run time) and the one the build's headers were.
+        "libtorch_version": runtime.as_ref().map(|r| r.version.clone()).unwrap_or_else(|e| e.clone()),
+        "libtorch_path": runtime.as_ref().ok().and_then(|r| r.path.clone()),
+        "libtorch_build_version": imgclf_plugin_api::LIBTORCH_VERSION,
         "libtorch_cuda": crate::cuda::status(),
         "cuda_available": cuda,
         "cudnn_available": tch::Cuda::cudnn_is_available(),

@@ -370,7 +370,8 @@ pub fn setup(registry: &Registry, request: &Request, purpose: Purpose) -> Result
                 .position(|s| *s == switch)
                 .unwrap_or(usize::MAX);
             (
-                e.info.stage.unwrap_or(Stage::Erase),
+                // Always set: load_plugin refuses augmentations without a known stage.
+                e.info.stage,
                 pos,
                 e.info.name.clone(),
             )

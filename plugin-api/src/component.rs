@@ -226,6 +226,25 @@ pub trait OptimizerFactory: Sync + 'static {
     fn build(&self, config: &ConfigView, groups: Vec<ParamGroup>) -> Result<Box<dyn Optimizer>>;
 }
 
+/// A live optimizer.
+///
+/// # The parameter contract (between models and optimizers)
+/// The tensors in the [`ParamGroup`]s are shallow clones of the model's own parameters: the
+/// same tensor objects, so every update an optimizer makes in place reaches the model.
+///
+/// - An optimizer may move a parameter's storage elsewhere (`Tensor::set_data`) **only while it
+///   is built** ([`OptimizerFactory::build`]), keeping every value exactly; baseline's `sgd`
+///   does, moving all parameters into one flat buffer so that a step is a few kernels over one
+///   tensor. After `build`, steps update the storage in place and never replace it.
+/// - Re-homing keeps the parameter *objects* valid, but not tensors derived from a parameter
+///   before the optimizer was built: a view, `narrow`, `reshape` or `detach` a model keeps in a
+///   field still points at the old storage and stops training (under `sgd` only, which makes the
+///   bug easy to miss). So a model keeps its parameters themselves (or shallow clones) and
+///   derives views inside `forward`, or after the optimizer is built.
+///
+/// `tests/plugin_abi.rs` checks every optimizer against this: values kept across `build`, a
+/// view taken after `build` follows every step, storage unchanged by steps, and a view taken
+/// before `build` going stale exactly when `build` re-homed the parameter.
 pub trait Optimizer: Send {
     /// Updates every parameter in place from its `.grad()`, with learning rate `lr`.
     fn step(&mut self, lr: f64) -> Result<()>;

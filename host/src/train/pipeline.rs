@@ -65,7 +65,15 @@ pub fn build_pipeline(registry: &Registry, s: &Setup, device: Device) -> Result<
             registry
                 .plugin(e)
                 .create_augmentation(&e.info.name, &c.section_json(""), &data_ctx)?;
-        augmentations.push((e.info.stage.unwrap_or(Stage::Erase), aug));
+        // Plugins whose augmentations lack a known stage are refused at load (ffi::load_plugin).
+        let stage = e.info.stage.ok_or_else(|| {
+            anyhow::anyhow!(
+                "augmentation `{}` of plugin `{}` has no pipeline stage",
+                e.info.name,
+                registry.plugin(e).name
+            )
+        })?;
+        augmentations.push((stage, aug));
     }
     let soft_targets = augmentations
         .iter()
