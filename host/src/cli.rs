@@ -66,11 +66,9 @@ struct ConfigArgs {
     #[arg(long)]
     config: Option<PathBuf>,
     /// Dotted overrides: KEY VALUE pairs with Python-literal values (`train.base_lr 0.2`).
-    #[arg(
-        trailing_var_arg = true,
-        allow_hyphen_values = true,
-        value_name = "KEY VALUE"
-    )]
+    /// Options may come before, between or after them; negative numbers are values. A value
+    /// that starts with `-` and is not a plain number (`-1e-3`) goes after `--`.
+    #[arg(allow_negative_numbers = true, value_name = "KEY VALUE")]
     overrides: Vec<String>,
 }
 
@@ -350,104 +348,7 @@ fn print_inspect(reg: &Registry, name: &str, as_json: bool) -> Result<()> {
     Ok(())
 }
 
-/// Options written after the `KEY VALUE` overrides (`imgclf train KEY VALUE --dry-run`) are
-/// options too: config keys never start with `--`.
-fn hoist_trailing_options(cli: &mut Cli) -> Result<()> {
-    let mut tp = None;
-    let mut pv = None;
-    let (config, mut train, mut sched) = match &mut cli.command {
-        Command::Train(t) => (&mut t.config, Some((&mut t.dry_run, &mut t.resume)), None),
-        Command::Evaluate(c) => (c, None, None),
-        Command::Preview(PreviewCmd {
-            output,
-            count,
-            scale,
-            time,
-            config,
-        }) => {
-            pv = Some((output, count, scale, time));
-            (config, None, None)
-        }
-        Command::Throughput(ThroughputCmd {
-            batch_size,
-            steps,
-            warmup,
-            json,
-            config,
-        }) => {
-            tp = Some((batch_size, steps, warmup, json));
-            (config, None, None)
-        }
-        Command::LrSchedule(LrScheduleCmd {
-            steps_per_epoch,
-            csv,
-            plot,
-            config,
-        }) => (config, None, Some((steps_per_epoch, csv, plot))),
-        _ => return Ok(()),
-    };
-    let mut rest = Vec::new();
-    let mut it = std::mem::take(&mut config.overrides).into_iter();
-    while let Some(arg) = it.next() {
-        let mut value = |name: &str| it.next().with_context(|| format!("{name} needs a value"));
-        match arg.as_str() {
-            "--dry-run" if train.is_some() => *train.as_mut().unwrap().0 = true,
-            "--resume" if train.is_some() => {
-                *train.as_mut().unwrap().1 = Some(PathBuf::from(value("--resume")?))
-            }
-            "--steps-per-epoch" if sched.is_some() => {
-                let v = value("--steps-per-epoch")?;
-                *sched.as_mut().unwrap().0 = Some(v.parse().with_context(|| {
-                    format!("--steps-per-epoch needs a whole number, got `{v}`")
-                })?)
-            }
-            "--csv" if sched.is_some() => *sched.as_mut().unwrap().1 = true,
-            "--batch-size" | "--steps" | "--warmup" if tp.is_some() => {
-                let v = value(&arg)?;
-                let n: u32 = v
-                    .parse()
-                    .with_context(|| format!("{arg} needs a whole number, got `{v}`"))?;
-                let t = tp.as_mut().unwrap();
-                match arg.as_str() {
-                    "--batch-size" => *t.0 = Some(n as i64),
-                    "--steps" => *t.1 = n,
-                    _ => *t.2 = n,
-                }
-            }
-            "--json" if tp.is_some() => *tp.as_mut().unwrap().3 = true,
-            "--output" if pv.is_some() => {
-                *pv.as_mut().unwrap().0 = Some(PathBuf::from(value("--output")?))
-            }
-            "--count" | "--scale" | "--time" if pv.is_some() => {
-                let v = value(&arg)?;
-                let n: usize = v
-                    .parse()
-                    .with_context(|| format!("{arg} needs a whole number, got `{v}`"))?;
-                let p = pv.as_mut().unwrap();
-                match arg.as_str() {
-                    "--count" => *p.1 = Some(n),
-                    "--time" => *p.3 = Some(n as u32),
-                    _ => *p.2 = n,
-                }
-            }
-            "--plot" if sched.is_some() => {
-                *sched.as_mut().unwrap().2 = Some(PathBuf::from(value("--plot")?))
-            }
-            "--plugin" => config.plugin = Some(value("--plugin")?),
-            "--config" => config.config = Some(PathBuf::from(value("--config")?)),
-            "--plugin-path" => cli.plugin_path.push(PathBuf::from(value("--plugin-path")?)),
-            a if a.starts_with("--") => {
-                anyhow::bail!("unknown option `{a}` among the KEY VALUE overrides")
-            }
-            _ => rest.push(arg),
-        }
-    }
-    config.overrides = rest;
-    Ok(())
-}
-
-fn run(mut cli: Cli) -> Result<i32> {
-    hoist_trailing_options(&mut cli)?;
+fn run(cli: Cli) -> Result<i32> {
     crate::logging::init(cli.verbose);
     let threads = crate::dist::launcher::intra_op_threads();
     tch::set_num_threads(threads as i32);
@@ -560,5 +461,72 @@ pub fn main() -> i32 {
             eprintln!("error: {msg}");
             1
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_between_and_after_the_overrides_are_options() {
+        let cli = Cli::try_parse_from([
+            "imgclf",
+            "train",
+            "a.b",
+            "1",
+            "--dry-run",
+            "c.d",
+            "-2",
+            "--resume",
+            "R",
+            "e.f",
+            "-0.5",
+            "--plugin-path",
+            "P",
+            "--config",
+            "C.yaml",
+        ])
+        .unwrap();
+        let Command::Train(t) = &cli.command else {
+            panic!("{cli:?}")
+        };
+        assert!(t.dry_run);
+        assert_eq!(t.resume, Some(PathBuf::from("R")));
+        assert_eq!(t.config.config, Some(PathBuf::from("C.yaml")));
+        assert_eq!(
+            t.config.overrides,
+            ["a.b", "1", "c.d", "-2", "e.f", "-0.5"]
+        );
+        assert_eq!(cli.plugin_path, [PathBuf::from("P")]);
+        let cli = Cli::try_parse_from(["imgclf", "train", "--dry-run", "--", "x", "-1e-3"]).unwrap();
+        let Command::Train(t) = &cli.command else {
+            panic!("{cli:?}")
+        };
+        assert_eq!(t.config.overrides, ["x", "-1e-3"]);
+        let cli = Cli::try_parse_from([
+            "imgclf",
+            "lr-schedule",
+            "x.y",
+            "2",
+            "--csv",
+            "--steps-per-epoch",
+            "7",
+            "--plot",
+            "s.png",
+        ])
+        .unwrap();
+        let Command::LrSchedule(l) = &cli.command else {
+            panic!("{cli:?}")
+        };
+        assert!(l.csv);
+        assert_eq!(l.steps_per_epoch, Some(7));
+        assert_eq!(l.plot, Some(PathBuf::from("s.png")));
+        assert_eq!(l.config.overrides, ["x.y", "2"]);
+        // A misspelt option is an error, not an override.
+        let e = Cli::try_parse_from(["imgclf", "train", "a.b", "1", "--dry-rn"]).unwrap_err();
+        assert!(e.to_string().contains("--dry-rn"), "{e}");
+        let e = Cli::try_parse_from(["imgclf", "throughput", "--steps", "x"]).unwrap_err();
+        assert!(e.to_string().contains("--steps"), "{e}");
     }
 }

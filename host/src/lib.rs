@@ -25,4 +25,3 @@ pub mod tensorboard;
 pub mod throughput;
 pub mod torch_file;
 pub mod train;
-pub mod zip_stored;

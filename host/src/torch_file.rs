@@ -14,9 +14,10 @@
 //! symbols and ignored.
 
 use crate::pickle::{self, Id, Node, Pickle};
-use crate::zip_stored::Archive;
 use anyhow::{anyhow, bail, Context, Result};
+use std::borrow::Cow;
 use std::collections::HashMap;
+use std::io::Read;
 use std::path::Path;
 use tch::{Kind, Tensor};
 
@@ -75,15 +76,65 @@ pub fn load_state_dict(path: &Path, bytes: &[u8]) -> Result<StateDict> {
     r.with_context(|| format!("{}: cannot read this torch.save file", path.display()))
 }
 
+/// The zip container of a `torch.save` file, read with the `zip` crate (built without its
+/// compression features: PyTorch stores every entry uncompressed, so a compressed entry is an
+/// error, not something to decode). Entry CRCs are checked as each entry is read.
+struct Zip<'a> {
+    archive: zip::ZipArchive<std::io::Cursor<&'a [u8]>>,
+    /// Entry names in central-directory order.
+    names: Vec<String>,
+    len: usize,
+}
+
+impl<'a> Zip<'a> {
+    fn new(bytes: &'a [u8]) -> Result<Self> {
+        let archive = zip::ZipArchive::new(std::io::Cursor::new(bytes))
+            .map_err(|e| anyhow!("not a readable zip archive ({e}): truncated or corrupt file?"))?;
+        let names = archive.file_names().map(str::to_string).collect();
+        Ok(Zip {
+            archive,
+            names,
+            len: bytes.len(),
+        })
+    }
+
+    fn names(&self) -> &[String] {
+        &self.names
+    }
+
+    /// The bytes of entry `name`, `None` when there is none.
+    fn read(&mut self, name: &str) -> Result<Option<Vec<u8>>> {
+        let mut entry = match self.archive.by_name(name) {
+            Ok(e) => e,
+            Err(zip::result::ZipError::FileNotFound) => return Ok(None),
+            Err(zip::result::ZipError::UnsupportedArchive(why)) => bail!(
+                "zip entry {name}: {why}; torch.save stores its entries uncompressed, so this \
+                 file was repacked by another tool: load and re-save it with torch.save"
+            ),
+            Err(e) => bail!("zip entry {name}: {e} (truncated or corrupt file?)"),
+        };
+        if entry.encrypted() {
+            bail!("zip entry {name} is encrypted; torch.save never encrypts");
+        }
+        // The declared size is untrusted: never reserve more than the whole file.
+        let capacity = usize::try_from(entry.size()).map_or(0, |n| n.min(self.len));
+        let mut data = Vec::with_capacity(capacity);
+        entry
+            .read_to_end(&mut data)
+            .map_err(|e| anyhow!("zip entry {name}: {e} (truncated or corrupt file?)"))?;
+        Ok(Some(data))
+    }
+}
+
 fn read_zip(bytes: &[u8]) -> Result<StateDict> {
-    let zip = Archive::new(bytes).map_err(|e| anyhow!("{e}"))?;
+    let mut zip = Zip::new(bytes)?;
     let pkl_names: Vec<&String> = zip
         .names()
         .iter()
         .filter(|n| n.ends_with("/data.pkl") && n.matches('/').count() == 1)
         .collect();
     let prefix = match pkl_names[..] {
-        [one] => one.trim_end_matches("data.pkl"),
+        [one] => one.trim_end_matches("data.pkl").to_string(),
         [] => bail!(
             "the zip archive has no <name>/data.pkl entry, so it was not written by torch.save \
              (entries: {})",
@@ -105,7 +156,7 @@ fn read_zip(bytes: &[u8]) -> Result<StateDict> {
         );
     }
     if let Some(order) = zip.read(&format!("{prefix}byteorder"))? {
-        match order {
+        match &order[..] {
             b"little" => {}
             b"big" => bail!(
                 "the tensors were saved on a big-endian machine; only little-endian files are \
@@ -119,10 +170,12 @@ fn read_zip(bytes: &[u8]) -> Result<StateDict> {
         }
     }
     let pkl_name = format!("{prefix}data.pkl");
-    let pkl = zip.read(&pkl_name)?.expect("listed above");
-    let tree = pickle::parse(Path::new(&pkl_name), pkl)?;
+    let pkl = zip
+        .read(&pkl_name)?
+        .ok_or_else(|| anyhow!("the archive lacks its {pkl_name}"))?;
+    let tree = pickle::parse(Path::new(&pkl_name), &pkl)?;
     let storages = Storages {
-        blobs: Blobs::Zip { zip: &zip, prefix },
+        blobs: Blobs::Zip { zip, prefix },
         cache: HashMap::new(),
     };
     state_dict(&tree, storages)
@@ -340,10 +393,7 @@ fn dict_items(t: &Pickle, mut id: Id) -> Option<Vec<(Id, Id)>> {
 /// Where the raw storages are.
 enum Blobs<'a> {
     /// `<prefix>data/<key>` entries of the zip archive.
-    Zip {
-        zip: &'a Archive<'a>,
-        prefix: &'a str,
-    },
+    Zip { zip: Zip<'a>, prefix: String },
     /// The records after the pickles of the legacy format, by key.
     Legacy(HashMap<String, &'a [u8]>),
 }
@@ -368,21 +418,22 @@ impl Storages<'_> {
             }
             return Ok((t.shallow_clone(), *n));
         }
-        let (name, data) = match &self.blobs {
-            Blobs::Zip { zip, prefix } => {
-                let name = format!("storage entry {prefix}data/{key}");
-                let data = zip
-                    .read(&format!("{prefix}data/{key}"))?
-                    .ok_or_else(|| anyhow!("the archive lacks the {name}"))?;
-                (name, data)
-            }
-            Blobs::Legacy(blobs) => (
-                format!("storage {key}"),
-                *blobs
-                    .get(key)
-                    .ok_or_else(|| anyhow!("storage {key} is not in the file's storage list"))?,
-            ),
-        };
+        let (name, data): (String, Cow<[u8]>) =
+            match &mut self.blobs {
+                Blobs::Zip { zip, prefix } => {
+                    let name = format!("storage entry {prefix}data/{key}");
+                    let data = zip
+                        .read(&format!("{prefix}data/{key}"))?
+                        .ok_or_else(|| anyhow!("the archive lacks the {name}"))?;
+                    (name, Cow::Owned(data))
+                }
+                Blobs::Legacy(blobs) => (
+                    format!("storage {key}"),
+                    Cow::Borrowed(*blobs.get(key).ok_or_else(|| {
+                        anyhow!("storage {key} is not in the file's storage list")
+                    })?),
+                ),
+            };
         let elt = kind.elt_size_in_bytes();
         let expected = usize::try_from(numel)
             .ok()
@@ -395,7 +446,7 @@ impl Storages<'_> {
                 data.len()
             );
         }
-        let t = Tensor::f_from_data_size(data, &[numel], kind)?;
+        let t = Tensor::f_from_data_size(&data, &[numel], kind)?;
         self.cache
             .insert(key.to_string(), (t.shallow_clone(), numel));
         Ok((t, numel))
@@ -615,7 +666,20 @@ fn rebuild(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::zip_stored::tests::write_zip;
+    use std::io::Write;
+
+    /// A zip archive of stored entries, as torch.save writes them (zip64 records when `zip64`).
+    fn write_zip(entries: &[(&str, &[u8])], zip64: bool) -> Vec<u8> {
+        let mut w = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+        let options = zip::write::SimpleFileOptions::default()
+            .compression_method(zip::CompressionMethod::Stored)
+            .large_file(zip64);
+        for (name, data) in entries {
+            w.start_file(*name, options).unwrap();
+            w.write_all(data).unwrap();
+        }
+        w.finish().unwrap().into_inner()
+    }
 
     /// Written by `tests/data/torch_save/make_fixtures.py` (PyTorch 2.11): the reference's
     /// checkpoint layout with a yacs CfgNode config and an optimizer holding tensors.
@@ -817,6 +881,53 @@ mod tests {
         // Truncated: the end of the archive is gone.
         let e = err(&CHECKPOINT[..CHECKPOINT.len() - 100]);
         assert!(e.contains("w.pth") && e.contains("truncated"), "{e}");
+    }
+
+    #[test]
+    fn damaged_zip_containers_are_clear_errors() {
+        let blob = [7u8; 24];
+        let ok = tensor_pickle("FloatStorage", 6, 0, &[2, 3], &[3, 1]);
+        for zip64 in [false, true] {
+            let z = write_zip(&[("w/data.pkl", &ok), ("w/data/0", &blob)], zip64);
+            assert_eq!(
+                load_state_dict(Path::new("w.pth"), &z)
+                    .unwrap()
+                    .tensors
+                    .len(),
+                1
+            );
+            // Cut anywhere: the end records are gone.
+            for cut in [4, 10, z.len() / 2, z.len() - 1] {
+                let e = err(&z[..cut]);
+                assert!(
+                    e.contains("w.pth") && e.contains("truncated"),
+                    "cut at {cut}: {e}"
+                );
+            }
+        }
+        let z = write_zip(&[("w/data.pkl", &ok), ("w/data/0", &blob)], false);
+        // A flipped data byte fails the entry's CRC.
+        let mut bad = z.clone();
+        let at = bad.windows(24).position(|w| w == blob).unwrap();
+        bad[at] = 8;
+        let e = err(&bad);
+        assert!(e.contains("w/data/0") && e.contains("checksum"), "{e}");
+        // A deflated entry (method 8 in its local and central headers) is refused with the fix.
+        let mut deflated = z.clone();
+        for sig in [[0x50, 0x4b, 0x03, 0x04], [0x50, 0x4b, 0x01, 0x02]] {
+            let offset = if sig[2] == 3 { 8 } else { 10 };
+            let positions: Vec<usize> = deflated
+                .windows(4)
+                .enumerate()
+                .filter(|(_, w)| *w == sig)
+                .map(|(i, _)| i)
+                .collect();
+            for p in positions {
+                deflated[p + offset] = 8;
+            }
+        }
+        let e = err(&deflated);
+        assert!(e.contains("w/data.pkl") && e.contains("re-save"), "{e}");
     }
 
     #[test]
