@@ -660,6 +660,128 @@ fn bench(t: &Torch, extra: &[String]) -> Result<()> {
         .env("LD_LIBRARY_PATH", ld_path(t)))
 }
 
+/// The cargo-fuzz targets (`fuzz/fuzz_targets/<name>.rs`), one per parser of untrusted input,
+/// with the folders of real files that seed each corpus.
+const FUZZ_TARGETS: [(&str, &[&str]); 5] = [
+    ("pickle", &["tests/data/cifar_pickle"]),
+    ("torch_file", &["tests/data/torch_save"]),
+    ("cifar", &[]),
+    ("idx", &[]),
+    (
+        "config_yaml",
+        &[
+            "configs/cifar",
+            "configs/fashion_mnist",
+            "configs/imagenet",
+            "configs/augmentations",
+            "configs/datasets",
+        ],
+    ),
+];
+
+/// `cargo xtask fuzz [--seconds N] [TARGET]...`: builds the fuzz targets (cargo-fuzz, installed
+/// when missing; `RUSTC_BOOTSTRAP=1` because it passes nightly flags, no sanitizer) and runs
+/// each for N seconds (default 25), starting from the seed files. A crash fails the command and
+/// leaves the input in `fuzz/artifacts/<target>/`.
+fn fuzz(t: &Torch, args: &[String]) -> Result<()> {
+    let mut seconds = 25u64;
+    let mut only = Vec::new();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--seconds" => {
+                seconds = it
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .context("--seconds needs a whole number")?
+            }
+            name if FUZZ_TARGETS.iter().any(|(n, _)| *n == name) => only.push(name.to_string()),
+            other => bail!(
+                "unknown fuzz target `{other}` (targets: {})",
+                FUZZ_TARGETS.map(|(n, _)| n).join(", ")
+            ),
+        }
+    }
+    let has_cargo_fuzz = Command::new("cargo")
+        .args(["fuzz", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !has_cargo_fuzz {
+        run(Command::new("cargo").args(["install", "cargo-fuzz", "--locked"]))?;
+    }
+    let fuzz = |args: &[&str]| {
+        let mut c = cargo(t);
+        c.env("RUSTC_BOOTSTRAP", "1")
+            .args(["fuzz"])
+            .args(args)
+            .args(["--sanitizer", "none"]);
+        c
+    };
+    run(&mut fuzz(&["build"]))?;
+    let corpora = target_dir().join("fuzz-corpus");
+    for (name, seeds) in FUZZ_TARGETS {
+        if !only.is_empty() && !only.iter().any(|o| o == name) {
+            continue;
+        }
+        let corpus = corpora.join(name);
+        std::fs::create_dir_all(&corpus)?;
+        seed_corpus(name, &corpus)?;
+        let mut c = fuzz(&["run", name]);
+        c.arg(&corpus);
+        for s in seeds {
+            c.arg(root().join(s));
+        }
+        c.args([
+            "--",
+            &format!("-max_total_time={seconds}"),
+            "-rss_limit_mb=4096",
+            "-timeout=20",
+            "-print_final_stats=1",
+        ]);
+        run(&mut c)?;
+    }
+    Ok(())
+}
+
+/// Seed inputs that need a prefix a target reads first (the dataset loaders' selector bytes).
+fn seed_corpus(name: &str, corpus: &Path) -> Result<()> {
+    let pickles = root().join("tests/data/cifar_pickle");
+    match name {
+        "cifar" => {
+            // Byte 0 picks the release: 1 CIFAR-10 python, 3 CIFAR-100 python, 0/2 binary.
+            for (pick, prefix) in [(1u8, "cifar10_"), (3, "cifar100_")] {
+                for e in std::fs::read_dir(&pickles)? {
+                    let path = e?.path();
+                    let file = path.file_name().unwrap_or_default().to_string_lossy();
+                    if file.starts_with(prefix) && file.ends_with(".pkl") {
+                        let mut bytes = vec![pick];
+                        bytes.extend(std::fs::read(&path)?);
+                        std::fs::write(corpus.join(format!("seed-{file}")), bytes)?;
+                    }
+                }
+            }
+            let mut record = vec![0u8];
+            record.extend(std::iter::repeat_n(7u8, 3073));
+            std::fs::write(corpus.join("seed-cifar10-binary"), record)?;
+        }
+        "idx" => {
+            // Two images of 2x2 and their labels: split at the images file's length.
+            let images: Vec<u8> = [0, 0, 8, 3, 0, 0, 0, 2, 0, 0, 0, 2, 0, 0, 0, 2]
+                .into_iter()
+                .chain([1, 2, 3, 4, 5, 6, 7, 8])
+                .collect();
+            let labels = [0u8, 0, 8, 1, 0, 0, 0, 2, 3, 9];
+            let mut bytes = (images.len() as u16).to_le_bytes().to_vec();
+            bytes.push(0);
+            bytes.extend(&images);
+            bytes.extend(labels);
+            std::fs::write(corpus.join("seed-idx"), bytes)?;
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let (cmd, rest) = args
@@ -679,8 +801,10 @@ fn main() -> Result<()> {
             let t = torch()?;
             test(&t, &[])?;
             lint(&t)?;
+            fuzz(&t, &[])?;
         }
         "lint" => lint(&torch()?)?,
+        "fuzz" => fuzz(&torch()?, &rest)?,
         "docs" => docs(&torch()?, rest.iter().any(|a| a == "--check"))?,
         "quickstart" => quickstart(&torch()?, &rest)?,
         "bench" => bench(&torch()?, &rest)?,
@@ -690,7 +814,8 @@ fn main() -> Result<()> {
                 "usage: cargo xtask <command>\n\
                  \x20 quickstart [KEY VALUE]...  build everything, train ResNet-preact-20 on Fashion-MNIST for one epoch\n\
                  \x20 test [cargo test args]     build everything (and the fixture plugins) and run the whole test suite\n\
-                 \x20 ci                         what CI runs: test, then lint\n\
+                 \x20 ci                         what CI runs: test, lint, then fuzz\n\
+                 \x20 fuzz [--seconds N] [T]...  run every fuzz target (fuzz/, cargo-fuzz) N seconds (default 25)\n\
                  \x20 lint                       fmt check, clippy -D warnings, README plugin table check\n\
                  \x20 dist                       release build into target/dist/{{bin,lib/imgclf/plugins}}\n\
                  \x20 build [--release]          build host, plugins and fixtures into target/<profile>/\n\
