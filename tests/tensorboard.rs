@@ -249,7 +249,7 @@ fn event_files_hold_metrics_jsonl_in_tensorboards_reader_and_resume_purges() {
             (e["width"].as_u64(), e["height"].as_u64()),
             (Some(242), Some(482))
         );
-        assert!(px.iter().any(|&p| p == 255) && px.iter().any(|&p| p > 0 && p < 255));
+        assert!(px.contains(&255) && px.iter().any(|&p| p > 0 && p < 255));
     }
     let val_images = images["Val/Image"].as_array().unwrap();
     assert_eq!(val_images.len(), 1, "at epoch 0 only, as the reference");
@@ -332,7 +332,7 @@ fn synthetic_run(dir: &Path, scale: f64) {
     std::fs::create_dir_all(dir).unwrap();
     let mut s = String::new();
     for step in 1..=12u64 {
-        let epoch = (step + 3) / 4;
+        let epoch = step.div_ceil(4);
         let line = serde_json::json!({"epoch": epoch, "step": step, "split": "train",
             "loss": scale / step as f64, "acc1": 1.0 - 0.5 / step as f64,
             "acc5": 1.0, "lr": 0.1 * scale});

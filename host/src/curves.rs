@@ -292,7 +292,7 @@ mod tests {
         s += r#"{"epoch":0,"step":0,"split":"val","loss":2.3,"acc1":0.1,"acc5":0.5,"lr":0.1}"#;
         s += "\n";
         for step in 1..=8u64 {
-            let epoch = (step + 3) / 4;
+            let epoch = step.div_ceil(4);
             let loss = loss0 / step as f64;
             s += &format!(
                 "{{\"epoch\":{epoch},\"step\":{step},\"split\":\"train\",\"loss\":{loss},\"acc1\":0.5,\"acc5\":0.9,\"lr\":0.1}}\n"
