@@ -97,16 +97,15 @@ pub fn folder_stats(dir: &Path, workers: usize) -> Result<(Vec<f64>, Vec<f64>, u
                     Ok(img) => {
                         let (mut sum, mut sq) = ([0u64; 3], [0u64; 3]);
                         for px in img.data.chunks_exact(3) {
-                            for c in 0..3 {
-                                let v = px[c] as u64;
-                                sum[c] += v;
-                                sq[c] += v * v;
+                            for ((s, q), &v) in sum.iter_mut().zip(sq.iter_mut()).zip(px) {
+                                *s += v as u64;
+                                *q += v as u64 * v as u64;
                             }
                         }
                         let mut t = total.lock().unwrap_or_else(|p| p.into_inner());
-                        for c in 0..3 {
-                            t.0[c] += sum[c] as f64;
-                            t.1[c] += sq[c] as f64;
+                        for (c, (s, q)) in sum.iter().zip(&sq).enumerate() {
+                            t.0[c] += *s as f64;
+                            t.1[c] += *q as f64;
                         }
                         t.2 += (img.width * img.height) as f64;
                     }
