@@ -633,9 +633,13 @@ fn bench(t: &Torch, extra: &[String]) -> Result<()> {
     // `bench models ...`: per-architecture forward/backward throughput (no data needed).
     // `bench pipeline ...`: the input pipeline (crop, flip, normalise, cutout, mixup) against
     // torchvision transforms + DataLoader collate.
+    // `bench fashion-mnist ...`: ResNet-preact-20 training on real Fashion-MNIST against eager.
+    // `bench [--device D] ...`: the training step (ResNet-preact-20 and WRN-28-10, batch 128,
+    // float32 and mixed precision) against PyTorch's best eager recipe.
     let (script, extra) = match extra.first().map(String::as_str) {
         Some("models") => ("xtask/bench/models.py", &extra[1..]),
         Some("dist") => ("xtask/bench/dist.py", &extra[1..]),
+        Some("fashion-mnist") => ("xtask/bench/bench.py", &extra[1..]),
         Some("pipeline") => {
             ensure_torchvision(t)?;
             ("xtask/bench/pipeline.py", &extra[1..])
@@ -646,7 +650,7 @@ fn bench(t: &Torch, extra: &[String]) -> Result<()> {
             ensure_torchvision(t)?;
             ("xtask/bench/loader.py", &extra[1..])
         }
-        _ => ("xtask/bench/bench.py", extra),
+        _ => ("xtask/bench/step.py", extra),
     };
     ensure_fashion_mnist()?;
     let dist = dist(t)?;
@@ -819,7 +823,8 @@ fn main() -> Result<()> {
                  \x20 lint                       fmt check, clippy -D warnings, README plugin table check\n\
                  \x20 dist                       release build into target/dist/{{bin,lib/imgclf/plugins}}\n\
                  \x20 build [--release]          build host, plugins and fixtures into target/<profile>/\n\
-                 \x20 bench [--steps N]          training throughput of imgclf vs PyTorch eager, same machine, same run\n\
+                 \x20 bench [--device cpu|cuda]  training step (ResNet-preact-20, WRN-28-10; float32, mixed) vs PyTorch's best eager recipe\n\
+                 \x20 bench fashion-mnist [--steps N] ResNet-preact-20 on Fashion-MNIST vs PyTorch eager, same machine, same run\n\
                  \x20 bench models [--device D]  forward/backward throughput of every architecture vs PyTorch eager\n\
                  \x20 bench dist [--steps N]     data-parallel images/s on 1 and 2 ranks (Gloo) vs PyTorch DDP under torchrun\n\
                  \x20 bench pipeline [--device D] input pipeline (crop, flip, normalise, cutout, mixup) images/s vs torchvision\n\

@@ -205,6 +205,20 @@ pub fn host_schema() -> Schema {
             false,
             "Copy training batches to the device asynchronously",
         ),
+        string(
+            "train.dataloader.on_device",
+            "auto",
+            "Keep the training set on the training device as uint8 and batch it there, no host \
+             loader in the loop (auto: on CUDA for in-memory sets up to 4 GiB, e.g. CIFAR, MNIST)",
+        )
+        .with_choices(["auto", "on", "off"]),
+        string(
+            "train.channels_last",
+            "auto",
+            "Convolution weights and input batches in the channels_last (NHWC) memory format \
+             (auto: on CUDA, where it is faster)",
+        )
+        .with_choices(["auto", "on", "off"]),
         boolean(
             "train.distributed",
             false,

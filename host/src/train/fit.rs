@@ -47,6 +47,8 @@ pub struct Trainer {
     pub collective: Box<dyn Collective>,
     pub sinks: Sinks,
     pub settings: StepSettings,
+    /// The training set on the device, batched there instead of by the host loader.
+    pub resident: Option<super::resident::ResidentSet>,
     /// The run's output directory.
     pub out: PathBuf,
     pub start: Instant,
@@ -199,15 +201,28 @@ impl Trainer {
             // Per-rank random streams (augmentations, the model's own randomness); a world of
             // one keeps the single-process streams.
             let seed = data::rank_seed(plan.seed, rank, world);
-            let rx = data::spawn_epoch(
-                &train_set,
-                order,
-                plan.batch_size,
-                plan.steps_per_epoch as usize,
-                pos.step_in_epoch as usize,
-                seed,
-                epoch,
-            );
+            let (steps, first) = (plan.steps_per_epoch as usize, pos.step_in_epoch as usize);
+            let batches: Box<dyn Iterator<Item = Result<(usize, Tensor, Tensor)>>> =
+                match &self.resident {
+                    Some(r) => Box::new(r.epoch(&order, plan.batch_size, steps, first)?),
+                    None => {
+                        let (loader, device) = (&train_set, self.device);
+                        let rx = data::spawn_epoch(
+                            loader,
+                            order,
+                            plan.batch_size,
+                            steps,
+                            first,
+                            seed,
+                            epoch,
+                        );
+                        Box::new(rx.map(move |raw| {
+                            let raw = raw?;
+                            let (images, labels) = data::to_device(&raw, loader, device)?;
+                            Ok((raw.index, images, labels))
+                        }))
+                    }
+                };
             self.sinks.epoch_start(
                 epoch + 1,
                 plan.epochs,
@@ -217,10 +232,9 @@ impl Trainer {
             let t0 = Instant::now();
             let mut meter = Meter::default();
             let mut lr = 0.0;
-            for raw in rx {
-                let raw = raw?;
-                let step = raw.index as u64;
-                let (images, labels) = data::to_device(&raw, &train_set, self.device)?;
+            for batch in batches {
+                let (index, images, labels) = batch?;
+                let step = index as u64;
                 let p = self.pipeline.prepare(images, labels, seed, epoch, step)?;
                 let n = p.labels.size()[0] as usize;
                 if step == 0 {

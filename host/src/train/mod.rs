@@ -10,9 +10,11 @@ pub mod collective;
 pub mod data;
 pub mod eval;
 pub mod fit;
+pub mod memory_format;
 pub mod metrics;
 pub mod pipeline;
 pub mod precision;
+pub mod resident;
 pub mod schedule;
 pub mod sinks;
 pub mod step;
@@ -304,6 +306,11 @@ pub fn run(registry: &Registry, request: &Request, args: &TrainArgs) -> Result<(
     }
     let model = build_model(registry, &s, device)?;
     let tensors = model.tensors()?;
+    // The layout first: the precision policy's casts and the optimizer's state follow it.
+    let channels_last = memory_format::wanted(c, device)?;
+    if channels_last {
+        memory_format::convert_model(&tensors)?;
+    }
     let out = args
         .resume
         .clone()
@@ -385,6 +392,30 @@ pub fn run(registry: &Registry, request: &Request, args: &TrainArgs) -> Result<(
         train_set.len(),
         val_set.len()
     );
+    // An in-memory set that fits lives on the device (train.dataloader.on_device).
+    let [ch, height, width] = train_set.samples.shape();
+    let bytes = train_set.len() * ch * height * width;
+    let resident = if s.dataset.image_folder {
+        if c.str("train.dataloader.on_device") == "on" {
+            bail!("train.dataloader.on_device on needs an in-memory dataset; image folders are streamed (use auto or off)");
+        }
+        None
+    } else if resident::wanted(c, device, bytes)? {
+        let samples = train_set.samples.clone();
+        let mut rng = imgclf_plugin_api::rng::step_rng(0);
+        let set = resident::ResidentSet::gather(train_set.len(), [ch, height, width], device, |i, out| {
+            samples
+                .fill(i, &mut rng, out)?
+                .with_context(|| format!("training sample {i} could not be read"))
+        })?;
+        tracing::info!(
+            "training set on {device:?} as uint8 ({} MiB, train.dataloader.on_device)",
+            bytes >> 20
+        );
+        Some(set)
+    } else {
+        None
+    };
 
     // Parts.
     let plan = fit::Plan {
@@ -411,7 +442,9 @@ pub fn run(registry: &Registry, request: &Request, args: &TrainArgs) -> Result<(
         settings: step::StepSettings {
             subdivision: c.int("train.subdivision").max(1),
             gradient_clip: c.float("train.gradient_clip"),
+            channels_last,
         },
+        resident,
         out: out.clone(),
         start: std::time::Instant::now(),
     };

@@ -28,6 +28,8 @@ pub struct StepSettings {
     pub subdivision: i64,
     /// `train.gradient_clip`: the largest global gradient norm (0: no clipping).
     pub gradient_clip: f64,
+    /// `train.channels_last`: the batches go to the model in the channels_last layout.
+    pub channels_last: bool,
 }
 
 fn soft_cross_entropy(logits: &Tensor, targets: &Tensor) -> Tensor {
@@ -126,13 +128,24 @@ pub fn step(
     p: Prepared,
     lr: f64,
 ) -> Result<StepOutcome> {
-    for t in tensors.iter().filter(|t| t.trainable) {
-        t.tensor.shallow_clone().zero_grad();
-    }
+    // Release the gradients (PyTorch's zero_grad(set_to_none=True)): backward allocates fresh
+    // ones instead of accumulating into zero-filled buffers, and a parameter without a gradient
+    // this step is skipped by the optimizer, as in PyTorch.
+    let trainable: Vec<Tensor> = tensors
+        .iter()
+        .filter(|t| t.trainable)
+        .map(|t| t.tensor.shallow_clone())
+        .collect();
+    imgclf_plugin_api::optim::release_grads(&trainable)?;
     let subdivision = settings.subdivision.max(1);
     let views = p.views.max(1) as i64;
     let n = p.labels.size()[0];
-    let image_chunks = p.images.chunk(views, 0);
+    let images = if settings.channels_last {
+        super::memory_format::channels_last(&p.images)?
+    } else {
+        p.images.shallow_clone()
+    };
+    let image_chunks = images.chunk(views, 0);
     let mut view_logits: Vec<Vec<Tensor>> = (0..views).map(|_| Vec::new()).collect();
     let mut losses = Vec::new();
     let size = (n + subdivision - 1) / subdivision;
