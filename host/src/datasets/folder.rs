@@ -313,8 +313,9 @@ mod tests {
             ("a/z.tiff", 1),
             ("b/10.png", 2),
             ("b/2.JPG", 2),
-            ("b/sub b/0.webp", 2),
+            // Folder paths sorted as strings: "b/sub" < "b/sub b" (a prefix sorts first).
             ("b/sub/1.jpeg", 2),
+            ("b/sub b/0.webp", 2),
         ];
         let want: Vec<(String, i64)> = want.iter().map(|(p, l)| (p.to_string(), *l)).collect();
         assert_eq!(got, want);

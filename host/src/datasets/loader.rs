@@ -430,12 +430,12 @@ mod tests {
         let probe = Arc::new(Probe {
             n: 400,
             filled: AtomicUsize::new(0),
-            fail_at: Some(390), // batch 1 (order is reversed)
+            fail_at: Some(394), // order[5]: batch 1 (the order is reversed)
         });
         let mut s = spawn(probe.clone(), plan(400, 4, 0), 2);
         assert!(s.next().unwrap().is_ok());
         let e = s.next().unwrap().unwrap_err().to_string();
-        assert!(e.contains("img390.jpg"), "{e}");
+        assert!(e.contains("img394.jpg"), "{e}");
         // Consumed 2 batches: at most 2 + 2 * 2 workers' window + 2 in flight were made.
         std::thread::yield_now();
         let filled = probe.filled.load(Ordering::SeqCst);
