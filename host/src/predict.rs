@@ -246,14 +246,23 @@ pub fn run(registry: &Registry, args: &PredictArgs) -> Result<Predictions> {
     };
     let n_classes = c.int("dataset.n_classes");
     let k = args.top_k.min(n_classes as usize) as i64;
-    let names = class_names(c.str("dataset.name"));
+    // Built-in datasets' names; an image folder's are its sorted class folders (train/).
+    let names: Vec<String> = match class_names(c.str("dataset.name")) {
+        Some(n) => n.iter().map(|s| s.to_string()).collect(),
+        None if s.dataset.image_folder => crate::datasets::folder::find_classes(
+            &crate::datasets::open::split_dir(&s.dataset_dir, crate::datasets::Split::Train),
+        )
+        .unwrap_or_default(),
+        None => Vec::new(),
+    };
     let name_of = |i: i64| {
         names
-            .and_then(|n| n.get(i as usize))
-            .map(|s| s.to_string())
+            .get(i as usize)
+            .cloned()
             .unwrap_or_else(|| format!("class {i}"))
     };
-    let norm = Normalizer::new(s.dataset.mean, s.dataset.std, device);
+    let (mean, std) = s.dataset.stats(c)?;
+    let norm = Normalizer::new(&mean, &std, device);
     let bs = args
         .batch_size
         .unwrap_or(c.int("test.batch_size").max(1) as usize)
