@@ -1082,7 +1082,13 @@ fn unsupported_keys_are_exactly_the_listed_ones() {
         .filter(|spec| !spec.supported)
         .map(|spec| spec.key.clone())
         .collect();
-    let expected = ["model.type", "train.resume", "train.use_apex"];
+    let expected = [
+        "cudnn.deterministic",
+        "model.type",
+        "train.resume",
+        "train.use_apex",
+        "validation.dataloader.drop_last",
+    ];
     assert_eq!(unsupported, expected);
 }
 
