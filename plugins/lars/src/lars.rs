@@ -5,7 +5,14 @@
 //! `buf = momentum · buf + lr · local · (g + wd w)`; `w -= buf`. The rate is inside the
 //! momentum buffer (unlike SGD's), and there is no LARS coefficient η: `train.base_lr` plays
 //! its part.
+//!
+//! A step is a fixed handful of kernels however many parameters there are: both norms of every
+//! parameter with `_foreach_norm`, the layer-wise rates as one vector, and the momentum buffers
+//! in one flat tensor (each parameter's segment in the parameter's own memory order, so the
+//! views have its strides, channels_last included), updated in one pass; `_foreach_sub_` then
+//! applies them.
 
+use imgclf_plugin_api::optim::{defined_grads, foreach};
 use imgclf_plugin_api::{
     plugin_bail, ComponentInfo, ConfigView, KeyDecl, Kind, NamedTensor, Optimizer,
     OptimizerFactory, ParamGroup, Result,
@@ -16,8 +23,20 @@ struct Slot {
     name: String,
     param: Tensor,
     weight_decay: f64,
-    /// The momentum buffer, created (zero) at the parameter's first step with a gradient.
-    buffer: Option<Tensor>,
+    /// The parameter's dimensions from largest to smallest stride: its elements in memory order.
+    order: Vec<i64>,
+    offset: i64,
+    numel: i64,
+    /// Whether the momentum buffer exists (PyTorch creates it, zero, at the parameter's first
+    /// step with a gradient); only those are saved.
+    has_buffer: bool,
+}
+
+/// Every momentum buffer in one tensor, and what the vectorised rate needs, on the device.
+struct Flat {
+    buffers: Tensor,
+    weight_decay: Tensor,
+    numels: Tensor,
 }
 
 pub struct Lars {
@@ -25,6 +44,24 @@ pub struct Lars {
     eps: f64,
     threshold: f64,
     slots: Vec<Slot>,
+    flat: Flat,
+}
+
+/// Dimensions sorted by decreasing stride (a permutation making the tensor contiguous when
+/// it is dense, as parameters and their gradients are).
+fn memory_order(t: &Tensor) -> Vec<i64> {
+    let stride = t.stride();
+    let mut order: Vec<i64> = (0..stride.len() as i64).collect();
+    order.sort_by_key(|&d| std::cmp::Reverse(stride[d as usize]));
+    order
+}
+
+fn inverse(order: &[i64]) -> Vec<i64> {
+    let mut inv = vec![0; order.len()];
+    for (i, &d) in order.iter().enumerate() {
+        inv[d as usize] = i as i64;
+    }
+    inv
 }
 
 impl Lars {
@@ -38,6 +75,7 @@ impl Lars {
             );
         }
         let mut slots = Vec::new();
+        let mut offset = 0;
         for g in groups {
             if g.weight_decay < 0.0 {
                 plugin_bail!(
@@ -46,61 +84,170 @@ impl Lars {
                 );
             }
             for p in g.params {
+                let numel = p.tensor.numel() as i64;
                 slots.push(Slot {
                     name: p.name,
+                    order: memory_order(&p.tensor),
                     param: p.tensor,
                     weight_decay: g.weight_decay,
-                    buffer: None,
+                    offset,
+                    numel,
+                    has_buffer: false,
                 });
+                offset += numel;
             }
         }
+        let (kind, device) = slots
+            .first()
+            .map(|s| (s.param.kind(), s.param.device()))
+            .unwrap_or((tch::Kind::Float, tch::Device::Cpu));
+        if let Some(s) = slots
+            .iter()
+            .find(|s| s.param.kind() != kind || s.param.device() != device)
+        {
+            plugin_bail!(
+                "parameter `{}` is {:?} on {:?}, the others {kind:?} on {device:?}: LARS needs one dtype and device",
+                s.name,
+                s.param.kind(),
+                s.param.device()
+            );
+        }
+        let decays: Vec<f64> = slots.iter().map(|s| s.weight_decay).collect();
+        let numels: Vec<i64> = slots.iter().map(|s| s.numel).collect();
+        let flat = Flat {
+            buffers: Tensor::zeros([offset], (kind, device)),
+            weight_decay: Tensor::from_slice(&decays).to_kind(kind).to_device(device),
+            numels: Tensor::from_slice(&numels).to_device(device),
+        };
         Ok(Lars {
             momentum,
             eps,
             threshold,
             slots,
+            flat,
         })
+    }
+
+    /// Slot `s`'s momentum buffer: its segment of the flat buffer with the parameter's shape
+    /// and strides.
+    fn buffer(&self, s: &Slot) -> Tensor {
+        let permuted: Vec<i64> = s
+            .order
+            .iter()
+            .map(|&d| s.param.size()[d as usize])
+            .collect();
+        self.flat
+            .buffers
+            .narrow(0, s.offset, s.numel)
+            .view(permuted.as_slice())
+            .permute(inverse(&s.order))
+    }
+
+    /// Every parameter has a gradient: the whole step on lists and flat tensors.
+    fn step_all(&mut self, grads: &[Tensor], lr: f64) -> Result<()> {
+        let params: Vec<Tensor> = self.slots.iter().map(|s| s.param.shallow_clone()).collect();
+        let w_norm = Tensor::f_stack(&foreach::norm(&params)?, 0)?;
+        let g_norm = Tensor::f_stack(&foreach::norm(grads)?, 0)?;
+        let local = w_norm.f_div(
+            &g_norm
+                .f_add_scalar(self.eps)?
+                .f_add(&w_norm.f_mul(&self.flat.weight_decay)?)?,
+        )?;
+        let local = local
+            .f_ones_like()?
+            .f_where_self(&w_norm.f_lt(self.threshold)?, &local)?;
+        let rate = local.f_mul_scalar(lr)?.f_repeat_interleave_self_tensor(
+            &self.flat.numels,
+            0,
+            self.flat.buffers.size()[0],
+        )?;
+        // d = g + wd p, one list op per weight decay.
+        let mut d: Vec<Tensor> = grads.iter().map(Tensor::shallow_clone).collect();
+        for (wd, members) in
+            imgclf_plugin_api::optim::group_by(self.slots.iter().map(|s| s.weight_decay.to_bits()))
+        {
+            let wd = f64::from_bits(wd);
+            if wd == 0.0 {
+                continue;
+            }
+            let g: Vec<Tensor> = members.iter().map(|&i| grads[i].shallow_clone()).collect();
+            let p: Vec<Tensor> = members.iter().map(|&i| params[i].shallow_clone()).collect();
+            for (i, t) in members.into_iter().zip(foreach::add_list(&g, &p, wd)?) {
+                d[i] = t;
+            }
+        }
+        let d_flat: Vec<Tensor> = d
+            .iter()
+            .zip(&self.slots)
+            .map(|(t, s)| t.f_permute(s.order.as_slice())?.f_reshape([-1]))
+            .collect::<std::result::Result<_, _>>()?;
+        let scaled = rate.f_mul(&Tensor::f_cat(&d_flat, 0)?)?;
+        let _ = self
+            .flat
+            .buffers
+            .f_mul_scalar_(self.momentum)?
+            .f_add_(&scaled)?;
+        let buffers: Vec<Tensor> = self.slots.iter().map(|s| self.buffer(s)).collect();
+        foreach::sub_list_(&params, &buffers)?;
+        self.slots.iter_mut().for_each(|s| s.has_buffer = true);
+        Ok(())
+    }
+
+    /// The same per parameter, skipping parameters without a gradient as the reference does.
+    fn step_each(&mut self, lr: f64) -> Result<()> {
+        for i in 0..self.slots.len() {
+            let s = &self.slots[i];
+            let mut d = s.param.grad();
+            if !d.defined() {
+                continue;
+            }
+            let wd = s.weight_decay;
+            let w_norm = s.param.f_norm()?;
+            let g_norm = d.f_norm()?;
+            let local = w_norm.f_div(
+                &g_norm
+                    .f_add_scalar(self.eps)?
+                    .f_add(&w_norm.f_mul_scalar(wd)?)?,
+            )?;
+            let local = local
+                .f_ones_like()?
+                .f_where_self(&w_norm.f_lt(self.threshold)?, &local)?;
+            if wd != 0.0 {
+                d = d.f_add(&s.param.f_mul_scalar(wd)?)?;
+            }
+            let scaled = local.f_mul_scalar(lr)?.f_mul(&d)?;
+            let mut buf = self.buffer(s);
+            let _ = buf.f_mul_scalar_(self.momentum)?.f_add_(&scaled)?;
+            let _ = s.param.shallow_clone().f_sub_(&buf)?;
+            self.slots[i].has_buffer = true;
+        }
+        Ok(())
     }
 }
 
 impl Optimizer for Lars {
     fn step(&mut self, lr: f64) -> Result<()> {
-        let (momentum, eps, threshold) = (self.momentum, self.eps, self.threshold);
-        tch::no_grad(|| -> Result<()> {
-            for s in &mut self.slots {
-                let mut d = s.param.grad();
-                if !d.defined() {
-                    continue;
-                }
-                let wd = s.weight_decay;
-                let w_norm = s.param.f_norm()?;
-                let g_norm = d.f_norm()?;
-                let local =
-                    w_norm.f_div(&g_norm.f_add_scalar(eps)?.f_add(&w_norm.f_mul_scalar(wd)?)?)?;
-                let local = local
-                    .f_ones_like()?
-                    .f_where_self(&w_norm.f_lt(threshold)?, &local)?;
-                if wd != 0.0 {
-                    d = d.f_add(&s.param.f_mul_scalar(wd)?)?;
-                }
-                let scaled = local.f_mul_scalar(lr)?.f_mul(&d)?;
-                let buf = s.buffer.get_or_insert_with(|| s.param.zeros_like());
-                let _ = buf.f_mul_scalar_(momentum)?.f_add_(&scaled)?;
-                let _ = s.param.shallow_clone().f_sub_(buf)?;
+        tch::no_grad(|| {
+            let params: Vec<Tensor> = self.slots.iter().map(|s| s.param.shallow_clone()).collect();
+            let (index, grads) = defined_grads(&params);
+            if index.is_empty() {
+                Ok(())
+            } else if index.len() == self.slots.len() {
+                self.step_all(&grads, lr)
+            } else {
+                self.step_each(lr)
             }
-            Ok(())
         })
     }
 
     fn state(&self) -> Vec<NamedTensor> {
         self.slots
             .iter()
-            .filter_map(|s| {
-                s.buffer.as_ref().map(|b| NamedTensor {
-                    name: format!("{}.momentum_buffer", s.name),
-                    tensor: b.shallow_clone(),
-                    trainable: false,
-                })
+            .filter(|s| s.has_buffer)
+            .map(|s| NamedTensor {
+                name: format!("{}.momentum_buffer", s.name),
+                tensor: self.buffer(s),
+                trainable: false,
             })
             .collect()
     }
@@ -108,7 +255,8 @@ impl Optimizer for Lars {
     fn load_state(&mut self, state: Vec<NamedTensor>) -> Result<()> {
         let mut by_name: std::collections::HashMap<String, Tensor> =
             state.into_iter().map(|t| (t.name, t.tensor)).collect();
-        for s in &mut self.slots {
+        for i in 0..self.slots.len() {
+            let s = &self.slots[i];
             let key = format!("{}.momentum_buffer", s.name);
             if let Some(t) = by_name.remove(&key) {
                 if t.size() != s.param.size() {
@@ -118,9 +266,8 @@ impl Optimizer for Lars {
                         s.param.size()
                     );
                 }
-                let buf = s.param.zeros_like();
-                tch::no_grad(|| buf.shallow_clone().f_copy_(&t))?;
-                s.buffer = Some(buf);
+                tch::no_grad(|| self.buffer(s).f_copy_(&t))?;
+                self.slots[i].has_buffer = true;
             }
         }
         if let Some(extra) = by_name.keys().next() {
