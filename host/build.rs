@@ -55,7 +55,9 @@ fn gloo_include() -> PathBuf {
 
 /// The NCCL/CUDA include directories of the wheel's pins, when all are there.
 fn nccl_includes(libtorch: &Path) -> Result<Vec<PathBuf>, String> {
-    let site = libtorch.parent().ok_or("LIBTORCH has no parent directory")?;
+    let site = libtorch
+        .parent()
+        .ok_or("LIBTORCH has no parent directory")?;
     let nvidia = site.join("nvidia");
     let dirs = vec![
         nvidia.join("nccl/include"),
@@ -67,7 +69,10 @@ fn nccl_includes(libtorch: &Path) -> Result<Vec<PathBuf>, String> {
         (dirs[1].join("cuda_runtime_api.h"), "nvidia-cuda-runtime"),
         (dirs[1].join("crt/host_defines.h"), "nvidia-cuda-crt"),
         (dirs[2].join("cuda/std/version"), "nvidia-cuda-cccl"),
-        (libtorch.join("lib/libtorch_cuda.so"), "torch (a CUDA wheel)"),
+        (
+            libtorch.join("lib/libtorch_cuda.so"),
+            "torch (a CUDA wheel)",
+        ),
     ];
     let mut missing = Vec::new();
     for (file, package) in &needed {
@@ -117,13 +122,21 @@ fn c10d_shim() {
                 None
             }
         },
-        other => panic!("imgclf build: IMGCLF_C10D_NCCL must be auto, require or off, not {other:?}"),
+        other => {
+            panic!("imgclf build: IMGCLF_C10D_NCCL must be auto, require or off, not {other:?}")
+        }
     };
     if let Some(dirs) = &nccl {
-        build.includes(dirs).flag("-DUSE_C10D_NCCL").flag("-DUSE_CUDA");
+        build
+            .includes(dirs)
+            .flag("-DUSE_C10D_NCCL")
+            .flag("-DUSE_CUDA");
     }
     build.compile("imgclf_c10d");
-    println!("cargo:rustc-link-search=native={}", libtorch.join("lib").display());
+    println!(
+        "cargo:rustc-link-search=native={}",
+        libtorch.join("lib").display()
+    );
     if nccl.is_some() {
         println!("cargo:rustc-link-lib=dylib=torch_cuda");
         println!("cargo:rustc-link-lib=dylib=c10_cuda");

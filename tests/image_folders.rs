@@ -102,25 +102,25 @@ fn transforms_match_torchvision_geometry() {
     });
     let png = dir.join("a.png");
     img.save(&png).unwrap();
-    let script = "import json, sys, numpy as np, torch\n\
-        from PIL import Image\n\
-        import torchvision.transforms as T\n\
-        img = Image.open(sys.argv[1]).convert('RGB')\n\
-        out = {}\n\
-        for name, t in [('crop16', T.CenterCrop(16)), ('crop40', T.CenterCrop(40)),\n\
-                        ('resize20_crop16', T.Compose([T.Resize(20), T.CenterCrop(16)])),\n\
-                        ('resize64_crop48', T.Compose([T.Resize(64), T.CenterCrop(48)]))]:\n\
-            a = np.asarray(t(img))\n\
-            out[name] = a.transpose(2, 0, 1).reshape(-1).tolist()\n\
-        torch.manual_seed(0)\n\
-        rrc = T.RandomResizedCrop(224)\n\
-        big = Image.new('RGB', (500, 375))\n\
-        fr, lr = [], []\n\
-        for _ in range(20000):\n\
-            i, j, h, w = rrc.get_params(big, rrc.scale, rrc.ratio)\n\
-            fr.append(h * w / (500 * 375)); lr.append(np.log(w / h))\n\
-        out['rrc'] = [float(np.mean(fr)), float(np.std(fr)), float(np.mean(lr)), float(np.std(lr))]\n\
-        print(json.dumps(out))";
+    let script = r#"import json, sys, numpy as np, torch
+from PIL import Image
+import torchvision.transforms as T
+img = Image.open(sys.argv[1]).convert('RGB')
+out = {}
+for name, t in [('crop16', T.CenterCrop(16)), ('crop40', T.CenterCrop(40)),
+                ('resize20_crop16', T.Compose([T.Resize(20), T.CenterCrop(16)])),
+                ('resize64_crop48', T.Compose([T.Resize(64), T.CenterCrop(48)]))]:
+    a = np.asarray(t(img))
+    out[name] = a.transpose(2, 0, 1).reshape(-1).tolist()
+torch.manual_seed(0)
+rrc = T.RandomResizedCrop(224)
+big = Image.new('RGB', (500, 375))
+fr, lr = [], []
+for _ in range(20000):
+    i, j, h, w = rrc.get_params(big, rrc.scale, rrc.ratio)
+    fr.append(h * w / (500 * 375)); lr.append(np.log(w / h))
+out['rrc'] = [float(np.mean(fr)), float(np.std(fr)), float(np.mean(lr)), float(np.std(lr))]
+print(json.dumps(out))"#;
     let theirs = torchvision(script, &[png.to_str().unwrap()]);
     let rgb = decode_rgb(&png).unwrap();
     let apply = |resize: Option<usize>, size: usize| -> Vec<u8> {

@@ -494,12 +494,10 @@ mod tests {
         assert!(t.dry_run);
         assert_eq!(t.resume, Some(PathBuf::from("R")));
         assert_eq!(t.config.config, Some(PathBuf::from("C.yaml")));
-        assert_eq!(
-            t.config.overrides,
-            ["a.b", "1", "c.d", "-2", "e.f", "-0.5"]
-        );
+        assert_eq!(t.config.overrides, ["a.b", "1", "c.d", "-2", "e.f", "-0.5"]);
         assert_eq!(cli.plugin_path, [PathBuf::from("P")]);
-        let cli = Cli::try_parse_from(["imgclf", "train", "--dry-run", "--", "x", "-1e-3"]).unwrap();
+        let cli =
+            Cli::try_parse_from(["imgclf", "train", "--dry-run", "--", "x", "-1e-3"]).unwrap();
         let Command::Train(t) = &cli.command else {
             panic!("{cli:?}")
         };

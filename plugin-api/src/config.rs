@@ -333,7 +333,10 @@ mod tests {
         assert_eq!(v["range"], serde_json::json!([2, null]));
         let back = KeyDecl::from_json(&v).unwrap();
         assert_eq!(back.range, Some(IntRange::at_least(2)));
-        assert_eq!((back.key.as_str(), back.ty), ("model.x.depth", KeyType::Int));
+        assert_eq!(
+            (back.key.as_str(), back.ty),
+            ("model.x.depth", KeyType::Int)
+        );
         // A description from an older plugin has no range: any integer.
         let mut old = v.clone();
         old.as_object_mut().unwrap().remove("range");

@@ -789,7 +789,7 @@ fn section_json_gives_nested_subtrees() {
     );
     assert_eq!(
         config.section_json("train.dataloader"),
-        serde_json::json!({"num_workers": 2, "drop_last": true, "pin_memory": false, "non_blocking": false})
+        serde_json::json!({"num_workers": 2, "drop_last": true, "pin_memory": false, "non_blocking": false, "on_device": "auto"})
     );
     assert_eq!(
         config.section_json("optim")["adam"]["betas"],
@@ -1064,6 +1064,7 @@ fn host_schema_matches_the_reference_defaults() {
         "train.dataloader.on_device",
         "train.channels_last",
         "train.dist.timeout",
+        "train.precision_dtype",
     ];
     for spec in schema.keys() {
         assert!(

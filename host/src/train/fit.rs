@@ -4,14 +4,13 @@
 
 use super::checkpoint::{self, Position};
 use super::collective::Collective;
-use super::eval::evaluate_shard;
 use super::metrics::{Meter, MetricsFile};
 use super::pipeline::Pipeline;
 use super::precision::Precision;
 use super::schedule::LrSchedule;
 use super::sinks::{EpochReport, Sinks, Split, StepReport};
 use super::step::{self, StepSettings};
-use super::{data, interrupt_requested, Interrupted, MODEL_STREAM};
+use super::{data, eval::evaluate_shard, interrupt_requested, Interrupted, MODEL_STREAM};
 use crate::datasets::loader::Loader;
 use anyhow::{Context, Result};
 use imgclf_plugin_api::ffi::{HostModel, HostOptimizer};

@@ -183,7 +183,6 @@ fn load_data(s: &Setup) -> Result<(Loader, Loader)> {
 fn load_sets(s: &Setup) -> Result<(ImageSet, ImageSet)> {
     let c = &s.config;
     crate::datasets::download::ensure(s.dataset, &s.dataset_dir)?;
-    crate::datasets::download::ensure(s.dataset, &s.dataset_dir)?;
     let train = s.dataset.load(&s.dataset_dir, Split::Train)?;
     if c.bool("train.use_test_as_val") {
         return Ok((train, s.dataset.load(&s.dataset_dir, Split::Test)?));
@@ -403,11 +402,16 @@ pub fn run(registry: &Registry, request: &Request, args: &TrainArgs) -> Result<(
     } else if resident::wanted(c, device, bytes)? {
         let samples = train_set.samples.clone();
         let mut rng = imgclf_plugin_api::rng::step_rng(0);
-        let set = resident::ResidentSet::gather(train_set.len(), [ch, height, width], device, |i, out| {
-            samples
-                .fill(i, &mut rng, out)?
-                .with_context(|| format!("training sample {i} could not be read"))
-        })?;
+        let set = resident::ResidentSet::gather(
+            train_set.len(),
+            [ch, height, width],
+            device,
+            |i, out| {
+                samples
+                    .fill(i, &mut rng, out)?
+                    .with_context(|| format!("training sample {i} could not be read"))
+            },
+        )?;
         tracing::info!(
             "training set on {device:?} as uint8 ({} MiB, train.dataloader.on_device)",
             bytes >> 20

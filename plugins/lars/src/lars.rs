@@ -430,4 +430,57 @@ mod tests {
         opt2.step(0.05).unwrap();
         assert_eq!(Vec::<f32>::try_from(&ws2[0].detach()).unwrap(), straight);
     }
+
+    #[test]
+    fn channels_last_parameters_and_missing_gradients_follow_the_same_formula() {
+        // The same two steps on a 4-d weight stored NCHW and stored channels_last (its buffer
+        // segment takes the parameter's strides); then a step where the bias has no gradient
+        // (the per-parameter path): the bias and its buffer stay untouched.
+        let run = |nhwc: bool| {
+            let w = Tensor::arange(2 * 3 * 2 * 2, (K::Float, tch::Device::Cpu))
+                .view([2, 3, 2, 2])
+                .f_div_scalar(10.0)
+                .unwrap();
+            let w = if nhwc {
+                w.permute([0, 2, 3, 1]).contiguous().permute([0, 3, 1, 2])
+            } else {
+                w
+            };
+            let w = w.set_requires_grad(true);
+            let b = Tensor::from_slice(&[0.5f32, -0.5]).set_requires_grad(true);
+            let named = |n: &str, t: &Tensor| NamedTensor {
+                name: n.into(),
+                tensor: t.shallow_clone(),
+                trainable: true,
+            };
+            let groups = vec![ParamGroup {
+                weight_decay: 0.01,
+                params: vec![named("w", &w), named("b", &b)],
+            }];
+            let mut opt = Lars::new(groups, 0.9, 1e-9, 1e-2).unwrap();
+            for k in 0..2 {
+                for t in [&w, &b] {
+                    if t.grad().defined() {
+                        let _ = t.grad().zero_();
+                    }
+                }
+                let loss = (&w * &w).sum(K::Float) * (k as f64 + 1.0)
+                    + (&b * Tensor::from_slice(&[1.0f32, 2.0])).sum(K::Float);
+                loss.backward();
+                opt.step(0.1).unwrap();
+            }
+            let b_before = b.detach().copy();
+            imgclf_plugin_api::optim::release_grads(&[w.shallow_clone(), b.shallow_clone()])
+                .unwrap();
+            (&w * &w).sum(K::Float).backward();
+            opt.step(0.1).unwrap();
+            assert!(b.detach().equal(&b_before), "no gradient, no update");
+            assert_eq!(opt.state().len(), 2);
+            (w.detach().contiguous(), opt.state()[0].tensor.contiguous())
+        };
+        let (w1, buf1) = run(false);
+        let (w2, buf2) = run(true);
+        assert!(w1.allclose(&w2, 1e-6, 1e-6, false), "{w1} vs {w2}");
+        assert!(buf1.allclose(&buf2, 1e-6, 1e-6, false));
+    }
 }
