@@ -904,7 +904,7 @@ fn train_step(reg: &Registry, r: &Run, floors: &Value) -> Result<(f64, String), 
     for (name, key, verdict) in checks {
         match verdict {
             // Equal (integer tensors have no floor).
-            Ok((d, _)) if d == 0.0 => {}
+            Ok((0.0, _)) => {}
             Ok((d, scale)) => {
                 let floor = floors[&key].as_f64().unwrap_or(f64::NAN);
                 let rel = d / (MULTIPLE * floor);

@@ -327,13 +327,16 @@ pub struct GradScaler {
 
 impl GradScaler {
     pub fn new(device: Device, options: GradScalerOptions) -> Result<Self> {
-        if !(options.growth_factor > 1.0) {
+        if options.growth_factor.is_nan() || options.growth_factor <= 1.0 {
             return Err(Error(format!(
                 "loss scale growth factor {} must be above 1",
                 options.growth_factor
             )));
         }
-        if !(options.backoff_factor > 0.0 && options.backoff_factor < 1.0) {
+        if options.backoff_factor.is_nan()
+            || options.backoff_factor <= 0.0
+            || options.backoff_factor >= 1.0
+        {
             return Err(Error(format!(
                 "loss scale backoff factor {} must be in (0, 1)",
                 options.backoff_factor

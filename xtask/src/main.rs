@@ -475,49 +475,6 @@ impl TestSummary {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_summary_lists_every_failing_binary_and_test() {
-        let mut s = TestSummary::default();
-        for l in [
-            "     Running unittests src/lib.rs (target/debug/deps/imgclf-1)",
-            "test config::ok ... ok",
-            "     Running tests/cli.rs (target/debug/deps/cli-2)",
-            "test a_b ... FAILED",
-            "test c_d ... FAILED",
-            "error: test failed, to rerun pass `--test cli`",
-            "     Running tests/optimizers.rs (target/debug/deps/optimizers-3)",
-            "error: test failed, to rerun pass `--test optimizers`",
-            "     Running tests/training.rs (target/debug/deps/training-4)",
-            "test e ... ok",
-        ] {
-            s.line(l);
-        }
-        assert_eq!(
-            s.failed,
-            [
-                FailedBinary {
-                    binary: "tests/cli.rs".into(),
-                    rerun: Some("--test cli".into()),
-                    tests: vec!["a_b".into(), "c_d".into()],
-                },
-                FailedBinary {
-                    binary: "tests/optimizers.rs".into(),
-                    rerun: Some("--test optimizers".into()),
-                    tests: vec![],
-                },
-            ]
-        );
-        let r = s.report().unwrap();
-        assert!(r.contains("2 failing test(s) in 2 test binaries"), "{r}");
-        assert!(r.contains("crashed"), "{r}");
-        assert!(TestSummary::default().report().is_none());
-    }
-}
-
 fn lint(t: &Torch) -> Result<()> {
     run(cargo(t).args(["fmt", "--all", "--check"]))?;
     run(cargo(t).args([
@@ -838,4 +795,47 @@ fn main() -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_summary_lists_every_failing_binary_and_test() {
+        let mut s = TestSummary::default();
+        for l in [
+            "     Running unittests src/lib.rs (target/debug/deps/imgclf-1)",
+            "test config::ok ... ok",
+            "     Running tests/cli.rs (target/debug/deps/cli-2)",
+            "test a_b ... FAILED",
+            "test c_d ... FAILED",
+            "error: test failed, to rerun pass `--test cli`",
+            "     Running tests/optimizers.rs (target/debug/deps/optimizers-3)",
+            "error: test failed, to rerun pass `--test optimizers`",
+            "     Running tests/training.rs (target/debug/deps/training-4)",
+            "test e ... ok",
+        ] {
+            s.line(l);
+        }
+        assert_eq!(
+            s.failed,
+            [
+                FailedBinary {
+                    binary: "tests/cli.rs".into(),
+                    rerun: Some("--test cli".into()),
+                    tests: vec!["a_b".into(), "c_d".into()],
+                },
+                FailedBinary {
+                    binary: "tests/optimizers.rs".into(),
+                    rerun: Some("--test optimizers".into()),
+                    tests: vec![],
+                },
+            ]
+        );
+        let r = s.report().unwrap();
+        assert!(r.contains("2 failing test(s) in 2 test binaries"), "{r}");
+        assert!(r.contains("crashed"), "{r}");
+        assert!(TestSummary::default().report().is_none());
+    }
 }

@@ -30,10 +30,12 @@ enum Mode {
     Stall,
 }
 
+/// (path, Range header) of every request, in order.
+type RequestLog = Arc<Mutex<Vec<(String, Option<String>)>>>;
+
 struct Server {
     port: u16,
-    /// (path, Range header) of every request, in order.
-    log: Arc<Mutex<Vec<(String, Option<String>)>>>,
+    log: RequestLog,
     stop: Arc<AtomicBool>,
 }
 

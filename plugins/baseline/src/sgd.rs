@@ -292,7 +292,7 @@ mod tests {
             }
             let mut loss = (&a * &a).sum(K::Float) * &b + (&c * 2.0).sum(K::Float);
             if step >= 2 {
-                loss = loss + (&late * &late).sum(K::Float);
+                loss += (&late * &late).sum(K::Float);
             }
             loss.backward();
             // Gradients of the f64 copy: d(a^2 b)/da = 2ab, /db = sum a^2, dc = 2, dlate = 2 late.
