@@ -322,7 +322,7 @@ impl Collective for DataParallel {
         let t = Tensor::from_slice(values).to_kind(Kind::Double);
         let t = match self.world.backend {
             crate::dist::Backend::Nccl => {
-                t.to_device(tch::Device::Cuda(self.world.rendezvous.local_rank as usize))
+                t.to_device(tch::Device::Cuda(self.world.rendezvous.local_rank))
             }
             crate::dist::Backend::Gloo => t,
         };
