@@ -238,9 +238,11 @@ fn config_errors_name_the_key_its_source_and_the_fix() {
         e.contains("train.batch_size expects an integer, got 'abc'"),
         "{e}"
     );
+    // Data-parallel training with the reference's default backend on a CPU: the error names
+    // the key and the fix.
     let e = train_err(&["train.distributed", "True", "--dry-run"]);
     assert!(
-        e.contains("train.distributed = True is not supported yet"),
+        e.contains("train.dist.backend nccl reduces CUDA tensors, but device is cpu: set train.dist.backend gloo"),
         "{e}"
     );
     let e = train_err(&["model.resnet_preact.block_type", "wide", "--dry-run"]);
