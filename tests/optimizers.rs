@@ -409,7 +409,8 @@ fn every_optimizer_resumes_exactly_from_its_checkpointed_state() {
         for e in std::fs::read_dir(&full).unwrap() {
             let p = e.unwrap().path();
             let f = p.file_name().unwrap().to_str().unwrap().to_string();
-            if f != "checkpoint_00003.safetensors" && f != "model_final.safetensors" {
+            if p.is_file() && f != "checkpoint_00003.safetensors" && f != "model_final.safetensors"
+            {
                 std::fs::copy(&p, cut.join(&f)).unwrap();
             }
         }

@@ -42,7 +42,7 @@ pub fn run(registry: &Registry, request: &Request) -> Result<Summary> {
         .with_context(|| format!("test.checkpoint = '{}'", ckpt.display()))?;
     checkpoint::copy_into_model(&tensors, &loaded.model, &ckpt)?;
 
-    crate::datasets::download::ensure(s.dataset, &s.dataset_dir)?;
+    crate::datasets::download::ensure(s.dataset, &s.dataset_dir, &[crate::datasets::Split::Test])?;
     // In-memory sets whole; image folders (val/) streamed by test.dataloader.num_workers.
     let test = Loader::configured(
         s.dataset.open(&s.dataset_dir, Split::Test, c)?,

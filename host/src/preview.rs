@@ -108,7 +108,7 @@ pub fn run(registry: &Registry, request: &Request, args: &Args) -> Result<()> {
     let c = &s.config;
     let device = device_of(c)?;
     let mut pipeline = build_pipeline(registry, &s, device)?;
-    crate::datasets::download::ensure(s.dataset, &s.dataset_dir)?;
+    crate::datasets::download::ensure(s.dataset, &s.dataset_dir, &[crate::datasets::Split::Train])?;
     let train = s.dataset.load(&s.dataset_dir, Split::Train)?;
     let n = args
         .count

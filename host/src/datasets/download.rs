@@ -88,7 +88,8 @@ pub fn present(info: &DatasetInfo, dir: &Path) -> bool {
 /// What training and evaluation call before reading a dataset: when its files are missing
 /// from `dir` and downloads are on, download them (from the sources after the environment's
 /// overrides). Datasets without a download source are left to the loader's not-found error.
-pub fn ensure(info: &DatasetInfo, dir: &Path) -> Result<()> {
+/// Only the `splits` the command reads must be present (evaluation reads the test split alone).
+pub fn ensure(info: &DatasetInfo, dir: &Path, splits: &[Split]) -> Result<()> {
     if !enabled_by_env() {
         return Ok(());
     }
@@ -97,7 +98,7 @@ pub fn ensure(info: &DatasetInfo, dir: &Path) -> Result<()> {
         return Ok(());
     };
     let dir = super::expand_home(dir);
-    if present(info, &dir) {
+    if splits.iter().all(|&split| info.locate(&dir, split).is_ok()) {
         return Ok(());
     }
     download(info, &dir, &source, &Options::from_env()?)

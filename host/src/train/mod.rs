@@ -182,7 +182,7 @@ fn load_data(s: &Setup) -> Result<(Loader, Loader)> {
 /// Train and validation sets of an in-memory dataset as the reference splits them.
 fn load_sets(s: &Setup) -> Result<(ImageSet, ImageSet)> {
     let c = &s.config;
-    crate::datasets::download::ensure(s.dataset, &s.dataset_dir)?;
+    crate::datasets::download::ensure(s.dataset, &s.dataset_dir, &[Split::Train, Split::Test])?;
     let train = s.dataset.load(&s.dataset_dir, Split::Train)?;
     if c.bool("train.use_test_as_val") {
         return Ok((train, s.dataset.load(&s.dataset_dir, Split::Test)?));
