@@ -325,7 +325,7 @@ def floor_of(spec, c, init, images, labels, base):
 def distance(sd, base, floor, multiple):
     """Largest |sd - base| per tensor in units of the tolerance (`multiple`
     times the tensor's floor), and that tensor."""
-    worst, at = 0.0, ""
+    worst, at = 0.0, next(iter(floor), "")  # an exact match is distance 0 at any tensor
     for k, f in floor.items():
         r = max_diff(sd[k].to(base[k].dtype), base[k]) / (multiple * f)
         if not r <= worst:  # NaN counts as the worst
