@@ -1,7 +1,8 @@
 //! Data-parallel training on c10d's Gloo backend (CPU), on a small real Fashion-MNIST subset:
-//! 2 ranks through imgclf's own launcher and through torchrun end with the weights of one
-//! process at twice the batch (SyncBatchNorm, no per-image randomness); a killed or hung rank
-//! stops the run with an error naming it; torchrun's elastic restart resumes the run.
+//! 2 ranks through imgclf's own launcher, through torchrun and as two torchrun nodes end with
+//! the weights of one process at twice the batch (SyncBatchNorm, no per-image randomness); a
+//! killed or hung rank stops the run with an error naming it; torchrun's elastic restart
+//! resumes the run.
 
 use imgclf_tests::*;
 use std::path::{Path, PathBuf};
@@ -188,6 +189,63 @@ fn two_ranks_with_sync_bn_end_with_the_weights_of_one_process_at_twice_the_batch
         diff, 0.0,
         "launcher and torchrun runs are the same computation"
     );
+
+    // Multi-node through torchrun: two agents, as two machines would run them (`--nnodes 2
+    // --node_rank R --master_addr HOST`), here both on the loopback interface.
+    let two_nodes = d.join("two-nodes");
+    let port = free_port().to_string();
+    let node = |rank: &str| {
+        let mut cmd = Command::new(torchrun());
+        cmd.current_dir(workspace())
+            .args([
+                "--nnodes",
+                "2",
+                "--node_rank",
+                rank,
+                "--nproc_per_node",
+                "1",
+            ])
+            .args(["--master_addr", "127.0.0.1", "--master_port", &port])
+            .arg("--no-python")
+            .arg(bin())
+            .args(args(
+                &data,
+                &two_nodes,
+                &[
+                    "train.batch_size",
+                    "16",
+                    "train.dist.use_sync_bn",
+                    "True",
+                    "train.distributed",
+                    "True",
+                    lr[0],
+                    lr[1],
+                ],
+            ))
+            .env("IMGCLF_PLUGIN_DIR", plugin_dir())
+            .env_remove("IMGCLF_PLUGIN_PATH")
+            // One thread per rank, as the launcher and a 2-process torchrun set it (torchrun
+            // leaves it alone for one process per node): the same summation order.
+            .env("OMP_NUM_THREADS", "1")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        cmd.spawn().unwrap()
+    };
+    let (n0, n1) = (node("0"), node("1"));
+    for (name, child) in [("node 0", n0), ("node 1", n1)] {
+        let o = child.wait_with_output().unwrap();
+        assert!(
+            o.status.success(),
+            "{name}: {}\n{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    let diff = max_difference(
+        &launched.join("model_final.safetensors"),
+        &two_nodes.join("model_final.safetensors"),
+    );
+    assert_eq!(diff, 0.0, "two nodes of one rank are the same computation");
 }
 
 fn free_port() -> u16 {
@@ -347,6 +405,9 @@ fn torchrun_max_restarts_resumes_from_the_newest_checkpoint() {
             .args(args(&data, out, &extra))
             .env("IMGCLF_PLUGIN_DIR", plugin_dir())
             .env_remove("IMGCLF_PLUGIN_PATH")
+            // One thread per rank, as the launcher and a 2-process torchrun set it (torchrun
+            // leaves it alone for one process per node): the same summation order.
+            .env("OMP_NUM_THREADS", "1")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         cmd

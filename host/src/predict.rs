@@ -6,17 +6,18 @@
 //! the way the reference's validation transform would see them: grey for one channel (PIL's
 //! `convert('L')` weights), RGB for three (alpha dropped); with `tta.use_resize` the shorter side
 //! is resized to `tta.resize` and with `tta.use_center_crop` an `image_size` square is cut from
-//! the centre, as the reference's ImageNet validation transform does. An image that is then
+//! the centre, as the reference's ImageNet validation transform does (the code image folders
+//! use, `datasets::transform`). An image that is then
 //! still not `image_size` x `image_size` (the CIFAR transform has no resize at all) has its
 //! shorter side resized to `image_size` (bilinear, antialiased, aspect kept) and the centre
 //! square cut out. Then the dataset's mean/std normalisation, as in training.
 
 use crate::datasets::classes::class_names;
+use crate::datasets::transform::{Geometry as TransformGeometry, Rgb, Transform};
 use crate::registry::Registry;
 use crate::setup::{setup, Purpose, Request};
 use crate::train::{build_model, checkpoint, device_of, Normalizer};
 use anyhow::{bail, Context, Result};
-use image::imageops::FilterType;
 use image::{DynamicImage, GenericImageView};
 use serde_json::json;
 use std::path::{Path, PathBuf};
@@ -112,61 +113,58 @@ pub struct Geometry {
     pub center_crop: bool,
 }
 
-/// Resizes so the shorter side is `side` (torchvision's `Resize(int)`: the longer side is
-/// `int(side * long / short)`), bilinear with antialiasing.
-fn resize_shorter(img: DynamicImage, side: u32) -> DynamicImage {
-    let (w, h) = img.dimensions();
-    if w.min(h) == side {
-        return img;
-    }
-    let (nw, nh) = if w <= h {
-        (side, ((side as u64 * h as u64) / w as u64).max(1) as u32)
-    } else {
-        (((side as u64 * w as u64) / h as u64).max(1) as u32, side)
-    };
-    img.resize_exact(nw, nh, FilterType::Triangle)
-}
-
-/// torchvision's `CenterCrop(size)` for an image at least `size` on each side.
-fn center_crop(img: DynamicImage, size: u32) -> DynamicImage {
-    let (w, h) = img.dimensions();
-    let left = ((w - size) as f64 / 2.0).round() as u32;
-    let top = ((h - size) as f64 / 2.0).round() as u32;
-    img.crop_imm(left, top, size, size)
-}
-
-/// The image as C x H x W uint8 planes of the model's geometry (see the module docs).
+/// The image as C x H x W uint8 planes of the model's geometry (see the module docs), through
+/// the same validation transform as image-folder datasets (`datasets::transform`: torchvision's
+/// `Resize` and `CenterCrop`, bilinear with antialiasing).
 pub fn to_planes(img: DynamicImage, g: &Geometry) -> Vec<u8> {
-    let s = g.image_size;
-    let mut img = img;
-    if let Some(r) = g.resize {
-        img = resize_shorter(img, r);
-    }
-    if g.center_crop && img.width() >= s && img.height() >= s {
-        img = center_crop(img, s);
-    }
-    if img.width() != s || img.height() != s {
-        img = center_crop(resize_shorter(img, s), s);
-    }
-    let rgb = img.to_rgb8();
-    let n = (s * s) as usize;
-    if g.channels == 1 {
-        // PIL's convert('L'): L = R * 299/1000 + G * 587/1000 + B * 114/1000, rounded.
-        rgb.pixels()
-            .map(|p| {
-                let [r, g, b] = p.0;
-                ((r as u32 * 19595 + g as u32 * 38470 + b as u32 * 7471 + 0x8000) >> 16) as u8
+    let (width, height) = img.dimensions();
+    let rgb = img.to_rgb8().into_raw();
+    let grey = g.channels == 1;
+    let data = if grey {
+        // PIL's convert('L') first, as a one-channel dataset reads its images:
+        // L = R * 299/1000 + G * 587/1000 + B * 114/1000, rounded.
+        rgb.chunks_exact(3)
+            .flat_map(|p| {
+                let l = ((p[0] as u32 * 19595 + p[1] as u32 * 38470 + p[2] as u32 * 7471 + 0x8000)
+                    >> 16) as u8;
+                [l; 3]
             })
             .collect()
     } else {
-        let mut planes = vec![0u8; 3 * n];
-        for (i, p) in rgb.pixels().enumerate() {
-            for c in 0..3 {
-                planes[c * n + i] = p.0[c];
-            }
-        }
-        planes
+        rgb
+    };
+    let src = Rgb {
+        width: width as usize,
+        height: height as usize,
+        data,
+    };
+    let s = g.image_size as usize;
+    let validation = Transform {
+        geometry: TransformGeometry::ResizeCenterCrop {
+            resize: g.resize.map(|r| r as usize),
+            center_crop: g.center_crop,
+        },
+        size: s,
+        flip_prob: 0.0,
+    };
+    // No randomness in validation transforms; the generator is never drawn from.
+    let mut rng = imgclf_plugin_api::rng::step_rng(0);
+    let mut chw = vec![0u8; 3 * s * s];
+    if validation.apply_alone(&src, &mut rng, &mut chw).is_none() {
+        let fit = Transform {
+            geometry: TransformGeometry::ResizeCenterCrop {
+                resize: Some(s),
+                center_crop: true,
+            },
+            ..validation
+        };
+        fit.apply_alone(&src, &mut rng, &mut chw)
+            .expect("a center crop always has the output size");
     }
+    if grey {
+        chw.truncate(s * s);
+    }
+    chw
 }
 
 fn decode(path: &Path) -> Result<DynamicImage> {
@@ -359,7 +357,7 @@ pub fn print(p: &Predictions) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use image::{Rgb, RgbImage, RgbaImage};
+    use image::{Rgb as Pixel, RgbImage, RgbaImage};
 
     fn geometry(channels: usize, size: u32) -> Geometry {
         Geometry {
@@ -372,7 +370,7 @@ mod tests {
 
     #[test]
     fn same_size_rgb_becomes_channel_planes_unchanged() {
-        let img = RgbImage::from_fn(2, 2, |x, y| Rgb([x as u8, y as u8, 7]));
+        let img = RgbImage::from_fn(2, 2, |x, y| Pixel([x as u8, y as u8, 7]));
         let planes = to_planes(DynamicImage::ImageRgb8(img), &geometry(3, 2));
         assert_eq!(planes, [0, 1, 0, 1, 0, 0, 1, 1, 7, 7, 7, 7]);
     }
@@ -383,7 +381,7 @@ mod tests {
         let planes = to_planes(DynamicImage::ImageRgba8(img), &geometry(1, 1));
         // PIL: Image.new('RGB', (1, 1), (255, 0, 0)).convert('L') -> 76.
         assert_eq!(planes, [76]);
-        let img = RgbImage::from_fn(1, 1, |_, _| Rgb([10, 200, 30]));
+        let img = RgbImage::from_fn(1, 1, |_, _| Pixel([10, 200, 30]));
         // (10*299 + 200*587 + 30*114) / 1000 = 123.8 -> 124.
         assert_eq!(
             to_planes(DynamicImage::ImageRgb8(img), &geometry(1, 1)),
@@ -394,7 +392,13 @@ mod tests {
     #[test]
     fn other_sizes_are_resized_on_the_shorter_side_and_centre_cropped() {
         // 8 x 4: left half black, right half white; a 4 x 4 target keeps the centre columns.
-        let img = RgbImage::from_fn(8, 4, |x, _| if x < 4 { Rgb([0; 3]) } else { Rgb([255; 3]) });
+        let img = RgbImage::from_fn(8, 4, |x, _| {
+            if x < 4 {
+                Pixel([0; 3])
+            } else {
+                Pixel([255; 3])
+            }
+        });
         let planes = to_planes(DynamicImage::ImageRgb8(img.clone()), &geometry(1, 4));
         assert_eq!(planes.len(), 16);
         // Shorter side already 4: only the centre crop (columns 2..6).
@@ -408,7 +412,7 @@ mod tests {
             resize: Some(4),
             center_crop: true,
         };
-        let tall = RgbImage::from_fn(4, 8, |_, y| Rgb([(y * 30) as u8; 3]));
+        let tall = RgbImage::from_fn(4, 8, |_, y| Pixel([(y * 30) as u8; 3]));
         // Resize 4 x 8 -> shorter side already 4; crop rows 3..5 and columns 1..3.
         assert_eq!(
             to_planes(DynamicImage::ImageRgb8(tall), &g),
