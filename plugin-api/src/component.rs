@@ -1,8 +1,9 @@
-//! The four kinds of components a plugin provides, as plain Rust traits.
+//! The kinds of components a plugin provides, as plain Rust traits.
 //!
 //! A component is a *factory* (a unit struct registered with [`crate::register!`]) that
 //! describes itself ([`ComponentInfo`]) and builds a live object from the frozen config:
-//! a [`Model`], an [`Augmentation`], an [`Optimizer`] or a [`Scheduler`]. The host never sees
+//! a [`Model`], an [`Augmentation`], an [`Optimizer`], a [`Scheduler`] or (ABI 0.1.2) a
+//! [`TrainingStep`]. The host never sees
 //! these traits directly; [`crate::ffi`] adapts them to the stable ABI and catches panics.
 
 use crate::config::{ConfigView, KeyDecl};
@@ -16,14 +17,17 @@ pub enum Kind {
     Augmentation,
     Optimizer,
     Scheduler,
+    /// A training-step hook (ABI 0.1.2), selected by `train.step`.
+    Step,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 4] = [
+    pub const ALL: [Kind; 5] = [
         Kind::Model,
         Kind::Augmentation,
         Kind::Optimizer,
         Kind::Scheduler,
+        Kind::Step,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -32,6 +36,7 @@ impl Kind {
             Kind::Augmentation => "augmentation",
             Kind::Optimizer => "optimizer",
             Kind::Scheduler => "scheduler",
+            Kind::Step => "step",
         }
     }
 }
@@ -273,12 +278,82 @@ pub trait Scheduler: Send {
     fn factor(&self, step: u64) -> f64;
 }
 
+// ---------------------------------------------------------------- training steps
+
+/// What a training step is built for.
+#[derive(Clone, Copy, Debug)]
+pub struct StepBuildContext {
+    pub device: Device,
+}
+
+pub trait StepFactory: Sync + 'static {
+    fn info(&self) -> ComponentInfo;
+    fn build(&self, config: &ConfigView, ctx: &StepBuildContext) -> Result<Box<dyn TrainingStep>>;
+}
+
+/// Where the current step stands, as the host tells a [`TrainingStep`].
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StepContext {
+    /// The learning rate the optimizer will step with.
+    pub lr: f64,
+    /// Optimizer steps done before this one.
+    pub global_step: u64,
+    /// What a pass's gradients are multiplied by, relative to the gradient of the batch's mean
+    /// loss: the loss scale (float16 `train.precision` O1/O2, else 1) times
+    /// `train.subdivision` (chunk gradients are summed; exact for equal chunks). A positive
+    /// constant within a step, so methods that only need a gradient's direction may ignore it.
+    pub gradient_scale: f64,
+    /// Data-parallel ranks. A pass's gradients are this rank's own; the host averages them
+    /// across ranks once, after the hook returns.
+    pub world_size: u64,
+}
+
+/// The host's side of one training step, lent to a [`TrainingStep`] for the duration of
+/// [`TrainingStep::step`].
+pub trait StepHost {
+    /// Runs forward, loss and backward on the current batch (every view and
+    /// `train.subdivision` chunk, under the precision policy), at the parameters' current
+    /// values. The gradients it leaves in each trainable tensor's `.grad()` *replace* those of
+    /// any earlier pass (see [`StepContext::gradient_scale`] for their scale). With
+    /// `keep_buffers` the model's buffers (BatchNorm running statistics) are restored after
+    /// the pass, so it does not count as a second update of them. Returns the pass's mean loss.
+    fn forward_backward(&mut self, keep_buffers: bool) -> Result<f64>;
+    /// The model's tensors (parameters with `trainable`, buffers without), shared with the
+    /// host: in-place changes reach the model.
+    fn tensors(&self) -> Result<Vec<NamedTensor>>;
+    fn context(&self) -> StepContext;
+}
+
+/// A training-step hook: how one optimisation step obtains its gradients, for methods that
+/// need more than one forward/backward per step (SAM). The plain step is the host's:
+/// one [`StepHost::forward_backward`].
+///
+/// # The contract
+/// [`step`](TrainingStep::step) calls [`StepHost::forward_backward`] at least once and returns
+/// with every parameter holding the value it had on entry and each `.grad()` holding the
+/// gradient the optimizer should step with. The host then reduces the gradients across ranks,
+/// unscales and checks them, clips them and runs the optimizer (once per step, whatever the
+/// hook did); the hook never steps the optimizer itself. The metrics of the step (loss,
+/// accuracy) are those of the first pass.
+pub trait TrainingStep: Send {
+    fn step(&mut self, host: &mut dyn StepHost) -> Result<()>;
+    /// Everything needed to resume exactly, saved in checkpoints (none for SAM).
+    fn state(&self) -> Vec<NamedTensor> {
+        Vec::new()
+    }
+    fn load_state(&mut self, _state: Vec<NamedTensor>) -> Result<()> {
+        Ok(())
+    }
+}
+
 /// One registered factory; plugins submit these with [`crate::register!`].
 pub enum Registration {
     Model(&'static dyn ModelFactory),
     Augmentation(&'static dyn AugmentationFactory),
     Optimizer(&'static dyn OptimizerFactory),
     Scheduler(&'static dyn SchedulerFactory),
+    /// ABI 0.1.2.
+    Step(&'static dyn StepFactory),
 }
 
 impl Registration {
@@ -288,6 +363,7 @@ impl Registration {
             Registration::Augmentation(f) => f.info(),
             Registration::Optimizer(f) => f.info(),
             Registration::Scheduler(f) => f.info(),
+            Registration::Step(f) => f.info(),
         }
     }
 }
@@ -310,6 +386,7 @@ pub fn registrations() -> Vec<&'static Registration> {
 /// ```text
 /// imgclf_plugin_api::register!(model: model::ResNetPreact);
 /// imgclf_plugin_api::register!(optimizer: sgd::Sgd);
+/// imgclf_plugin_api::register!(step: sam::SamFactory);
 /// ```
 #[macro_export]
 macro_rules! register {
@@ -324,5 +401,8 @@ macro_rules! register {
     };
     (scheduler: $f:expr) => {
         $crate::inventory::submit! { $crate::Registration::Scheduler(&$f) }
+    };
+    (step: $f:expr) => {
+        $crate::inventory::submit! { $crate::Registration::Step(&$f) }
     };
 }

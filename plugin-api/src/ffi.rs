@@ -30,6 +30,7 @@ use abi_stable::{
     library::RootModule,
     package_version_strings, sabi_trait,
     sabi_types::VersionStrings,
+    sabi_types::RMut,
     std_types::{RBox, ROption, RResult, RStr, RString, RVec},
     StableAbi,
 };
@@ -73,6 +74,10 @@ pub struct PluginMod {
     /// ([`crate::LIBTORCH_ORIGIN`]), named when the host refuses a libtorch mismatch. `None`
     /// for plugins built against ABI 0.1.0.
     pub libtorch_origin: RStr<'static>,
+    /// ABI 0.1.2: builds a training-step hook (component kind `step`): (component name,
+    /// config JSON, context JSON). `None` for plugins built against ABI 0.1.0 and 0.1.1, which
+    /// provide no step components.
+    pub create_step: extern "C" fn(RStr<'_>, RStr<'_>, RStr<'_>) -> RResult<StepBox, RString>,
 }
 
 /// The root-module layouts of earlier ABI versions that the current one is compatible with,
@@ -120,6 +125,51 @@ pub mod previous {
             const BASE_NAME: &'static str = "imgclf_plugin";
             const NAME: &'static str = "imgclf_plugin";
             const VERSION_STRINGS: VersionStrings = VersionStrings::new("0.1.0");
+        }
+    }
+
+    /// ABI 0.1.1 (fields up to `libtorch_origin`).
+    pub mod v0_1_1 {
+        use super::super::{AugmentationBox, ModelBox, OptimizerBox, ParamGroupFfi, SchedulerBox};
+        use abi_stable::{
+            declare_root_module_statics,
+            library::RootModule,
+            sabi_types::VersionStrings,
+            std_types::{RResult, RStr, RString, RVec},
+            StableAbi,
+        };
+
+        #[repr(C)]
+        #[derive(StableAbi)]
+        #[sabi(kind(Prefix(prefix_ref = PluginModRef)))]
+        #[sabi(missing_field(option))]
+        pub struct PluginMod {
+            pub api_version: RStr<'static>,
+            pub libtorch_version: RStr<'static>,
+            pub name: RStr<'static>,
+            pub version: RStr<'static>,
+            pub description: RStr<'static>,
+            pub components: extern "C" fn() -> RResult<RString, RString>,
+            pub create_model:
+                extern "C" fn(RStr<'_>, RStr<'_>, RStr<'_>) -> RResult<ModelBox, RString>,
+            pub create_augmentation:
+                extern "C" fn(RStr<'_>, RStr<'_>, RStr<'_>) -> RResult<AugmentationBox, RString>,
+            pub create_optimizer: extern "C" fn(
+                RStr<'_>,
+                RStr<'_>,
+                RVec<ParamGroupFfi>,
+            ) -> RResult<OptimizerBox, RString>,
+            #[sabi(last_prefix_field)]
+            pub create_scheduler:
+                extern "C" fn(RStr<'_>, RStr<'_>, RStr<'_>) -> RResult<SchedulerBox, RString>,
+            pub libtorch_origin: RStr<'static>,
+        }
+
+        impl RootModule for PluginModRef {
+            declare_root_module_statics! {PluginModRef}
+            const BASE_NAME: &'static str = "imgclf_plugin";
+            const NAME: &'static str = "imgclf_plugin";
+            const VERSION_STRINGS: VersionStrings = VersionStrings::new("0.1.1");
         }
     }
 }
@@ -218,10 +268,40 @@ pub trait SchedulerObj: Send {
     fn factor(&self, step: u64) -> RResult<f64, RString>;
 }
 
+/// A live training-step hook in a plugin (ABI 0.1.2; see [`TrainingStep`]).
+///
+/// ABI evolution: append new methods below the one marked `#[sabi(last_prefix_field)]`, never
+/// move that marker within a major version, and record the change in `plugin-api/CHANGELOG.md`.
+#[sabi_trait]
+pub trait StepObj: Send {
+    fn step(&mut self, host: StepHostMut<'_>) -> RResult<(), RString>;
+    fn state(&self) -> RResult<RVec<NamedTensorFfi>, RString>;
+    #[sabi(last_prefix_field)]
+    fn load_state(&mut self, state: RVec<NamedTensorFfi>) -> RResult<(), RString>;
+}
+
+/// The host's side of one training step, lent to a [`StepObj`] (ABI 0.1.2; see [`StepHost`]).
+/// The host implements it; `context` is JSON (`lr`, `global_step`, `gradient_scale`,
+/// `world_size`) so that it can grow without a layout change.
+///
+/// ABI evolution: append new methods below the one marked `#[sabi(last_prefix_field)]`, never
+/// move that marker within a major version, and record the change in `plugin-api/CHANGELOG.md`.
+#[sabi_trait]
+pub trait StepHostObj {
+    fn forward_backward(&mut self, keep_buffers: bool) -> RResult<f64, RString>;
+    fn tensors(&self) -> RResult<RVec<NamedTensorFfi>, RString>;
+    #[sabi(last_prefix_field)]
+    fn context(&self) -> RString;
+}
+
+/// The host's [`StepHostObj`], borrowed for one call of [`StepObj::step`].
+pub type StepHostMut<'a> = StepHostObj_TO<'a, RMut<'a, ()>>;
+
 pub type ModelBox = ModelObj_TO<'static, RBox<()>>;
 pub type AugmentationBox = AugmentationObj_TO<'static, RBox<()>>;
 pub type OptimizerBox = OptimizerObj_TO<'static, RBox<()>>;
 pub type SchedulerBox = SchedulerObj_TO<'static, RBox<()>>;
+pub type StepBox = StepObj_TO<'static, RBox<()>>;
 
 // ------------------------------------------------------------------ plugin side
 
@@ -245,6 +325,7 @@ struct ModelAdapter(Box<dyn Model>);
 struct AugmentationAdapter(Box<dyn Augmentation>);
 struct OptimizerAdapter(Box<dyn Optimizer>);
 struct SchedulerAdapter(Box<dyn Scheduler>);
+struct StepAdapter(Box<dyn TrainingStep>);
 
 fn to_ffi_vec(v: Vec<NamedTensor>) -> RVec<NamedTensorFfi> {
     v.into_iter().map(NamedTensorFfi::from).collect()
@@ -304,6 +385,73 @@ impl OptimizerObj for OptimizerAdapter {
 impl SchedulerObj for SchedulerAdapter {
     fn factor(&self, step: u64) -> RResult<f64, RString> {
         guard(|| Ok(self.0.factor(step)))
+    }
+}
+
+/// The host's step seen from the plugin: [`StepHost`] over the borrowed [`StepHostObj`].
+struct HostCallbacks<'a>(StepHostMut<'a>);
+
+impl StepHost for HostCallbacks<'_> {
+    fn forward_backward(&mut self, keep_buffers: bool) -> Result<f64> {
+        self.0
+            .forward_backward(keep_buffers)
+            .into_result()
+            .map_err(|e| Error(e.into_string()))
+    }
+    fn tensors(&self) -> Result<Vec<NamedTensor>> {
+        self.0
+            .tensors()
+            .into_result()
+            .map(from_ffi_vec)
+            .map_err(|e| Error(e.into_string()))
+    }
+    fn context(&self) -> StepContext {
+        step_context_from_json(self.0.context().as_str())
+    }
+}
+
+impl StepObj for StepAdapter {
+    fn step(&mut self, host: StepHostMut<'_>) -> RResult<(), RString> {
+        guard(|| self.0.step(&mut HostCallbacks(host)))
+    }
+    fn state(&self) -> RResult<RVec<NamedTensorFfi>, RString> {
+        guard(|| Ok(to_ffi_vec(self.0.state())))
+    }
+    fn load_state(&mut self, state: RVec<NamedTensorFfi>) -> RResult<(), RString> {
+        guard(|| self.0.load_state(from_ffi_vec(state)))
+    }
+}
+
+/// The host's [`StepHost`] as a [`StepHostObj`]; every call is guarded, so a host panic
+/// becomes an error in the plugin instead of unwinding through it.
+struct StepHostAdapter<'a>(&'a mut dyn StepHost);
+
+impl StepHostObj for StepHostAdapter<'_> {
+    fn forward_backward(&mut self, keep_buffers: bool) -> RResult<f64, RString> {
+        guard(|| self.0.forward_backward(keep_buffers))
+    }
+    fn tensors(&self) -> RResult<RVec<NamedTensorFfi>, RString> {
+        guard(|| Ok(to_ffi_vec(self.0.tensors()?)))
+    }
+    fn context(&self) -> RString {
+        step_context_to_json(&self.0.context()).into()
+    }
+}
+
+pub fn step_context_to_json(c: &StepContext) -> String {
+    json!({"lr": c.lr, "global_step": c.global_step, "gradient_scale": c.gradient_scale,
+           "world_size": c.world_size})
+    .to_string()
+}
+
+/// Reads a [`StepContext`]; fields a host did not send take neutral values.
+pub fn step_context_from_json(text: &str) -> StepContext {
+    let v: Value = serde_json::from_str(text).unwrap_or(Value::Null);
+    StepContext {
+        lr: v["lr"].as_f64().unwrap_or(0.0),
+        global_step: v["global_step"].as_u64().unwrap_or(0),
+        gradient_scale: v["gradient_scale"].as_f64().unwrap_or(1.0),
+        world_size: v["world_size"].as_u64().unwrap_or(1),
     }
 }
 
@@ -571,6 +719,27 @@ extern "C" fn ffi_create_scheduler(
     })
 }
 
+extern "C" fn ffi_create_step(
+    name: RStr<'_>,
+    config: RStr<'_>,
+    ctx: RStr<'_>,
+) -> RResult<StepBox, RString> {
+    guard(|| {
+        let Registration::Step(f) = find_registration(Kind::Step, name.as_str())? else {
+            unreachable!()
+        };
+        let v: Value = serde_json::from_str(ctx.as_str()).map_err(|e| Error(e.to_string()))?;
+        let ctx = StepBuildContext {
+            device: device_from_json(&v["device"])?,
+        };
+        let s = f.build(&ConfigView::from_json(config.as_str())?, &ctx)?;
+        Ok(StepObj_TO::from_value(
+            StepAdapter(s),
+            sabi_trait::TD_Opaque,
+        ))
+    })
+}
+
 /// Builds the root module; called by [`crate::export_plugin!`]. Also installs a panic hook
 /// in the plugin's own `std` so a panic is reported with the plugin's name.
 pub fn plugin_module(
@@ -618,6 +787,7 @@ pub fn plugin_module_built_against(
         } else {
             ""
         }),
+        create_step: ffi_create_step,
     }
     .leak_into_prefix()
 }
@@ -809,9 +979,13 @@ pub fn load_plugin(path: &Path) -> std::result::Result<LoadedPlugin, LoadError> 
         // this host, which abi_stable refuses ("too many fields"): check it against the earlier
         // layouts and read it through the current type, whose accessors then report the fields
         // it lacks as missing (`missing_field(option)`).
-        Err(e) => match header.ensure_layout::<previous::v0_1_0::PluginModRef>() {
-            // SAFETY: the plugin's root module has the ABI 0.1.0 layout, a prefix of the current
-            // one; prefix-type accessors check the plugin's own field count before reading.
+        Err(e) => match header
+            .ensure_layout::<previous::v0_1_1::PluginModRef>()
+            .or_else(|_| header.ensure_layout::<previous::v0_1_0::PluginModRef>())
+        {
+            // SAFETY: the plugin's root module has an earlier layout (0.1.1 or 0.1.0), a prefix
+            // of the current one; prefix-type accessors check the plugin's own field count
+            // before reading.
             Ok(()) => unsafe { header.unchecked_layout::<PluginModRef>() }
                 .map_err(|e| fail(format!("could not initialise: {e}"), String::new()))?,
             Err(_) => {
@@ -975,6 +1149,37 @@ impl LoadedPlugin {
             RResult::RErr(e) => Err(context_err(&self.name, Kind::Scheduler, component, e)),
         }
     }
+
+    /// Builds a training-step hook (ABI 0.1.2). A plugin built against an earlier ABI has no
+    /// `create_step` and provides no step components: an error naming its ABI version.
+    pub fn create_step(
+        &self,
+        component: &str,
+        config: &Value,
+        ctx: &StepBuildContext,
+    ) -> Result<HostStep> {
+        let label = (self.name.clone(), component.to_string());
+        let Some(create) = self.module.create_step() else {
+            return Err(context_err(
+                &self.name,
+                Kind::Step,
+                component,
+                format!(
+                    "built against plugin ABI {}, which has no training-step hooks (0.1.2 added them)",
+                    self.api_version
+                ),
+            ));
+        };
+        let ctx = json!({"device": device_to_json(ctx.device)}).to_string();
+        match create(
+            component.into(),
+            config.to_string().as_str().into(),
+            ctx.as_str().into(),
+        ) {
+            RResult::ROk(obj) => Ok(HostStep { obj, label }),
+            RResult::RErr(e) => Err(context_err(&self.name, Kind::Step, component, e)),
+        }
+    }
 }
 
 /// (plugin name, component name), for error messages.
@@ -1055,6 +1260,36 @@ impl HostOptimizer {
             Kind::Optimizer,
             self.obj.load_state(to_ffi_vec(state)),
         )
+    }
+}
+
+/// A training-step hook living in a plugin, seen from the host.
+pub struct HostStep {
+    obj: StepBox,
+    label: Label,
+}
+
+impl HostStep {
+    /// Runs the hook's step with `host` (the host's pass over the current batch).
+    pub fn step(&mut self, host: &mut dyn StepHost) -> Result<()> {
+        let mut adapter = StepHostAdapter(host);
+        let r = self
+            .obj
+            .step(StepHostObj_TO::from_ptr(&mut adapter, sabi_trait::TD_Opaque));
+        lift(&self.label, Kind::Step, r)
+    }
+    pub fn state(&self) -> Result<Vec<NamedTensor>> {
+        lift(&self.label, Kind::Step, self.obj.state()).map(from_ffi_vec)
+    }
+    pub fn load_state(&mut self, state: Vec<NamedTensor>) -> Result<()> {
+        lift(
+            &self.label,
+            Kind::Step,
+            self.obj.load_state(to_ffi_vec(state)),
+        )
+    }
+    pub fn label(&self) -> &(String, String) {
+        &self.label
     }
 }
 

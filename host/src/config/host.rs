@@ -141,6 +141,28 @@ pub fn host_schema() -> Schema {
             "sgd",
             "Optimiser (a registered optimiser name)",
         ),
+        string(
+            "train.step",
+            "plain",
+            "Training-step hook (a registered step component, e.g. sam); plain: one \
+             forward/backward per step",
+        ),
+        boolean(
+            "train.ema.enabled",
+            false,
+            "Keep an exponential moving average of the weights and buffers (timm's \
+             --model-ema); model_final holds it",
+        ),
+        float(
+            "train.ema.decay",
+            0.9998,
+            "EMA decay per optimizer step: ema = decay * ema + (1 - decay) * w",
+        ),
+        boolean(
+            "train.ema.eval",
+            true,
+            "Validate with the EMA weights (with train.ema.enabled)",
+        ),
         float("train.base_lr", 0.1, "Base learning rate"),
         float("train.momentum", 0.9, "SGD momentum"),
         boolean("train.nesterov", true, "Use Nesterov momentum"),

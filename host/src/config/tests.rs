@@ -1065,6 +1065,10 @@ fn host_schema_matches_the_reference_defaults() {
         "train.channels_last",
         "train.dist.timeout",
         "train.precision_dtype",
+        "train.step",
+        "train.ema.enabled",
+        "train.ema.decay",
+        "train.ema.eval",
     ];
     for spec in schema.keys() {
         assert!(

@@ -8,6 +8,7 @@
 pub mod checkpoint;
 pub mod collective;
 pub mod data;
+pub mod ema;
 pub mod eval;
 pub mod fit;
 pub mod memory_format;
@@ -30,7 +31,7 @@ use crate::datasets::{ImageSet, Split};
 use crate::registry::Registry;
 use crate::setup::{setup, Purpose, Request, Setup};
 use anyhow::{bail, Context, Result};
-use imgclf_plugin_api::ffi::HostModel;
+use imgclf_plugin_api::ffi::{HostModel, HostStep};
 use imgclf_plugin_api::{ModelContext, NamedTensor, ParamGroup};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -73,6 +74,19 @@ pub fn device_of(config: &Config) -> Result<Device> {
         "cuda" => Device::Cuda(0),
         other => bail!("device '{other}' is not one of 'cuda', 'cpu'"),
     })
+}
+
+/// Builds the `train.step` hook from its plugin (None: the plain step).
+pub fn build_step_hook(registry: &Registry, s: &Setup, device: Device) -> Result<Option<HostStep>> {
+    let Some(entry) = &s.step else {
+        return Ok(None);
+    };
+    let ctx = imgclf_plugin_api::StepBuildContext { device };
+    Ok(Some(registry.plugin(entry).create_step(
+        &entry.info.name,
+        &s.config.section_json(""),
+        &ctx,
+    )?))
 }
 
 /// Builds the configured model from its plugin.
@@ -146,6 +160,9 @@ fn describe_components(s: &Setup, registry: &Registry) -> String {
     }
     if let Some(sc) = &s.scheduler {
         lines.push(format!("scheduler: {}", name(sc)));
+    }
+    if let Some(st) = &s.step {
+        lines.push(format!("step: {}", name(st)));
     }
     let augs: Vec<String> = s.augmentations.iter().map(name).collect();
     lines.push(format!(
@@ -337,8 +354,10 @@ pub fn run(registry: &Registry, request: &Request, args: &TrainArgs) -> Result<(
         collective::from_config(c)?
     };
     if args.dry_run {
-        // Building the augmentations runs their config checks (impossible combinations).
+        // Building the augmentations and the step hook runs their config checks.
         build_pipeline(registry, &s, device)?;
+        build_step_hook(registry, &s, device)?;
+        ema::Ema::from_config(c, &tensors)?;
         print_dry_run(&s, registry, &model, &out, args.resume.is_some());
         for change in &s.resume_changes {
             println!("resume would change {change}");
@@ -437,6 +456,8 @@ pub fn run(registry: &Registry, request: &Request, args: &TrainArgs) -> Result<(
         device,
         schedule: build_schedule(registry, &s, steps_per_epoch)?,
         pipeline: build_pipeline(registry, &s, device)?,
+        hook: build_step_hook(registry, &s, device)?,
+        ema: ema::Ema::from_config(c, &tensors)?,
         model,
         tensors,
         optimizer,
@@ -479,18 +500,5 @@ pub fn run(registry: &Registry, request: &Request, args: &TrainArgs) -> Result<(
 
     install_interrupt_handler();
     trainer.fit(train_set, &val_set, &plan, pos)?;
-    if writer {
-        let final_tensors: Vec<(String, tch::Tensor)> = trainer
-            .tensors
-            .iter()
-            .map(|t| (t.name.clone(), t.tensor.shallow_clone()))
-            .collect();
-        let path = out.join("model_final.safetensors");
-        crate::io::save_safetensors(&path, &final_tensors, Default::default())?;
-        tracing::info!(
-            "saved {} (a PyTorch state dict: load_state_dict(safetensors.torch.load_file(...)))",
-            path.display()
-        );
-    }
-    Ok(())
+    trainer.save_final()
 }
