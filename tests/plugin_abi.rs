@@ -81,6 +81,8 @@ fn a_plugin_built_against_the_previous_abi_trains_with_and_without_a_step_hook()
             "1",
             "train.val_first",
             "False",
+            "train.use_test_as_val",
+            "True",
             "device",
             "cpu",
             "train.step",
@@ -89,11 +91,11 @@ fn a_plugin_built_against_the_previous_abi_trains_with_and_without_a_step_hook()
             "True",
         ]));
         assert_eq!(code, 0, "{step}: {err}");
-        let steps = jsonl(&out.join("metrics.jsonl"))
-            .iter()
-            .filter(|r| r["split"] == "train")
-            .count();
-        assert_eq!(steps, 2, "{step}");
+        let last = jsonl(&out.join("metrics.jsonl"))
+            .into_iter()
+            .rfind(|r| r["split"] == "train")
+            .unwrap_or_else(|| panic!("{step}: no training record"));
+        assert_eq!(last["step"], 2, "{step}: 64 images in batches of 32");
         let w = imgclf::io::load_safetensors(&out.join("model_final_raw.safetensors"))
             .unwrap()
             .0;
@@ -101,7 +103,10 @@ fn a_plugin_built_against_the_previous_abi_trains_with_and_without_a_step_hook()
         assert!(fc.isfinite().all().int64_value(&[]) == 1, "{step}");
         finals.push(fc);
     }
-    assert!(!finals[0].equal(&finals[1]), "SAM trained as the plain step");
+    assert!(
+        !finals[0].equal(&finals[1]),
+        "SAM trained as the plain step"
+    );
     // The old plugin provides no step components; asking it for one names its ABI.
     let reg = Registry::discover(&Discovery {
         cli_paths: vec![dir.clone()],
@@ -121,7 +126,9 @@ fn a_plugin_built_against_the_previous_abi_trains_with_and_without_a_step_hook()
         .unwrap()
         .0;
     assert!(
-        e.contains("previous_abi") && e.contains("plugin ABI 0.1.0") && e.contains("no training-step hooks"),
+        e.contains("previous_abi")
+            && e.contains("plugin ABI 0.1.0")
+            && e.contains("no training-step hooks"),
         "{e}"
     );
 }

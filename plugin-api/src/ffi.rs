@@ -29,8 +29,8 @@ use abi_stable::{
     declare_root_module_statics,
     library::RootModule,
     package_version_strings, sabi_trait,
-    sabi_types::VersionStrings,
     sabi_types::RMut,
+    sabi_types::VersionStrings,
     std_types::{RBox, ROption, RResult, RStr, RString, RVec},
     StableAbi,
 };
@@ -1273,9 +1273,10 @@ impl HostStep {
     /// Runs the hook's step with `host` (the host's pass over the current batch).
     pub fn step(&mut self, host: &mut dyn StepHost) -> Result<()> {
         let mut adapter = StepHostAdapter(host);
-        let r = self
-            .obj
-            .step(StepHostObj_TO::from_ptr(&mut adapter, sabi_trait::TD_Opaque));
+        let r = self.obj.step(StepHostObj_TO::from_ptr(
+            &mut adapter,
+            sabi_trait::TD_Opaque,
+        ));
         lift(&self.label, Kind::Step, r)
     }
     pub fn state(&self) -> Result<Vec<NamedTensor>> {

@@ -72,9 +72,7 @@ impl Ema {
             for ((_, e), t) in self.shadow.iter_mut().zip(tensors) {
                 let w = t.tensor.detach();
                 if e.is_floating_point() {
-                    let v = e
-                        .f_mul_scalar(self.decay)?
-                        .f_add(&w.f_mul_scalar(keep)?)?;
+                    let v = e.f_mul_scalar(self.decay)?.f_add(&w.f_mul_scalar(keep)?)?;
                     e.f_copy_(&v)?;
                 } else {
                     e.f_copy_(&w)?;

@@ -4,12 +4,12 @@
 
 use super::checkpoint::{self, Position};
 use super::collective::Collective;
+use super::ema::Ema;
 use super::metrics::{Meter, MetricsFile};
 use super::pipeline::Pipeline;
 use super::precision::Precision;
 use super::schedule::LrSchedule;
 use super::sinks::{EpochReport, Sinks, Split, StepReport};
-use super::ema::Ema;
 use super::step::{self, StepParts, StepSettings};
 use super::{data, eval::evaluate_shard, interrupt_requested, Interrupted, MODEL_STREAM};
 use crate::datasets::loader::Loader;

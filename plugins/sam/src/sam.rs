@@ -152,8 +152,10 @@ mod tests {
             }
             let loss = (&self.a * &self.w * &self.w).sum(tch::Kind::Float) * 0.5;
             loss.backward();
-            self.passes
-                .push((Vec::<f32>::try_from(&self.w.detach()).unwrap(), keep_buffers));
+            self.passes.push((
+                Vec::<f32>::try_from(&self.w.detach()).unwrap(),
+                keep_buffers,
+            ));
             Ok(loss.double_value(&[]))
         }
         fn tensors(&self) -> Result<Vec<NamedTensor>> {
@@ -180,10 +182,7 @@ mod tests {
             a: Tensor::from_slice(&[1.0f32, 2.0]),
             passes: vec![],
         };
-        let mut sam = Sam {
-            rho: 0.5,
-            adaptive,
-        };
+        let mut sam = Sam { rho: 0.5, adaptive };
         sam.step(&mut host).unwrap();
         let w = Vec::<f32>::try_from(&host.w.detach()).unwrap();
         assert_eq!(w, w0, "w is restored exactly");
