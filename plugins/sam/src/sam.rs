@@ -27,7 +27,7 @@ impl StepFactory for SamFactory {
         ComponentInfo::new(
             Kind::Step,
             "sam",
-            "SAM: step with the gradient at the worst nearby weights w + rho g/||g|| (ASAM: scaled by |w|)",
+            "SAM: step with the gradient at the worst nearby weights w + rho g / norm(g) (ASAM: scaled by abs(w))",
         )
         .papers(&["2010.01412", "2102.11600"])
         .keys(vec![
