@@ -131,6 +131,9 @@ fn tensors(path: &Path) -> Vec<(String, tch::Tensor)> {
     t
 }
 
+/// A case: its name, its config, and its one-detail mutations (label, PyTorch-side config).
+type Case = (&'static str, Map<String, Value>, Vec<(&'static str, Value)>);
+
 #[test]
 fn sam_asam_and_ema_agree_with_pytorch_and_plain_sgd_lands_far_outside() {
     let d = scratch("sam-vs-pytorch");
@@ -149,7 +152,7 @@ fn sam_asam_and_ema_agree_with_pytorch_and_plain_sgd_lands_far_outside() {
         ("train.ema.enabled", json!(true)),
         ("train.ema.decay", json!(0.8)),
     ];
-    let cases: Vec<(&str, Map<String, Value>, Vec<(&str, Value)>)> = vec![
+    let cases: Vec<Case> = vec![
         (
             "sam-sgd",
             config(&init, &sam),

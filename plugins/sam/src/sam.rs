@@ -124,7 +124,7 @@ impl TrainingStep for Sam {
         // Back to w whatever the second pass did, then report its error if any.
         tch::no_grad(|| -> Result<()> {
             for (p, old) in &saved {
-                let _ = p.shallow_clone().f_copy_(old)?;
+                p.shallow_clone().f_copy_(old)?;
             }
             Ok(())
         })?;
@@ -201,8 +201,8 @@ mod tests {
         let n = 73f64.sqrt();
         let e = [0.5 * 3.0 / n, 0.5 * -8.0 / n];
         let perturbed = [3.0 + e[0], -4.0 + e[1]];
-        for i in 0..2 {
-            assert!((host.passes[1].0[i] as f64 - perturbed[i]).abs() < 1e-6);
+        for (got, want) in host.passes[1].0.iter().zip(perturbed) {
+            assert!((*got as f64 - want).abs() < 1e-6);
         }
         // The gradient left for the optimizer is the one at w + e_w: a * (w + e_w).
         assert!((g[0] as f64 - perturbed[0]).abs() < 1e-6);
@@ -215,8 +215,8 @@ mod tests {
         // |w| g = (9, 32); e_w = 0.5 w^2 g / || |w| g ||.
         let n = (81.0f64 + 1024.0).sqrt();
         let perturbed = [3.0 + 0.5 * 9.0 * 3.0 / n, -4.0 + 0.5 * 16.0 * -8.0 / n];
-        for i in 0..2 {
-            assert!((host.passes[1].0[i] as f64 - perturbed[i]).abs() < 1e-5);
+        for (got, want) in host.passes[1].0.iter().zip(perturbed) {
+            assert!((*got as f64 - want).abs() < 1e-5);
         }
     }
 }
