@@ -30,7 +30,7 @@ use abi_stable::{
     library::RootModule,
     package_version_strings, sabi_trait,
     sabi_types::VersionStrings,
-    std_types::{RBox, ROption, RResult, RStr, RString, RVec},
+    std_types::{RBox, ROption, RResult, RSliceMut, RStr, RString, RVec},
     StableAbi,
 };
 use serde_json::{json, Value};
@@ -73,12 +73,62 @@ pub struct PluginMod {
     /// ([`crate::LIBTORCH_ORIGIN`]), named when the host refuses a libtorch mismatch. `None`
     /// for plugins built against ABI 0.1.0.
     pub libtorch_origin: RStr<'static>,
+    /// ABI 0.1.2: builds a per-image stage ([`Stage::Image`]): (component name, config JSON,
+    /// data context JSON). `None` for plugins built against ABI 0.1.0 and 0.1.1 (which cannot
+    /// declare that stage).
+    pub create_image_stage:
+        extern "C" fn(RStr<'_>, RStr<'_>, RStr<'_>) -> RResult<ImageStageBox, RString>,
 }
 
 /// The root-module layouts of earlier ABI versions that the current one is compatible with,
 /// oldest first (see the module docs): [`load_plugin`] checks a plugin that fails the current
 /// layout against these. Frozen: never edit one, add a module when [`PluginMod`] grows.
 pub mod previous {
+    /// ABI 0.1.1 (fields up to `libtorch_origin`).
+    pub mod v0_1_1 {
+        use super::super::{AugmentationBox, ModelBox, OptimizerBox, ParamGroupFfi, SchedulerBox};
+        use abi_stable::{
+            declare_root_module_statics,
+            library::RootModule,
+            sabi_types::VersionStrings,
+            std_types::{RResult, RStr, RString, RVec},
+            StableAbi,
+        };
+
+        #[repr(C)]
+        #[derive(StableAbi)]
+        #[sabi(kind(Prefix(prefix_ref = PluginModRef)))]
+        #[sabi(missing_field(option))]
+        pub struct PluginMod {
+            pub api_version: RStr<'static>,
+            pub libtorch_version: RStr<'static>,
+            pub name: RStr<'static>,
+            pub version: RStr<'static>,
+            pub description: RStr<'static>,
+            pub components: extern "C" fn() -> RResult<RString, RString>,
+            pub create_model:
+                extern "C" fn(RStr<'_>, RStr<'_>, RStr<'_>) -> RResult<ModelBox, RString>,
+            pub create_augmentation:
+                extern "C" fn(RStr<'_>, RStr<'_>, RStr<'_>) -> RResult<AugmentationBox, RString>,
+            pub create_optimizer: extern "C" fn(
+                RStr<'_>,
+                RStr<'_>,
+                RVec<ParamGroupFfi>,
+            ) -> RResult<OptimizerBox, RString>,
+            #[sabi(last_prefix_field)]
+            pub create_scheduler:
+                extern "C" fn(RStr<'_>, RStr<'_>, RStr<'_>) -> RResult<SchedulerBox, RString>,
+            pub libtorch_origin: RStr<'static>,
+        }
+
+        impl RootModule for PluginModRef {
+            declare_root_module_statics! {PluginModRef}
+            const BASE_NAME: &'static str = "imgclf_plugin";
+            const NAME: &'static str = "imgclf_plugin";
+            const VERSION_STRINGS: VersionStrings = VersionStrings::new("0.1.1");
+        }
+    }
+
     /// ABI 0.1.0 (fields up to `create_scheduler`).
     pub mod v0_1_0 {
         use super::super::{AugmentationBox, ModelBox, OptimizerBox, ParamGroupFfi, SchedulerBox};
@@ -166,6 +216,17 @@ impl From<BatchFfi> for Batch {
     }
 }
 
+/// One image for a per-image stage: uint8, `channels x height x width`, borrowed mutably
+/// for the call (see [`crate::ImageMut`]).
+#[repr(C)]
+#[derive(StableAbi)]
+pub struct ImageFfi<'a> {
+    pub data: RSliceMut<'a, u8>,
+    pub channels: u32,
+    pub height: u32,
+    pub width: u32,
+}
+
 // ------------------------------------------------------------------ trait objects
 
 /// A live model in a plugin: forward pass and its tensors (shared with the host).
@@ -218,7 +279,19 @@ pub trait SchedulerObj: Send {
     fn factor(&self, step: u64) -> RResult<f64, RString>;
 }
 
+/// A live per-image stage in a plugin (ABI 0.1.2), called from several loader threads at once.
+///
+/// ABI evolution: append new methods below the one marked `#[sabi(last_prefix_field)]`, never
+/// move that marker within a major version, and record the change in `plugin-api/CHANGELOG.md`.
+#[sabi_trait]
+pub trait ImageStageObj: Send + Sync {
+    /// Transforms `image` in place with the randomness of `seed`.
+    #[sabi(last_prefix_field)]
+    fn apply(&self, image: ImageFfi<'_>, seed: u64) -> RResult<(), RString>;
+}
+
 pub type ModelBox = ModelObj_TO<'static, RBox<()>>;
+pub type ImageStageBox = ImageStageObj_TO<'static, RBox<()>>;
 pub type AugmentationBox = AugmentationObj_TO<'static, RBox<()>>;
 pub type OptimizerBox = OptimizerObj_TO<'static, RBox<()>>;
 pub type SchedulerBox = SchedulerObj_TO<'static, RBox<()>>;
@@ -245,6 +318,7 @@ struct ModelAdapter(Box<dyn Model>);
 struct AugmentationAdapter(Box<dyn Augmentation>);
 struct OptimizerAdapter(Box<dyn Optimizer>);
 struct SchedulerAdapter(Box<dyn Scheduler>);
+struct ImageStageAdapter(Box<dyn ImageStage>);
 
 fn to_ffi_vec(v: Vec<NamedTensor>) -> RVec<NamedTensorFfi> {
     v.into_iter().map(NamedTensorFfi::from).collect()
@@ -301,6 +375,34 @@ impl OptimizerObj for OptimizerAdapter {
     }
 }
 
+impl ImageStageObj for ImageStageAdapter {
+    fn apply(&self, image: ImageFfi<'_>, seed: u64) -> RResult<(), RString> {
+        guard(|| {
+            let (channels, height, width) = (
+                image.channels as usize,
+                image.height as usize,
+                image.width as usize,
+            );
+            let data = image.data.into_mut_slice();
+            if data.len() != channels * height * width {
+                return Err(Error(format!(
+                    "an image of {channels}x{height}x{width} pixels came with {} bytes",
+                    data.len()
+                )));
+            }
+            self.0.apply(
+                ImageMut {
+                    data,
+                    channels,
+                    height,
+                    width,
+                },
+                seed,
+            )
+        })
+    }
+}
+
 impl SchedulerObj for SchedulerAdapter {
     fn factor(&self, step: u64) -> RResult<f64, RString> {
         guard(|| Ok(self.0.factor(step)))
@@ -312,7 +414,9 @@ fn find_registration(kind: Kind, name: &str) -> Result<&'static Registration> {
         .into_iter()
         .find(|r| {
             let i = r.info();
-            i.kind == kind && i.name == name
+            // A per-image stage is an augmentation the host builds with `create_image_stage`.
+            let image = matches!(r, Registration::ImageStage(_));
+            i.kind == kind && i.name == name && image == (i.stage == Some(Stage::Image))
         })
         .ok_or_else(|| {
             Error(format!(
@@ -514,7 +618,9 @@ extern "C" fn ffi_create_augmentation(
     guard(|| {
         let Registration::Augmentation(f) = find_registration(Kind::Augmentation, name.as_str())?
         else {
-            unreachable!()
+            return Err(Error(format!(
+                "augmentation `{name}` is a per-image stage: build it with create_image_stage"
+            )));
         };
         let aug = f.build(
             &ConfigView::from_json(config.as_str())?,
@@ -571,6 +677,31 @@ extern "C" fn ffi_create_scheduler(
     })
 }
 
+extern "C" fn ffi_create_image_stage(
+    name: RStr<'_>,
+    config: RStr<'_>,
+    ctx: RStr<'_>,
+) -> RResult<ImageStageBox, RString> {
+    guard(|| {
+        let found = registrations().into_iter().find(|r| {
+            matches!(r, Registration::ImageStage(_)) && r.info().name == name.as_str()
+        });
+        let Some(Registration::ImageStage(f)) = found else {
+            return Err(Error(format!(
+                "this plugin has no per-image stage named `{name}`"
+            )));
+        };
+        let stage = f.build(
+            &ConfigView::from_json(config.as_str())?,
+            &data_context_from_json(ctx.as_str())?,
+        )?;
+        Ok(ImageStageObj_TO::from_value(
+            ImageStageAdapter(stage),
+            sabi_trait::TD_Opaque,
+        ))
+    })
+}
+
 /// Builds the root module; called by [`crate::export_plugin!`]. Also installs a panic hook
 /// in the plugin's own `std` so a panic is reported with the plugin's name.
 pub fn plugin_module(
@@ -618,6 +749,7 @@ pub fn plugin_module_built_against(
         } else {
             ""
         }),
+        create_image_stage: ffi_create_image_stage,
     }
     .leak_into_prefix()
 }
@@ -809,9 +941,13 @@ pub fn load_plugin(path: &Path) -> std::result::Result<LoadedPlugin, LoadError> 
         // this host, which abi_stable refuses ("too many fields"): check it against the earlier
         // layouts and read it through the current type, whose accessors then report the fields
         // it lacks as missing (`missing_field(option)`).
-        Err(e) => match header.ensure_layout::<previous::v0_1_0::PluginModRef>() {
-            // SAFETY: the plugin's root module has the ABI 0.1.0 layout, a prefix of the current
-            // one; prefix-type accessors check the plugin's own field count before reading.
+        Err(e) => match header
+            .ensure_layout::<previous::v0_1_1::PluginModRef>()
+            .or_else(|_| header.ensure_layout::<previous::v0_1_0::PluginModRef>())
+        {
+            // SAFETY: the plugin's root module has the ABI 0.1.1 or 0.1.0 layout, a prefix of
+            // the current one; prefix-type accessors check the plugin's own field count before
+            // reading.
             Ok(()) => unsafe { header.unchecked_layout::<PluginModRef>() }
                 .map_err(|e| fail(format!("could not initialise: {e}"), String::new()))?,
             Err(_) => {
@@ -958,6 +1094,36 @@ impl LoadedPlugin {
         }
     }
 
+    /// Builds a per-image stage ([`Stage::Image`]); an error for a plugin built against an ABI
+    /// before 0.1.2 (which has none).
+    pub fn create_image_stage(
+        &self,
+        component: &str,
+        config: &Value,
+        ctx: &DataContext,
+    ) -> Result<HostImageStage> {
+        let label = (self.name.clone(), component.to_string());
+        let Some(create) = self.module.create_image_stage() else {
+            return Err(context_err(
+                &self.name,
+                Kind::Augmentation,
+                component,
+                format!(
+                    "built against plugin ABI {}, which has no per-image stages (0.1.2 and later)",
+                    self.api_version
+                ),
+            ));
+        };
+        match create(
+            component.into(),
+            config.to_string().as_str().into(),
+            data_context_to_json(ctx).as_str().into(),
+        ) {
+            RResult::ROk(obj) => Ok(HostImageStage { obj, label }),
+            RResult::RErr(e) => Err(context_err(&self.name, Kind::Augmentation, component, e)),
+        }
+    }
+
     pub fn create_scheduler(
         &self,
         component: &str,
@@ -1031,6 +1197,28 @@ impl HostAugmentation {
             .loss(TensorRef::new(logits), TensorRef::new(targets), views);
         lift(&self.label, Kind::Augmentation, r)
             .map(|o| o.into_option().map(TensorHandle::into_tensor))
+    }
+    pub fn name(&self) -> &str {
+        &self.label.1
+    }
+}
+
+/// A per-image stage living in a plugin, seen from the host: shared by the loader's threads.
+pub struct HostImageStage {
+    obj: ImageStageBox,
+    label: Label,
+}
+
+impl HostImageStage {
+    /// Transforms one `channels x height x width` uint8 image in place.
+    pub fn apply(&self, image: ImageMut<'_>, seed: u64) -> Result<()> {
+        let ffi = ImageFfi {
+            data: image.data.into(),
+            channels: image.channels as u32,
+            height: image.height as u32,
+            width: image.width as u32,
+        };
+        lift(&self.label, Kind::Augmentation, self.obj.apply(ffi, seed))
     }
     pub fn name(&self) -> &str {
         &self.label.1
