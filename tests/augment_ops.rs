@@ -40,7 +40,10 @@ struct Img {
 fn fashion_mnist(n: usize) -> Vec<Img> {
     let set = imgclf::datasets::find("FashionMNIST")
         .unwrap()
-        .load(std::path::Path::new(FASHION_MNIST), imgclf::datasets::Split::Train)
+        .load(
+            std::path::Path::new(FASHION_MNIST),
+            imgclf::datasets::Split::Train,
+        )
         .expect("Fashion-MNIST (apt-get install dataset-fashion-mnist)");
     (0..n)
         .map(|i| Img {
@@ -127,8 +130,10 @@ fn tables() -> Value {
                     json!({"op": op.name(), "magnitudes": m, "signed": signed})
                 })
                 .collect();
-            out.push(json!({"method": "randaugment", "bins": bins, "height": h, "width": w,
-                            "ops": ops}));
+            out.push(
+                json!({"method": "randaugment", "bins": bins, "height": h, "width": w,
+                            "ops": ops}),
+            );
         }
     }
     for bins in [31, 10] {
@@ -178,7 +183,11 @@ fn operations_and_magnitudes_equal_torchvisions() {
                     (
                         Interpolation::Nearest,
                         "nearest",
-                        Some(if c == 3 { vec![10.0, 200.0, 77.5] } else { vec![128.0] }),
+                        Some(if c == 3 {
+                            vec![10.0, 200.0, 77.5]
+                        } else {
+                            vec![128.0]
+                        }),
                     ),
                     (Interpolation::Bilinear, "bilinear", None),
                     (Interpolation::Bilinear, "bilinear", Some(vec![200.0])),
@@ -248,9 +257,7 @@ fn operations_and_magnitudes_equal_torchvisions() {
             Op::ShearX | Op::ShearY | Op::Rotate if !bilinear => {
                 differing as f64 <= AFFINE_DIFFERING * values as f64
             }
-            _ if bilinear => {
-                max_abs <= 1 && differing as f64 <= BILINEAR_DIFFERING * values as f64
-            }
+            _ if bilinear => max_abs <= 1 && differing as f64 <= BILINEAR_DIFFERING * values as f64,
             _ => differing == 0,
         };
         if op.is_affine() && !bilinear {

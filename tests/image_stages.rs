@@ -38,7 +38,11 @@ fn weights(out: &Path) -> Vec<(String, tch::Tensor)> {
 
 fn same(a: &Path, b: &Path) -> bool {
     let (wa, wb) = (weights(a), weights(b));
-    wa.len() == wb.len() && wa.iter().zip(&wb).all(|(x, y)| x.0 == y.0 && x.1.equal(&y.1))
+    wa.len() == wb.len()
+        && wa
+            .iter()
+            .zip(&wb)
+            .all(|(x, y)| x.0 == y.0 && x.1.equal(&y.1))
 }
 
 #[test]

@@ -683,9 +683,9 @@ extern "C" fn ffi_create_image_stage(
     ctx: RStr<'_>,
 ) -> RResult<ImageStageBox, RString> {
     guard(|| {
-        let found = registrations().into_iter().find(|r| {
-            matches!(r, Registration::ImageStage(_)) && r.info().name == name.as_str()
-        });
+        let found = registrations()
+            .into_iter()
+            .find(|r| matches!(r, Registration::ImageStage(_)) && r.info().name == name.as_str());
         let Some(Registration::ImageStage(f)) = found else {
             return Err(Error(format!(
                 "this plugin has no per-image stage named `{name}`"

@@ -318,9 +318,7 @@ pub fn saturation(img: &mut ImageMut<'_>, factor: f64) {
 pub fn contrast(img: &mut ImageMut<'_>, factor: f64) {
     let plane = img.plane();
     let sum: u64 = if img.channels == 3 {
-        (0..plane)
-            .map(|i| gray_at(img.data, plane, i) as u64)
-            .sum()
+        (0..plane).map(|i| gray_at(img.data, plane, i) as u64).sum()
     } else {
         img.data.iter().map(|&p| p as u64).sum()
     };
@@ -406,14 +404,17 @@ pub fn equalize(img: &mut ImageMut<'_>) {
             hist[p as usize] += 1;
         }
         let nonzero: Vec<u64> = hist.iter().copied().filter(|&n| n != 0).collect();
-        let step = nonzero[..nonzero.len().saturating_sub(1)].iter().sum::<u64>() / 255;
+        let step = nonzero[..nonzero.len().saturating_sub(1)]
+            .iter()
+            .sum::<u64>()
+            / 255;
         if step == 0 {
             continue;
         }
         let mut lut = [0u8; 256];
         let mut cum = 0u64;
-        for i in 0..255 {
-            cum += hist[i];
+        for (i, &n) in hist.iter().enumerate().take(255) {
+            cum += n;
             lut[i + 1] = ((cum + step / 2) / step).min(255) as u8;
         }
         for p in ch.iter_mut() {
@@ -558,7 +559,14 @@ mod tests {
     fn translation_moves_whole_pixels_and_fills() {
         let mut d: Vec<u8> = (1..=16).collect();
         let mut img = image(&mut d, 1, 4, 4);
-        apply_op(&mut img, Op::TranslateX, 1.7, Interpolation::Nearest, &[9.0]).unwrap();
+        apply_op(
+            &mut img,
+            Op::TranslateX,
+            1.7,
+            Interpolation::Nearest,
+            &[9.0],
+        )
+        .unwrap();
         // int(1.7) = 1 pixel to the right, the first column filled.
         assert_eq!(&d[..4], &[9, 1, 2, 3]);
         assert_eq!(&d[12..], &[9, 13, 14, 15]);

@@ -5,8 +5,8 @@
 use imgclf_plugin_api::image::{linspace_f32, posterize_bits, Op, Sampling};
 use imgclf_plugin_api::rng::{step_rng, Rng};
 use imgclf_plugin_api::{
-    ComponentInfo, ConfigView, DataContext, ImageMut, ImageStage, ImageStageFactory, KeyDecl,
-    Kind, Result, Stage,
+    ComponentInfo, ConfigView, DataContext, ImageMut, ImageStage, ImageStageFactory, KeyDecl, Kind,
+    Result, Stage,
 };
 
 pub const SECTION: &str = "augmentation.trivialaugment";
