@@ -291,7 +291,11 @@ fn models_match_the_reference_parameter_counts_and_state_dicts() {
 #[test]
 fn every_augmentation_keeps_shapes_targets_and_is_seeded() {
     let reg = registry();
-    for e in reg.of_kind(Kind::Augmentation) {
+    // Per-image stages have their own test below.
+    for e in reg
+        .of_kind(Kind::Augmentation)
+        .filter(|e| e.info.stage != Some(Stage::Image))
+    {
         let s = setup(&reg, &request(None, &[]), Purpose::Train).unwrap();
         let ctx = DataContext {
             n_channels: 3,
@@ -352,6 +356,59 @@ fn every_augmentation_keeps_shapes_targets_and_is_seeded() {
             );
         }
     }
+}
+
+/// Per-image stages (ABI 0.1.2): on uint8 images of 1 and 3 channels, the same seed gives the
+/// same image, some seed changes it, and the image keeps its size (it is transformed in place).
+#[test]
+fn every_image_stage_is_seeded_and_changes_images() {
+    let reg = registry();
+    let mut seen = 0;
+    for e in reg
+        .of_kind(Kind::Augmentation)
+        .filter(|e| e.info.stage == Some(Stage::Image))
+    {
+        seen += 1;
+        let s = setup(&reg, &request(None, &[]), Purpose::Train).unwrap();
+        let name = &e.info.name;
+        for (c, h, w) in [(3usize, 32usize, 32usize), (1, 28, 28)] {
+            let ctx = DataContext {
+                n_channels: c as i64,
+                image_size: h as i64,
+                n_classes: 10,
+                mean: vec![0.5; c],
+                std: vec![0.25; c],
+                device: Device::Cpu,
+            };
+            let stage = reg
+                .plugin(e)
+                .create_image_stage(name, &s.config.section_json(""), &ctx)
+                .unwrap();
+            let pixels: Vec<u8> = (0..c * h * w).map(|i| (i * 7919 % 251) as u8).collect();
+            let run = |seed: u64| {
+                let mut d = pixels.clone();
+                stage
+                    .apply(
+                        imgclf_plugin_api::ImageMut {
+                            data: &mut d,
+                            channels: c,
+                            height: h,
+                            width: w,
+                        },
+                        seed,
+                    )
+                    .unwrap();
+                d
+            };
+            let a = run(3);
+            assert_eq!(a, run(3), "{name}: same seed, same image");
+            assert!(
+                (4..24).any(|seed| run(seed) != a),
+                "{name}: another seed changes something"
+            );
+        }
+    }
+    assert!(seen > 0, "no per-image stage loaded");
 }
 
 #[test]

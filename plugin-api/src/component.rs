@@ -2,8 +2,9 @@
 //!
 //! A component is a *factory* (a unit struct registered with [`crate::register!`]) that
 //! describes itself ([`ComponentInfo`]) and builds a live object from the frozen config:
-//! a [`Model`], an [`Augmentation`], an [`Optimizer`], a [`Scheduler`] or (ABI 0.1.2) a
-//! [`TrainingStep`]. The host never sees
+//! a [`Model`], an [`Augmentation`] (or, for augmentations of [`Stage::Image`], an
+//! [`ImageStage`]), an [`Optimizer`], a [`Scheduler`] or (ABI 0.1.2) a [`TrainingStep`].
+//! The host never sees
 //! these traits directly; [`crate::ffi`] adapts them to the stable ABI and catches panics.
 
 use crate::config::{ConfigView, KeyDecl};
@@ -44,6 +45,8 @@ impl Kind {
 /// Where an augmentation runs in the training input pipeline, in the reference's order:
 /// crop/flip on raw pixels, then the host normalises, then erasing (cutout, random erasing),
 /// then batch mixing (mixup, cutmix, ricap), then target transforms (label smoothing).
+/// [`Stage::Image`] (ABI 0.1.2) runs before all of them, on each decoded image in the data
+/// loader's worker threads, before batching (RandAugment, TrivialAugment).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Stage {
     /// Before normalisation: pixel values in [0, 255] as float.
@@ -54,16 +57,27 @@ pub enum Stage {
     Mix = 2,
     /// Targets only.
     Target = 3,
+    /// ABI 0.1.2: one uint8 image at a time, on the CPU in the loader's worker threads, before
+    /// batching and before every other stage (an [`ImageStage`], built by an
+    /// [`ImageStageFactory`]). Hosts before 0.1.2 refuse plugins declaring it.
+    Image = 4,
 }
 
 impl Stage {
-    pub const ALL: [Stage; 4] = [Stage::Geometric, Stage::Erase, Stage::Mix, Stage::Target];
+    pub const ALL: [Stage; 5] = [
+        Stage::Geometric,
+        Stage::Erase,
+        Stage::Mix,
+        Stage::Target,
+        Stage::Image,
+    ];
     pub fn as_str(self) -> &'static str {
         match self {
             Stage::Geometric => "geometric",
             Stage::Erase => "erase",
             Stage::Mix => "mix",
             Stage::Target => "target",
+            Stage::Image => "image",
         }
     }
     pub fn from_index(i: u32) -> Option<Stage> {
@@ -217,6 +231,43 @@ pub trait Augmentation: Send {
     }
 }
 
+// ---------------------------------------------------------------- per-image stages
+
+/// One decoded training image, uint8, `channels x height x width` row-major (planar: the
+/// loader's sample layout, CIFAR's and torchvision's tensor layout), 1 or 3 channels.
+#[derive(Debug)]
+pub struct ImageMut<'a> {
+    pub data: &'a mut [u8],
+    pub channels: usize,
+    pub height: usize,
+    pub width: usize,
+}
+
+impl ImageMut<'_> {
+    /// Pixels per channel.
+    pub fn plane(&self) -> usize {
+        self.height * self.width
+    }
+}
+
+/// Builds a per-image stage ([`Stage::Image`]); registered with
+/// `register!(image_stage: ...)`. Its [`ComponentInfo`] is an augmentation switched by a key
+/// in [`Stage::Image`].
+pub trait ImageStageFactory: Sync + 'static {
+    fn info(&self) -> ComponentInfo;
+    fn build(&self, config: &ConfigView, ctx: &DataContext) -> Result<Box<dyn ImageStage>>;
+}
+
+/// A per-image CPU transform run by the data loader's worker threads (several at once, hence
+/// `Sync` and `&self`), on each training image before batching, in place (the image keeps its
+/// size). It must not call into libtorch (the workers never do: a second OpenMP team would
+/// compete with the training thread's). All randomness comes from `seed`, which the host
+/// derives from (train.seed, epoch, sample index, stage), so runs and resumed runs are
+/// reproducible for any `num_workers`.
+pub trait ImageStage: Send + Sync {
+    fn apply(&self, image: ImageMut<'_>, seed: u64) -> Result<()>;
+}
+
 // ---------------------------------------------------------------- optimizers
 
 /// Parameters sharing hyper-parameters (PyTorch's param groups).
@@ -354,6 +405,8 @@ pub enum Registration {
     Scheduler(&'static dyn SchedulerFactory),
     /// ABI 0.1.2.
     Step(&'static dyn StepFactory),
+    /// An augmentation of [`Stage::Image`] (ABI 0.1.2).
+    ImageStage(&'static dyn ImageStageFactory),
 }
 
 impl Registration {
@@ -364,6 +417,7 @@ impl Registration {
             Registration::Optimizer(f) => f.info(),
             Registration::Scheduler(f) => f.info(),
             Registration::Step(f) => f.info(),
+            Registration::ImageStage(f) => f.info(),
         }
     }
 }
@@ -387,6 +441,7 @@ pub fn registrations() -> Vec<&'static Registration> {
 /// imgclf_plugin_api::register!(model: model::ResNetPreact);
 /// imgclf_plugin_api::register!(optimizer: sgd::Sgd);
 /// imgclf_plugin_api::register!(step: sam::SamFactory);
+/// imgclf_plugin_api::register!(image_stage: randaugment::RandAugmentFactory);
 /// ```
 #[macro_export]
 macro_rules! register {
@@ -404,5 +459,8 @@ macro_rules! register {
     };
     (step: $f:expr) => {
         $crate::inventory::submit! { $crate::Registration::Step(&$f) }
+    };
+    (image_stage: $f:expr) => {
+        $crate::inventory::submit! { $crate::Registration::ImageStage(&$f) }
     };
 }

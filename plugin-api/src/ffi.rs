@@ -31,7 +31,7 @@ use abi_stable::{
     package_version_strings, sabi_trait,
     sabi_types::RMut,
     sabi_types::VersionStrings,
-    std_types::{RBox, ROption, RResult, RStr, RString, RVec},
+    std_types::{RBox, ROption, RResult, RSliceMut, RStr, RString, RVec},
     StableAbi,
 };
 use serde_json::{json, Value};
@@ -78,6 +78,11 @@ pub struct PluginMod {
     /// config JSON, context JSON). `None` for plugins built against ABI 0.1.0 and 0.1.1, which
     /// provide no step components.
     pub create_step: extern "C" fn(RStr<'_>, RStr<'_>, RStr<'_>) -> RResult<StepBox, RString>,
+    /// ABI 0.1.2: builds a per-image stage ([`Stage::Image`]): (component name, config JSON,
+    /// data context JSON). `None` for plugins built against ABI 0.1.0 and 0.1.1 (which cannot
+    /// declare that stage).
+    pub create_image_stage:
+        extern "C" fn(RStr<'_>, RStr<'_>, RStr<'_>) -> RResult<ImageStageBox, RString>,
 }
 
 /// The root-module layouts of earlier ABI versions that the current one is compatible with,
@@ -216,6 +221,17 @@ impl From<BatchFfi> for Batch {
     }
 }
 
+/// One image for a per-image stage: uint8, `channels x height x width`, borrowed mutably
+/// for the call (see [`crate::ImageMut`]).
+#[repr(C)]
+#[derive(StableAbi)]
+pub struct ImageFfi<'a> {
+    pub data: RSliceMut<'a, u8>,
+    pub channels: u32,
+    pub height: u32,
+    pub width: u32,
+}
+
 // ------------------------------------------------------------------ trait objects
 
 /// A live model in a plugin: forward pass and its tensors (shared with the host).
@@ -297,7 +313,19 @@ pub trait StepHostObj {
 /// The host's [`StepHostObj`], borrowed for one call of [`StepObj::step`].
 pub type StepHostMut<'a> = StepHostObj_TO<'a, RMut<'a, ()>>;
 
+/// A live per-image stage in a plugin (ABI 0.1.2), called from several loader threads at once.
+///
+/// ABI evolution: append new methods below the one marked `#[sabi(last_prefix_field)]`, never
+/// move that marker within a major version, and record the change in `plugin-api/CHANGELOG.md`.
+#[sabi_trait]
+pub trait ImageStageObj: Send + Sync {
+    /// Transforms `image` in place with the randomness of `seed`.
+    #[sabi(last_prefix_field)]
+    fn apply(&self, image: ImageFfi<'_>, seed: u64) -> RResult<(), RString>;
+}
+
 pub type ModelBox = ModelObj_TO<'static, RBox<()>>;
+pub type ImageStageBox = ImageStageObj_TO<'static, RBox<()>>;
 pub type AugmentationBox = AugmentationObj_TO<'static, RBox<()>>;
 pub type OptimizerBox = OptimizerObj_TO<'static, RBox<()>>;
 pub type SchedulerBox = SchedulerObj_TO<'static, RBox<()>>;
@@ -326,6 +354,7 @@ struct AugmentationAdapter(Box<dyn Augmentation>);
 struct OptimizerAdapter(Box<dyn Optimizer>);
 struct SchedulerAdapter(Box<dyn Scheduler>);
 struct StepAdapter(Box<dyn TrainingStep>);
+struct ImageStageAdapter(Box<dyn ImageStage>);
 
 fn to_ffi_vec(v: Vec<NamedTensor>) -> RVec<NamedTensorFfi> {
     v.into_iter().map(NamedTensorFfi::from).collect()
@@ -379,6 +408,34 @@ impl OptimizerObj for OptimizerAdapter {
     }
     fn load_state(&mut self, state: RVec<NamedTensorFfi>) -> RResult<(), RString> {
         guard(|| self.0.load_state(from_ffi_vec(state)))
+    }
+}
+
+impl ImageStageObj for ImageStageAdapter {
+    fn apply(&self, image: ImageFfi<'_>, seed: u64) -> RResult<(), RString> {
+        guard(|| {
+            let (channels, height, width) = (
+                image.channels as usize,
+                image.height as usize,
+                image.width as usize,
+            );
+            let data = image.data.into_mut_slice();
+            if data.len() != channels * height * width {
+                return Err(Error(format!(
+                    "an image of {channels}x{height}x{width} pixels came with {} bytes",
+                    data.len()
+                )));
+            }
+            self.0.apply(
+                ImageMut {
+                    data,
+                    channels,
+                    height,
+                    width,
+                },
+                seed,
+            )
+        })
     }
 }
 
@@ -460,7 +517,9 @@ fn find_registration(kind: Kind, name: &str) -> Result<&'static Registration> {
         .into_iter()
         .find(|r| {
             let i = r.info();
-            i.kind == kind && i.name == name
+            // A per-image stage is an augmentation the host builds with `create_image_stage`.
+            let image = matches!(r, Registration::ImageStage(_));
+            i.kind == kind && i.name == name && image == (i.stage == Some(Stage::Image))
         })
         .ok_or_else(|| {
             Error(format!(
@@ -662,7 +721,9 @@ extern "C" fn ffi_create_augmentation(
     guard(|| {
         let Registration::Augmentation(f) = find_registration(Kind::Augmentation, name.as_str())?
         else {
-            unreachable!()
+            return Err(Error(format!(
+                "augmentation `{name}` is a per-image stage: build it with create_image_stage"
+            )));
         };
         let aug = f.build(
             &ConfigView::from_json(config.as_str())?,
@@ -740,6 +801,31 @@ extern "C" fn ffi_create_step(
     })
 }
 
+extern "C" fn ffi_create_image_stage(
+    name: RStr<'_>,
+    config: RStr<'_>,
+    ctx: RStr<'_>,
+) -> RResult<ImageStageBox, RString> {
+    guard(|| {
+        let found = registrations()
+            .into_iter()
+            .find(|r| matches!(r, Registration::ImageStage(_)) && r.info().name == name.as_str());
+        let Some(Registration::ImageStage(f)) = found else {
+            return Err(Error(format!(
+                "this plugin has no per-image stage named `{name}`"
+            )));
+        };
+        let stage = f.build(
+            &ConfigView::from_json(config.as_str())?,
+            &data_context_from_json(ctx.as_str())?,
+        )?;
+        Ok(ImageStageObj_TO::from_value(
+            ImageStageAdapter(stage),
+            sabi_trait::TD_Opaque,
+        ))
+    })
+}
+
 /// Builds the root module; called by [`crate::export_plugin!`]. Also installs a panic hook
 /// in the plugin's own `std` so a panic is reported with the plugin's name.
 pub fn plugin_module(
@@ -788,6 +874,7 @@ pub fn plugin_module_built_against(
             ""
         }),
         create_step: ffi_create_step,
+        create_image_stage: ffi_create_image_stage,
     }
     .leak_into_prefix()
 }
@@ -1132,6 +1219,36 @@ impl LoadedPlugin {
         }
     }
 
+    /// Builds a per-image stage ([`Stage::Image`]); an error for a plugin built against an ABI
+    /// before 0.1.2 (which has none).
+    pub fn create_image_stage(
+        &self,
+        component: &str,
+        config: &Value,
+        ctx: &DataContext,
+    ) -> Result<HostImageStage> {
+        let label = (self.name.clone(), component.to_string());
+        let Some(create) = self.module.create_image_stage() else {
+            return Err(context_err(
+                &self.name,
+                Kind::Augmentation,
+                component,
+                format!(
+                    "built against plugin ABI {}, which has no per-image stages (0.1.2 and later)",
+                    self.api_version
+                ),
+            ));
+        };
+        match create(
+            component.into(),
+            config.to_string().as_str().into(),
+            data_context_to_json(ctx).as_str().into(),
+        ) {
+            RResult::ROk(obj) => Ok(HostImageStage { obj, label }),
+            RResult::RErr(e) => Err(context_err(&self.name, Kind::Augmentation, component, e)),
+        }
+    }
+
     pub fn create_scheduler(
         &self,
         component: &str,
@@ -1236,6 +1353,28 @@ impl HostAugmentation {
             .loss(TensorRef::new(logits), TensorRef::new(targets), views);
         lift(&self.label, Kind::Augmentation, r)
             .map(|o| o.into_option().map(TensorHandle::into_tensor))
+    }
+    pub fn name(&self) -> &str {
+        &self.label.1
+    }
+}
+
+/// A per-image stage living in a plugin, seen from the host: shared by the loader's threads.
+pub struct HostImageStage {
+    obj: ImageStageBox,
+    label: Label,
+}
+
+impl HostImageStage {
+    /// Transforms one `channels x height x width` uint8 image in place.
+    pub fn apply(&self, image: ImageMut<'_>, seed: u64) -> Result<()> {
+        let ffi = ImageFfi {
+            data: image.data.into(),
+            channels: image.channels as u32,
+            height: image.height as u32,
+            width: image.width as u32,
+        };
+        lift(&self.label, Kind::Augmentation, self.obj.apply(ffi, seed))
     }
     pub fn name(&self) -> &str {
         &self.label.1

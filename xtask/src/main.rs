@@ -589,7 +589,8 @@ fn ensure_torchvision(t: &Torch) -> Result<()> {
 fn bench(t: &Torch, extra: &[String]) -> Result<()> {
     // `bench models ...`: per-architecture forward/backward throughput (no data needed).
     // `bench pipeline ...`: the input pipeline (crop, flip, normalise, cutout, mixup) against
-    // torchvision transforms + DataLoader collate.
+    // torchvision transforms + DataLoader collate; then the loader with per-image RandAugment
+    // and TrivialAugment against torchvision's in a DataLoader with the same num_workers.
     // `bench fashion-mnist ...`: ResNet-preact-20 training on real Fashion-MNIST against eager.
     // `bench [--device D] ...`: the training step (ResNet-preact-20 and WRN-28-10, batch 128,
     // float32 and mixed precision) against PyTorch's best eager recipe.
@@ -784,7 +785,7 @@ fn main() -> Result<()> {
                  \x20 bench fashion-mnist [--steps N] ResNet-preact-20 on Fashion-MNIST vs PyTorch eager, same machine, same run\n\
                  \x20 bench models [--device D]  forward/backward throughput of every architecture vs PyTorch eager\n\
                  \x20 bench dist [--steps N]     data-parallel images/s on 1 and 2 ranks (Gloo) vs PyTorch DDP under torchrun\n\
-                 \x20 bench pipeline [--device D] input pipeline (crop, flip, normalise, cutout, mixup) images/s vs torchvision\n\
+                 \x20 bench pipeline [--device D] input pipeline (crop, flip, normalise, cutout, mixup; RandAugment, TrivialAugment in the loader) images/s vs torchvision\n\
                  \x20 bench loader [--workers W..] image-folder JPEG loading (decode, random-resized crop, flip, normalise) vs torchvision\n\
                  \x20 docs [--check]             regenerate (or check) the README's plugin table\n\
                  \x20 libtorch                   print the libtorch directory in use (installs it if needed)"

@@ -11,6 +11,7 @@ pub mod data;
 pub mod ema;
 pub mod eval;
 pub mod fit;
+pub mod image_stage;
 pub mod memory_format;
 pub mod metrics;
 pub mod pipeline;
@@ -388,7 +389,7 @@ pub fn run(registry: &Registry, request: &Request, args: &TrainArgs) -> Result<(
     );
 
     // Data.
-    let (train_set, val_set) = load_data(&s)?;
+    let (mut train_set, val_set) = load_data(&s)?;
     let batch_size = c.int("train.batch_size") as usize;
     if batch_size == 0 {
         bail!("train.batch_size must be >= 1");
@@ -410,10 +411,29 @@ pub fn run(registry: &Registry, request: &Request, args: &TrainArgs) -> Result<(
         train_set.len(),
         val_set.len()
     );
-    // An in-memory set that fits lives on the device (train.dataloader.on_device).
+    // An in-memory set that fits lives on the device (train.dataloader.on_device), unless
+    // a per-image stage needs every image to go through the loader's workers.
+    let image_stages = image_stage::build_image_stages(registry, &s)?;
     let [ch, height, width] = train_set.samples.shape();
     let bytes = train_set.len() * ch * height * width;
-    let resident = if s.dataset.image_folder {
+    let resident = if !image_stages.is_empty() {
+        let names: Vec<&str> = image_stages.iter().map(|st| st.name()).collect();
+        if c.str("train.dataloader.on_device") == "on" {
+            bail!(
+                "train.dataloader.on_device on keeps the training set on the device, but the per-image stage{} {} run{} on each image in the data loader; set train.dataloader.on_device auto or off",
+                if names.len() > 1 { "s" } else { "" },
+                names.join(", "),
+                if names.len() > 1 { "" } else { "s" }
+            );
+        }
+        tracing::info!(
+            "per-image stage {} in {} data-loading thread(s) (train.dataloader.num_workers)",
+            names.join(", "),
+            train_set.num_workers
+        );
+        train_set.samples = image_stage::StagedSamples::wrap(train_set.samples, image_stages);
+        None
+    } else if s.dataset.image_folder {
         if c.str("train.dataloader.on_device") == "on" {
             bail!("train.dataloader.on_device on needs an in-memory dataset; image folders are streamed (use auto or off)");
         }
