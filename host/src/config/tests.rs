@@ -1065,6 +1065,7 @@ fn host_schema_matches_the_reference_defaults() {
         "train.channels_last",
         "train.dist.timeout",
         "train.precision_dtype",
+        "train.num_threads",
     ];
     for spec in schema.keys() {
         assert!(
