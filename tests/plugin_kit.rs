@@ -57,6 +57,8 @@ fn train_args(data: &Path, out: &Path) -> Vec<String> {
         out.to_str().unwrap(),
         "scheduler.epochs",
         "2",
+        "train.batch_size",
+        "32",
         "validation.batch_size",
         "64",
         "train.val_first",

@@ -29,6 +29,52 @@ pub fn sha256_file(path: &Path) -> Result<String> {
     Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
+/// Where [`sha256_cached`] keeps the checksums it computed: `$XDG_CACHE_HOME/imgclf/plugin-sha256`
+/// (default `~/.cache/...`), else the temporary folder.
+fn cache_dir() -> PathBuf {
+    std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(std::env::temp_dir)
+        .join("imgclf/plugin-sha256")
+}
+
+/// [`sha256_file`], remembered per (file, size, modification time): a debug build's plugins
+/// are about 50 MB each, and every run records them all. A file rewritten in any way gets a new
+/// size or time, hence a new checksum.
+pub fn sha256_cached(path: &Path) -> Result<String> {
+    use std::hash::{Hash, Hasher};
+    let meta = std::fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let mtime = meta
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|d| d.as_nanos());
+    let Some(mtime) = mtime else {
+        return sha256_file(path);
+    };
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (path, meta.len(), mtime).hash(&mut h);
+    let entry = cache_dir().join(format!("{:016x}", h.finish()));
+    let valid = |s: &str| s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit());
+    if let Ok(text) = std::fs::read_to_string(&entry) {
+        // `path size mtime sha256`: the key is checked, not only its hash.
+        let want = format!("{} {} {mtime} ", path.display(), meta.len());
+        if let Some(sha) = text.strip_prefix(&want).map(str::trim) {
+            if valid(sha) {
+                return Ok(sha.to_string());
+            }
+        }
+    }
+    let sha = sha256_file(path)?;
+    // A cache only: failing to write it costs time, nothing else.
+    if std::fs::create_dir_all(cache_dir()).is_ok() {
+        let line = format!("{} {} {mtime} {sha}\n", path.display(), meta.len());
+        let _ = crate::io::write_atomic(&entry, line.as_bytes());
+    }
+    Ok(sha)
+}
+
 /// Every loaded plugin, for `env.yaml`'s `plugins` list.
 pub fn record(reg: &Registry) -> Result<serde_json::Value> {
     let mut out = Vec::new();
@@ -38,7 +84,7 @@ pub fn record(reg: &Registry) -> Result<serde_json::Value> {
             "name": p.name,
             "version": p.version,
             "file": file,
-            "sha256": sha256_file(&file)?,
+            "sha256": sha256_cached(&file)?,
             "abi_version": p.api_version,
             "libtorch_version": p.libtorch_version,
             "components": p.components.iter()
@@ -152,7 +198,7 @@ pub fn verify(
         if r.sha256.is_empty() {
             continue;
         }
-        let now = sha256_file(&p.path)?;
+        let now = sha256_cached(&p.path.canonicalize().unwrap_or_else(|_| p.path.clone()))?;
         if now != r.sha256 {
             let msg = format!(
                 "plugin `{}` changed: the run was trained with {} (version {}, sha256 {}), but {} \
@@ -215,6 +261,13 @@ mod tests {
         assert_eq!(
             sha256_file(&d).unwrap(),
             "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+        assert_eq!(sha256_cached(&d).unwrap(), sha256_file(&d).unwrap());
+        assert_eq!(sha256_cached(&d).unwrap(), sha256_file(&d).unwrap());
+        std::fs::write(&d, b"abcd").unwrap();
+        assert_eq!(
+            sha256_cached(&d).unwrap(),
+            "88d4266fd4e6338d13b845fcf289579d209c897823b9217da3e161936f031589"
         );
         let _ = std::fs::remove_file(&d);
     }

@@ -514,7 +514,7 @@ fn optimizer_round(reg: &Registry, e: &Entry, overrides: &[(String, String)]) ->
         return Err("a step moved a parameter's storage (steps must update it in place)".into());
     }
     let after = loss(&p).double_value(&[]);
-    if !(after < initial) {
+    if after >= initial || after.is_nan() {
         return Err(format!(
             "the loss did not decrease in 5 steps at lr 0.01: {initial} -> {after}"
         ));
