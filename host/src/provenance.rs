@@ -44,7 +44,8 @@ fn cache_dir() -> PathBuf {
 /// size or time, hence a new checksum.
 pub fn sha256_cached(path: &Path) -> Result<String> {
     use std::hash::{Hash, Hasher};
-    let meta = std::fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let meta =
+        std::fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?;
     let mtime = meta
         .modified()
         .ok()
