@@ -310,6 +310,7 @@ pub fn setup(registry: &Registry, request: &Request, purpose: Purpose) -> Result
         b.set("device", Value::Str("cpu".into()), Source::Derived)?;
     }
     let config = b.build()?;
+    crate::threads::apply_config(&config);
     let resume_changes = match (&saved, &request.resume_config) {
         (Some(saved), Some(file)) => crate::resume::changes(
             saved,

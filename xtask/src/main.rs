@@ -744,6 +744,44 @@ fn seed_corpus(name: &str, corpus: &Path) -> Result<()> {
     Ok(())
 }
 
+/// What CI runs for the plugin kit: `imgclf new-plugin` writes the template of every kind into
+/// a temporary folder (out of tree), `cargo test` and `cargo build` it there against this
+/// checkout's plugin-api with CARGO_TARGET_DIR set to the workspace's target dir (so torch-sys
+/// and the other dependencies are reused, not rebuilt), and `imgclf plugins check` checks the
+/// built plugin file.
+fn template_check(t: &Torch) -> Result<()> {
+    let profile = build(t, false, false)?;
+    let imgclf = profile.join("imgclf");
+    let tmp = std::env::temp_dir().join(format!("imgclf-template-check-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    for kind in ["model", "augmentation", "optimizer", "scheduler"] {
+        let name = format!("template_{kind}");
+        let dir = tmp.join(&name);
+        eprintln!("xtask: template-check: {kind} in {}", dir.display());
+        run(Command::new(&imgclf)
+            .args(["new-plugin", &name, "--kind", kind, "--dir"])
+            .arg(&dir)
+            .env("LD_LIBRARY_PATH", ld_path(t)))?;
+        for step in ["test", "build"] {
+            let mut c = cargo(t);
+            c.current_dir(&dir)
+                .env("CARGO_TARGET_DIR", target_dir())
+                .arg(step);
+            run(&mut c)?;
+        }
+        run(Command::new(&imgclf)
+            .args(["plugins", "check"])
+            .arg(profile.join(lib_name(&format!("imgclf-plugin-{name}"))))
+            .env("LD_LIBRARY_PATH", ld_path(t))
+            .env_remove("IMGCLF_PLUGIN_PATH"))?;
+    }
+    let _ = std::fs::remove_dir_all(&tmp);
+    eprintln!(
+        "xtask: template-check: every template builds, passes its tests and `imgclf plugins check`"
+    );
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let (cmd, rest) = args
@@ -759,9 +797,11 @@ fn main() -> Result<()> {
             dist(&torch()?)?;
         }
         "test" => test(&torch()?, &rest)?,
+        "template-check" => template_check(&torch()?)?,
         "ci" => {
             let t = torch()?;
             test(&t, &[])?;
+            template_check(&t)?;
             lint(&t)?;
             fuzz(&t, &[])?;
         }
@@ -778,6 +818,7 @@ fn main() -> Result<()> {
                  \x20 test [cargo test args]     build everything (and the fixture plugins) and run the whole test suite\n\
                  \x20 ci                         what CI runs: test, lint, then fuzz\n\
                  \x20 fuzz [--seconds N] [T]...  run every fuzz target (fuzz/, cargo-fuzz) N seconds (default 25)\n\
+                 \x20 template-check             build every `imgclf new-plugin` template out of tree (shared target dir), cargo test it, `imgclf plugins check` it\n\
                  \x20 lint                       fmt check, clippy -D warnings, README plugin table check\n\
                  \x20 dist                       release build into target/dist/{{bin,lib/imgclf/plugins}}\n\
                  \x20 build [--release]          build host, plugins and fixtures into target/<profile>/\n\

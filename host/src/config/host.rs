@@ -179,6 +179,12 @@ pub fn host_schema() -> Schema {
         ),
         int("train.start_epoch", 0, "Epoch to start from").with_range(IntRange::at_least(0)),
         int("train.seed", 0, "Random seed").with_range(IntRange::at_least(0)),
+        int(
+            "train.num_threads",
+            0,
+            "libtorch intra-op threads (torch.set_num_threads); 0: OMP_NUM_THREADS when set, else libtorch's default",
+        )
+        .with_range(IntRange::at_least(0)),
         boolean("train.val_first", true, "Validate before the first epoch"),
         int("train.val_period", 1, "Validate every this many epochs")
             .with_range(IntRange::at_least(0)),

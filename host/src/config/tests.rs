@@ -1069,6 +1069,7 @@ fn host_schema_matches_the_reference_defaults() {
         "train.ema.enabled",
         "train.ema.decay",
         "train.ema.eval",
+        "train.num_threads",
     ];
     for spec in schema.keys() {
         assert!(

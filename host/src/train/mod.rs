@@ -263,7 +263,7 @@ fn print_dry_run(s: &Setup, registry: &Registry, model: &HostModel, out: &Path, 
 
 /// Creates a new run's output directory with its `config.yaml` and `env.yaml`; a resumed run
 /// keeps its own. Either way `log.txt` receives the log from here on.
-fn prepare_output(out: &Path, config: &Config, resume: bool) -> Result<()> {
+fn prepare_output(out: &Path, config: &Config, resume: bool, registry: &Registry) -> Result<()> {
     if !resume {
         if out.exists() {
             bail!(
@@ -274,9 +274,11 @@ fn prepare_output(out: &Path, config: &Config, resume: bool) -> Result<()> {
         }
         std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
         crate::io::write_atomic(&out.join("config.yaml"), config.to_yaml().as_bytes())?;
+        let mut env = crate::envinfo::collect();
+        env["plugins"] = crate::provenance::record(registry)?;
         crate::io::write_atomic(
             &out.join("env.yaml"),
-            crate::envinfo::to_yaml(&crate::envinfo::collect()).as_bytes(),
+            crate::envinfo::to_yaml(&env).as_bytes(),
         )?;
     }
     let log = std::fs::OpenOptions::new()
@@ -368,7 +370,7 @@ pub fn run(registry: &Registry, request: &Request, args: &TrainArgs) -> Result<(
 
     let writer = collective.is_writer();
     if writer {
-        prepare_output(&out, c, args.resume.is_some())?;
+        prepare_output(&out, c, args.resume.is_some(), registry)?;
         if args.resume.is_some() {
             crate::resume::record(&out, c, &s.resume_changes)?;
         }

@@ -26,54 +26,38 @@ pub struct Config {
     pub init_mode: InitMode,
 }
 
+imgclf_plugin_api::config_section! {
+    /// `model.densenet.*`, each key declared once (read back typed by `Keys::from_view`).
+    pub struct Keys in "model.densenet" {
+        /// network depth: 3n+4 (basic) or 6n+4 (bottleneck)
+        depth: i64 = 100, at_least(1);
+        /// layers per dense block (ImageNet models only; unused here)
+        n_blocks: Vec<i64> = vec![6, 12, 24, 16], at_least(1);
+        /// dense layer
+        block_type: String = "bottleneck", choices(&["basic", "bottleneck"]);
+        /// k: channels each dense layer adds
+        growth_rate: i64 = 12, at_least(1);
+        /// dropout after every convolution (training only)
+        drop_rate: f64 = 0.0;
+        /// theta: a transition keeps floor(theta * C) channels
+        compression_rate: f64 = 0.5;
+    }
+}
+
 impl Config {
     pub fn keys() -> Vec<KeyDecl> {
-        vec![
-            KeyDecl::int(
-                &format!("{SECTION}.depth"),
-                100,
-                "network depth: 3n+4 (basic) or 6n+4 (bottleneck)",
-            )
-            .at_least(1),
-            KeyDecl::int_list(
-                &format!("{SECTION}.n_blocks"),
-                &[6, 12, 24, 16],
-                "layers per dense block (ImageNet models only; unused here)",
-            )
-            .at_least(1),
-            KeyDecl::str(
-                &format!("{SECTION}.block_type"),
-                "bottleneck",
-                "dense layer",
-            )
-            .choices(&["basic", "bottleneck"]),
-            KeyDecl::int(
-                &format!("{SECTION}.growth_rate"),
-                12,
-                "k: channels each dense layer adds",
-            )
-            .at_least(1),
-            KeyDecl::float(
-                &format!("{SECTION}.drop_rate"),
-                0.0,
-                "dropout after every convolution (training only)",
-            ),
-            KeyDecl::float(
-                &format!("{SECTION}.compression_rate"),
-                0.5,
-                "theta: a transition keeps floor(theta * C) channels",
-            ),
-        ]
+        Keys::keys()
     }
 
     pub fn from_view(c: &ConfigView) -> Result<Self> {
+        let k = Keys::from_view(c)?;
         let bottleneck = nn::is_bottleneck(c, SECTION)?;
         let cfg = Config {
-            depth: c.int(&format!("{SECTION}.depth"))?,
+            depth: k.depth,
             bottleneck,
-            growth_rate: c.int(&format!("{SECTION}.growth_rate"))?,
-            drop_rate: c.float(&format!("{SECTION}.drop_rate"))?,
-            compression_rate: c.float(&format!("{SECTION}.compression_rate"))?,
+            growth_rate: k.growth_rate,
+            drop_rate: k.drop_rate,
+            compression_rate: k.compression_rate,
             init_mode: InitMode::parse(&c.str("model.init_mode")?)?,
         };
         if !(0.0..1.0).contains(&cfg.drop_rate) {

@@ -25,49 +25,35 @@ pub struct Config {
     pub init_mode: InitMode,
 }
 
+imgclf_plugin_api::config_section! {
+    /// `model.pyramidnet.*`, each key declared once (read back typed by `Keys::from_view`).
+    pub struct Keys in "model.pyramidnet" {
+        /// network depth: 6n+2 (basic) or 9n+2 (bottleneck)
+        depth: i64 = 272, at_least(1);
+        /// blocks per stage (ImageNet models only; unused here)
+        n_blocks: Vec<i64> = vec![3, 24, 36, 3], at_least(1);
+        /// channels of the first convolution
+        initial_channels: i64 = 16, at_least(1);
+        /// residual block
+        block_type: String = "bottleneck", choices(&["basic", "bottleneck"]);
+        /// total width increase over all blocks (before the bottleneck's 4x)
+        alpha: i64 = 200, at_least(0);
+    }
+}
+
 impl Config {
     pub fn keys() -> Vec<KeyDecl> {
-        vec![
-            KeyDecl::int(
-                &format!("{SECTION}.depth"),
-                272,
-                "network depth: 6n+2 (basic) or 9n+2 (bottleneck)",
-            )
-            .at_least(1),
-            KeyDecl::int_list(
-                &format!("{SECTION}.n_blocks"),
-                &[3, 24, 36, 3],
-                "blocks per stage (ImageNet models only; unused here)",
-            )
-            .at_least(1),
-            KeyDecl::int(
-                &format!("{SECTION}.initial_channels"),
-                16,
-                "channels of the first convolution",
-            )
-            .at_least(1),
-            KeyDecl::str(
-                &format!("{SECTION}.block_type"),
-                "bottleneck",
-                "residual block",
-            )
-            .choices(&["basic", "bottleneck"]),
-            KeyDecl::int(
-                &format!("{SECTION}.alpha"),
-                200,
-                "total width increase over all blocks (before the bottleneck's 4x)",
-            )
-            .at_least(0),
-        ]
+        Keys::keys()
     }
 
     pub fn from_view(c: &ConfigView) -> Result<Self> {
+        let k = Keys::from_view(c)?;
         let bottleneck = nn::is_bottleneck(c, SECTION)?;
         let cfg = Config {
-            depth: c.int(&format!("{SECTION}.depth"))?,
-            initial_channels: c.int(&format!("{SECTION}.initial_channels"))?,
+            depth: k.depth,
+            initial_channels: k.initial_channels,
             bottleneck,
-            alpha: c.int(&format!("{SECTION}.alpha"))?,
+            alpha: k.alpha,
             init_mode: InitMode::parse(&c.str("model.init_mode")?)?,
         };
         if cfg.alpha < 0 || cfg.initial_channels < 1 {

@@ -21,38 +21,32 @@ pub struct Config {
     pub init_mode: InitMode,
 }
 
+imgclf_plugin_api::config_section! {
+    /// `model.resnet.*`, each key declared once (read back typed by `Keys::from_view`).
+    pub struct Keys in "model.resnet" {
+        /// network depth: 6n+2 (basic) or 9n+2 (bottleneck)
+        depth: i64 = 110, at_least(1);
+        /// blocks per stage (ImageNet models only; unused here)
+        n_blocks: Vec<i64> = vec![2, 2, 2, 2], at_least(1);
+        /// residual block
+        block_type: String = "basic", choices(&["basic", "bottleneck"]);
+        /// channels of the first stage
+        initial_channels: i64 = 16, at_least(1);
+    }
+}
+
 impl Config {
     pub fn keys() -> Vec<KeyDecl> {
-        vec![
-            KeyDecl::int(
-                &format!("{SECTION}.depth"),
-                110,
-                "network depth: 6n+2 (basic) or 9n+2 (bottleneck)",
-            )
-            .at_least(1),
-            KeyDecl::int_list(
-                &format!("{SECTION}.n_blocks"),
-                &[2, 2, 2, 2],
-                "blocks per stage (ImageNet models only; unused here)",
-            )
-            .at_least(1),
-            KeyDecl::str(&format!("{SECTION}.block_type"), "basic", "residual block")
-                .choices(&["basic", "bottleneck"]),
-            KeyDecl::int(
-                &format!("{SECTION}.initial_channels"),
-                16,
-                "channels of the first stage",
-            )
-            .at_least(1),
-        ]
+        Keys::keys()
     }
 
     pub fn from_view(c: &ConfigView) -> Result<Self> {
+        let k = Keys::from_view(c)?;
         let bottleneck = nn::is_bottleneck(c, SECTION)?;
         Ok(Config {
-            depth: c.int(&format!("{SECTION}.depth"))?,
+            depth: k.depth,
             bottleneck,
-            initial_channels: c.int(&format!("{SECTION}.initial_channels"))?,
+            initial_channels: k.initial_channels,
             init_mode: InitMode::parse(&c.str("model.init_mode")?)?,
         })
     }

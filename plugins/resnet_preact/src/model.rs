@@ -41,65 +41,50 @@ impl BlockType {
     }
 }
 
+imgclf_plugin_api::config_section! {
+    /// `model.resnet_preact.*`, each key declared once (read back typed by `Keys::from_view`).
+    pub struct Keys in "model.resnet_preact" {
+        /// network depth: 6n+2 (basic) or 9n+2 (bottleneck)
+        depth: i64 = 110, at_least(1);
+        /// blocks per stage (ImageNet models only; unused here)
+        n_blocks: Vec<i64> = vec![2, 2, 2, 2], at_least(1);
+        /// residual block
+        block_type: String = "basic", choices(&["basic", "bottleneck"]);
+        /// channels of the first stage
+        initial_channels: i64 = 16, at_least(1);
+        /// drop the ReLU after the first BN of each block
+        remove_first_relu: bool = false;
+        /// add a BN after the last conv of each block
+        add_last_bn: bool = false;
+        /// per stage: first block pre-activates the shortcut too
+        preact_stage: Vec<bool> = vec![true, true, true];
+    }
+}
+
 impl Config {
     pub fn keys() -> Vec<KeyDecl> {
-        vec![
-            KeyDecl::int(
-                &format!("{SECTION}.depth"),
-                110,
-                "network depth: 6n+2 (basic) or 9n+2 (bottleneck)",
-            )
-            .at_least(1),
-            KeyDecl::int_list(
-                &format!("{SECTION}.n_blocks"),
-                &[2, 2, 2, 2],
-                "blocks per stage (ImageNet models only; unused here)",
-            )
-            .at_least(1),
-            KeyDecl::str(&format!("{SECTION}.block_type"), "basic", "residual block")
-                .choices(&["basic", "bottleneck"]),
-            KeyDecl::int(
-                &format!("{SECTION}.initial_channels"),
-                16,
-                "channels of the first stage",
-            )
-            .at_least(1),
-            KeyDecl::bool(
-                &format!("{SECTION}.remove_first_relu"),
-                false,
-                "drop the ReLU after the first BN of each block",
-            ),
-            KeyDecl::bool(
-                &format!("{SECTION}.add_last_bn"),
-                false,
-                "add a BN after the last conv of each block",
-            ),
-            KeyDecl::bool_list(
-                &format!("{SECTION}.preact_stage"),
-                &[true, true, true],
-                "per stage: first block pre-activates the shortcut too",
-            ),
-        ]
+        Keys::keys()
     }
 
     pub fn from_view(c: &ConfigView) -> Result<Self> {
+        let k = Keys::from_view(c)?;
         let block_type = if nn::is_bottleneck(c, SECTION)? {
             BlockType::Bottleneck
         } else {
             BlockType::Basic
         };
-        let stages = c.bool_list(&format!("{SECTION}.preact_stage"))?;
+        let stages = k.preact_stage.clone();
         let preact_stage: [bool; 3] = stages.as_slice().try_into().map_err(|_| {
             imgclf_plugin_api::Error(format!(
                 "{SECTION}.preact_stage needs 3 values (one per stage), got {stages:?}"
             ))
         })?;
         Ok(Config {
-            depth: c.int(&format!("{SECTION}.depth"))?,
+            depth: k.depth,
             block_type,
-            initial_channels: c.int(&format!("{SECTION}.initial_channels"))?,
-            remove_first_relu: c.bool(&format!("{SECTION}.remove_first_relu"))?,
-            add_last_bn: c.bool(&format!("{SECTION}.add_last_bn"))?,
+            initial_channels: k.initial_channels,
+            remove_first_relu: k.remove_first_relu,
+            add_last_bn: k.add_last_bn,
             preact_stage,
             init_mode: InitMode::parse(&c.str("model.init_mode")?)?,
         })

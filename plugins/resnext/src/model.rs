@@ -25,43 +25,34 @@ pub struct Config {
     pub init_mode: InitMode,
 }
 
+imgclf_plugin_api::config_section! {
+    /// `model.resnext.*`, each key declared once (read back typed by `Keys::from_view`).
+    pub struct Keys in "model.resnext" {
+        /// network depth: 9n+2
+        depth: i64 = 29, at_least(1);
+        /// blocks per stage (ImageNet models only; unused here)
+        n_blocks: Vec<i64> = vec![3, 4, 6, 3], at_least(1);
+        /// channels of the first convolution (stage outputs are 4x, 8x, 16x this)
+        initial_channels: i64 = 64, at_least(1);
+        /// groups of the 3x3 convolution
+        cardinality: i64 = 8, at_least(1);
+        /// channels per group in the first stage (doubled each stage)
+        base_channels: i64 = 4, at_least(1);
+    }
+}
+
 impl Config {
     pub fn keys() -> Vec<KeyDecl> {
-        vec![
-            KeyDecl::int(&format!("{SECTION}.depth"), 29, "network depth: 9n+2").at_least(1),
-            KeyDecl::int_list(
-                &format!("{SECTION}.n_blocks"),
-                &[3, 4, 6, 3],
-                "blocks per stage (ImageNet models only; unused here)",
-            )
-            .at_least(1),
-            KeyDecl::int(
-                &format!("{SECTION}.initial_channels"),
-                64,
-                "channels of the first convolution (stage outputs are 4x, 8x, 16x this)",
-            )
-            .at_least(1),
-            KeyDecl::int(
-                &format!("{SECTION}.cardinality"),
-                8,
-                "groups of the 3x3 convolution",
-            )
-            .at_least(1),
-            KeyDecl::int(
-                &format!("{SECTION}.base_channels"),
-                4,
-                "channels per group in the first stage (doubled each stage)",
-            )
-            .at_least(1),
-        ]
+        Keys::keys()
     }
 
     pub fn from_view(c: &ConfigView) -> Result<Self> {
+        let k = Keys::from_view(c)?;
         let cfg = Config {
-            depth: c.int(&format!("{SECTION}.depth"))?,
-            initial_channels: c.int(&format!("{SECTION}.initial_channels"))?,
-            cardinality: c.int(&format!("{SECTION}.cardinality"))?,
-            base_channels: c.int(&format!("{SECTION}.base_channels"))?,
+            depth: k.depth,
+            initial_channels: k.initial_channels,
+            cardinality: k.cardinality,
+            base_channels: k.base_channels,
             init_mode: InitMode::parse(&c.str("model.init_mode")?)?,
         };
         if cfg.cardinality < 1 || cfg.base_channels < 1 || cfg.initial_channels < 1 {

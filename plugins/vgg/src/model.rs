@@ -21,33 +21,27 @@ pub struct Config {
     pub init_mode: InitMode,
 }
 
+imgclf_plugin_api::config_section! {
+    /// `model.vgg.*`, each key declared once (read back typed by `Keys::from_view`).
+    pub struct Keys in "model.vgg" {
+        /// output channels of each of the five stages
+        n_channels: Vec<i64> = vec![64, 128, 256, 512, 512], at_least(1);
+        /// 3x3 convolutions in each of the five stages
+        n_layers: Vec<i64> = vec![2, 2, 3, 3, 3], at_least(1);
+        /// batch normalisation after every convolution
+        use_bn: bool = true;
+    }
+}
+
 impl Config {
     pub fn keys() -> Vec<KeyDecl> {
-        vec![
-            KeyDecl::int_list(
-                &format!("{SECTION}.n_channels"),
-                &[64, 128, 256, 512, 512],
-                "output channels of each of the five stages",
-            )
-            .at_least(1),
-            KeyDecl::int_list(
-                &format!("{SECTION}.n_layers"),
-                &[2, 2, 3, 3, 3],
-                "3x3 convolutions in each of the five stages",
-            )
-            .at_least(1),
-            KeyDecl::bool(
-                &format!("{SECTION}.use_bn"),
-                true,
-                "batch normalisation after every convolution",
-            ),
-        ]
+        Keys::keys()
     }
 
     pub fn from_view(c: &ConfigView) -> Result<Self> {
-        let five = |key: &str| -> Result<[i64; STAGES]> {
-            let v = c.int_list(&format!("{SECTION}.{key}"))?;
-            match <[i64; STAGES]>::try_from(v.as_slice()) {
+        let k = Keys::from_view(c)?;
+        let five = |key: &str, v: &[i64]| -> Result<[i64; STAGES]> {
+            match <[i64; STAGES]>::try_from(v) {
                 Ok(a) if a.iter().all(|&x| x >= 1) => Ok(a),
                 _ => plugin_bail!(
                     "{SECTION}.{key} needs 5 positive values (one per stage), got {v:?}"
@@ -55,9 +49,9 @@ impl Config {
             }
         };
         Ok(Config {
-            n_channels: five("n_channels")?,
-            n_layers: five("n_layers")?,
-            use_bn: c.bool(&format!("{SECTION}.use_bn"))?,
+            n_channels: five("n_channels", &k.n_channels)?,
+            n_layers: five("n_layers", &k.n_layers)?,
+            use_bn: k.use_bn,
             init_mode: InitMode::parse(&c.str("model.init_mode")?)?,
         })
     }
