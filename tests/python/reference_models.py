@@ -184,9 +184,15 @@ def init_spec(model: nn.Module) -> Dict[str, list]:
     """
     fan_mode = model.init_fan
     spec: Dict[str, list] = {}
+    # With conv biases (VGG) the statistics depend on the random draw: one
+    # draw may leave them all equal and the next not (seen on ImageNet VGG).
+    biased = any(isinstance(m, nn.Conv2d) and m.bias is not None
+                 for m in model.modules())
     for name, b in model.named_buffers():
         flat = b.flatten()
         same = flat.numel() > 0 and bool((flat == flat[0]).all())
+        if biased and not name.endswith("num_batches_tracked"):
+            same = False
         spec[name] = ["const", flat[0].item()] if same else ["any"]
     for prefix, m in model.named_modules():
         p = prefix + "." if prefix else ""
