@@ -245,6 +245,22 @@ fn config_errors_name_the_key_its_source_and_the_fix() {
         e.contains("train.dist.backend nccl reduces CUDA tensors, but device is cpu: set train.dist.backend gloo"),
         "{e}"
     );
+    // Precision requests this build cannot serve are refused before anything runs.
+    let e = train_err(&["train.precision", "O4", "--dry-run"]);
+    assert!(e.contains("train.precision") && e.contains("O4"), "{e}");
+    let e = train_err(&[
+        "train.precision",
+        "O3",
+        "train.precision_dtype",
+        "float8",
+        "--dry-run",
+    ]);
+    assert!(
+        e.contains(
+            "train.precision_dtype must be one of 'float16', 'bfloat16', got 'float8' (command line)"
+        ),
+        "{e}"
+    );
     let e = train_err(&["model.resnet_preact.block_type", "wide", "--dry-run"]);
     assert!(
         e.contains("model.resnet_preact.block_type must be one of 'basic', 'bottleneck'"),
@@ -423,36 +439,6 @@ fn every_reference_single_device_command_is_accepted() {
         large, 3,
         "LARS, Ghost BN and no-weight-decay-on-BN commands"
     );
-}
-
-/// Splits a shell command line (single quotes group words, as in the reference README).
-fn split_command(s: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut cur = String::new();
-    let mut quoted = false;
-    let mut any = false;
-    for ch in s.chars() {
-        match ch {
-            '\'' => {
-                quoted = !quoted;
-                any = true;
-            }
-            c if c.is_whitespace() && !quoted => {
-                if any {
-                    out.push(std::mem::take(&mut cur));
-                    any = false;
-                }
-            }
-            c => {
-                cur.push(c);
-                any = true;
-            }
-        }
-    }
-    if any {
-        out.push(cur);
-    }
-    out
 }
 
 #[test]

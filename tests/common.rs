@@ -244,3 +244,62 @@ pub fn write_image_folder(dir: &Path, classes: &[&str], per_class: usize) -> Vec
     names.sort();
     names
 }
+
+/// A small CIFAR-10 in the official binary format (`cifar-10-batches-bin/`: five training
+/// batches `data_batch_{1..5}.bin` of `per_batch` records and `test_batch.bin` of `n_test`;
+/// each record a label byte and 3072 pixels, R then G then B planes). Pixels are
+/// deterministic noise, labels cycle through the ten classes.
+pub fn write_cifar10_binary(dir: &Path, per_batch: usize, n_test: usize) {
+    let folder = dir.join("cifar-10-batches-bin");
+    std::fs::create_dir_all(&folder).unwrap();
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let mut records = |n: usize, offset: usize| {
+        let mut bytes = Vec::with_capacity(n * 3073);
+        for i in 0..n {
+            bytes.push(((i + offset) % 10) as u8);
+            bytes.extend((0..3072).map(|_| {
+                state ^= state >> 12;
+                state ^= state << 25;
+                state ^= state >> 27;
+                (state.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 56) as u8
+            }));
+        }
+        bytes
+    };
+    for b in 1..=5 {
+        let data = records(per_batch, b);
+        std::fs::write(folder.join(format!("data_batch_{b}.bin")), data).unwrap();
+    }
+    let test = records(n_test, 0);
+    std::fs::write(folder.join("test_batch.bin"), test).unwrap();
+}
+
+/// Splits a shell command line (single quotes group words, as in the reference README).
+pub fn split_command(s: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut quoted = false;
+    let mut any = false;
+    for ch in s.chars() {
+        match ch {
+            '\'' => {
+                quoted = !quoted;
+                any = true;
+            }
+            c if c.is_whitespace() && !quoted => {
+                if any {
+                    out.push(std::mem::take(&mut cur));
+                    any = false;
+                }
+            }
+            c => {
+                cur.push(c);
+                any = true;
+            }
+        }
+    }
+    if any {
+        out.push(cur);
+    }
+    out
+}

@@ -384,3 +384,68 @@ fn torchrun_max_restarts_resumes_from_the_newest_checkpoint() {
     );
     assert_eq!(diff, 0.0, "resumed vs uninterrupted");
 }
+
+/// The reference README's multi-GPU lines (`python -m torch.distributed.launch
+/// --nproc_per_node N train.py ARGS`), in imgclf's form `imgclf train --nproc-per-node N ARGS`:
+/// each dry-runs with its N ranks and then trains a few steps on a small Gloo world (2 ranks
+/// on the CPU, WRN-10-1 instead of WRN-28-10, a generated CIFAR-10 of 40 images) with
+/// everything else of the command as written (RICAP, no random crop, cosine, the batch per
+/// rank halved twice over).
+#[test]
+fn reference_multi_gpu_commands_dry_run_and_train_on_a_small_gloo_world() {
+    let d = scratch("dist-seed-commands");
+    let data = d.join("cifar");
+    write_cifar10_binary(&data, 8, 16);
+    let commands = std::fs::read_to_string(workspace().join("tests/data/commands.txt")).unwrap();
+    let mut seen = Vec::new();
+    for line in commands
+        .lines()
+        .filter(|l| l.starts_with("python -m torch.distributed.launch"))
+    {
+        let (launch, rest) = line.split_once("train.py").unwrap();
+        let words = split_command(launch);
+        let n = &words[words.iter().position(|w| w == "--nproc_per_node").unwrap() + 1];
+        let args = split_command(rest);
+        assert!(args.windows(2).any(|w| w == ["train.distributed", "True"]));
+        seen.push(n.clone());
+        // As written, with its N ranks (CPU: the reference's nccl needs a GPU, so gloo).
+        let out = d.join(format!("dry-{n}"));
+        let (code, stdout, err) = run(imgclf(&workspace())
+            .args(["train", "--nproc-per-node", n])
+            .args(&args)
+            .args(["device", "cpu", "train.dist.backend", "gloo"])
+            .args(["train.output_dir", out.to_str().unwrap(), "--dry-run"]));
+        assert_eq!(code, 0, "{line}\n{stdout}\n{err}");
+        assert!(stdout.contains("parameters: 36479194"), "{line}\n{stdout}");
+        assert!(
+            !out.join("config.yaml").exists(),
+            "a dry run writes nothing"
+        );
+        // A few steps on 2 ranks.
+        let out = d.join(format!("run-{n}"));
+        let batch: usize = args[args.iter().position(|a| a == "train.batch_size").unwrap() + 1]
+            .parse()
+            .unwrap();
+        let per_rank = (batch / 64).max(1).to_string();
+        let err = ok(run(imgclf(&workspace())
+            .args(["train", "--nproc-per-node", "2"])
+            .args(&args)
+            .args(["device", "cpu", "train.dist.backend", "gloo"])
+            .args(["dataset.dataset_dir", data.to_str().unwrap()])
+            .args(["model.wrn.depth", "10", "model.wrn.widening_factor", "1"])
+            .args(["train.batch_size", &per_rank, "scheduler.epochs", "1"])
+            .args(["validation.batch_size", "8", "train.log_period", "1"])
+            .args(["train.output_dir", out.to_str().unwrap()])));
+        assert!(
+            err.contains("weights identical on all 2 ranks"),
+            "{line}\n{err}"
+        );
+        let steps = 40 / (2 * per_rank.parse::<usize>().unwrap());
+        let records = jsonl(&out.join("metrics.jsonl"));
+        let train = records.iter().filter(|r| r["split"] == "train").count();
+        assert_eq!(train, steps, "{line}: one record per global step");
+        assert!(out.join("model_final.safetensors").exists());
+    }
+    assert_eq!(seen, ["2", "4", "8"]);
+    let _ = std::fs::remove_dir_all(&d);
+}

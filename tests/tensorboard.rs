@@ -213,6 +213,25 @@ fn event_files_hold_metrics_jsonl_in_tensorboards_reader_and_resume_purges() {
     ]
     .into();
     assert_eq!(lr, expected);
+    // The rates themselves follow the reference's CombinedScheduler, whose
+    // `bisect_left(offsets, step) - 1` keeps the old rate at the milestone step itself:
+    // global step s (1-based) trains at f(s - 1), and f(8) (the first step of epoch 3) is
+    // still 0.1; decay (lr_decay 0.1) starts at step 10. So Train/LearningRate after epoch 2
+    // is 0.1 too, as the reference logs it.
+    for r in &train_recs {
+        let step = r["step"].as_u64().unwrap();
+        let want = if step - 1 <= 2 * STEPS_PER_EPOCH {
+            0.1f32
+        } else {
+            0.1f32 * 0.1f32
+        };
+        let got = f32_of(&r["lr"]);
+        assert!(
+            (got - want).abs() <= 1e-6 * want,
+            "step {step}: lr {got}, reference {want}"
+        );
+    }
+    assert_eq!(lr[&2], 0.1f32);
     for (tag, steps) in [("Train/Time", 1..=3), ("Val/Time", 0..=3)] {
         let s = scalars(&tb, tag);
         assert_eq!(
@@ -265,6 +284,46 @@ fn event_files_hold_metrics_jsonl_in_tensorboards_reader_and_resume_purges() {
         "buffers are not parameters: {:?}",
         hist.keys()
     );
+    // The histograms at epoch 1 are of the weights checkpoint_00001 holds.
+    let (saved, _) =
+        imgclf::io::load_safetensors(&out.join("checkpoint_00001.safetensors")).unwrap();
+    let params: BTreeMap<String, &tch::Tensor> = saved
+        .iter()
+        .filter_map(|(n, t)| Some((n.strip_prefix("model.")?.to_string(), t)))
+        .filter(|(n, _)| !n.ends_with("running_mean") && !n.ends_with("running_var"))
+        .filter(|(n, _)| !n.ends_with("num_batches_tracked"))
+        .collect();
+    assert_eq!(
+        hist.keys().collect::<Vec<_>>(),
+        params.keys().collect::<Vec<_>>()
+    );
+    for (tag, events) in hist {
+        let t = params[tag].to_kind(tch::Kind::Double);
+        let at1 = &events[1];
+        assert_eq!(at1["num"].as_f64().unwrap(), t.numel() as f64, "{tag}");
+        let sum = t.sum(tch::Kind::Double).double_value(&[]);
+        let tol = 1e-9 * t.abs().sum(tch::Kind::Double).double_value(&[]).max(1.0);
+        assert!(
+            (at1["sum"].as_f64().unwrap() - sum).abs() <= tol,
+            "{tag}: {at1} vs {sum}"
+        );
+        // The proto's double max, as float32: the parameter's largest float32 value.
+        assert_eq!(
+            at1["max"].as_f64().unwrap() as f32,
+            t.max().double_value(&[]) as f32,
+            "{tag}"
+        );
+        let events = events.as_array().unwrap();
+        let steps: Vec<u64> = events.iter().map(|e| e["step"].as_u64().unwrap()).collect();
+        assert_eq!(steps, [0, 1, 2, 3], "{tag}");
+        for e in events {
+            let num = e["num"].as_f64().unwrap();
+            assert!(num >= 1.0, "{tag}");
+            assert_eq!(e["bucket_total"].as_f64().unwrap(), num, "{tag}");
+            assert!(e["min"].as_f64().unwrap() <= e["max"].as_f64().unwrap());
+        }
+    }
+
     // `imgclf plot` reads the same run.
     let png = d.join("curves.png");
     let (code, stdout, err) =

@@ -15,7 +15,10 @@ from tensorboard.backend.event_processing import event_accumulator as ea
 def main():
     acc = ea.EventAccumulator(
         sys.argv[1],
-        size_guidance={kind: 0 for kind in ea.SUMMARY_TYPES},
+        # Keep every event of every kind (0 = unbounded). The keys are those of
+        # DEFAULT_SIZE_GUIDANCE ("scalars", "histograms", ...); SUMMARY_TYPES names the
+        # proto fields instead, and with it histograms would keep their default of 1 event.
+        size_guidance={kind: 0 for kind in ea.DEFAULT_SIZE_GUIDANCE},
         purge_orphaned_data=True,
     )
     acc.Reload()
