@@ -75,10 +75,9 @@ pub fn host_schema() -> Schema {
         string(
             "model.type",
             "cifar",
-            "Model family: CIFAR-style or ImageNet-style stem",
+            "Model family: the reference's models/cifar/ or models/imagenet/ form of model.name",
         )
-        .with_choices(["cifar", "imagenet"])
-        .unsupported(),
+        .with_choices(["cifar", "imagenet"]),
         string(
             "model.name",
             "resnet_preact",

@@ -21,6 +21,7 @@ pub mod schedule;
 pub mod sinks;
 pub mod step;
 pub mod tensorboard_sink;
+pub mod torchvision;
 
 pub use eval::evaluate_set;
 pub use pipeline::{build_pipeline, Normalizer, Pipeline, Prepared};

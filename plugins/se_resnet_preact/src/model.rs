@@ -284,6 +284,7 @@ impl ModelFactory for SeResNetPreactFactory {
     }
 
     fn build(&self, config: &ConfigView, ctx: &ModelContext) -> Result<Box<dyn Model>> {
+        nn::ModelType::require_cifar(config, "se_resnet_preact")?;
         let model = Box::new(SeResNetPreact::new(&Config::from_view(config)?, ctx)?);
         nn::probed_like_the_reference(model, ctx)
     }

@@ -288,6 +288,7 @@ impl ModelFactory for ShakeShakeFactory {
     }
 
     fn build(&self, config: &ConfigView, ctx: &ModelContext) -> Result<Box<dyn Model>> {
+        nn::ModelType::require_cifar(config, "shake_shake")?;
         let model = Box::new(ShakeShake::new(&Config::from_view(config)?, ctx)?);
         nn::probed_like_the_reference(model, ctx)
     }

@@ -208,6 +208,7 @@ impl ModelFactory for WrnFactory {
     }
 
     fn build(&self, config: &ConfigView, ctx: &ModelContext) -> Result<Box<dyn Model>> {
+        nn::ModelType::require_cifar(config, "wrn")?;
         let model = Box::new(Wrn::new(&Config::from_view(config)?, ctx)?);
         nn::probed_like_the_reference(model, ctx)
     }
