@@ -1,5 +1,8 @@
 //! Same weights, same outputs: every architecture and option of the reference, checked against
-//! PyTorch on 3x32x32 (generated CIFAR-10/100 files) and 1x28x28 (real Fashion-MNIST) images.
+//! PyTorch on 3x32x32 (generated CIFAR-10/100 files) and 1x28x28 (real Fashion-MNIST) images,
+//! and the ImageNet forms (`model.type imagenet`, tests/python/reference_imagenet_models.py) on
+//! a generated image folder of 3x64x64 PNG images (`dataset.name ImageNet`, validation transform
+//! without resize, so the network sees the pixels as PyTorch does).
 //!
 //! One Python process (tests/python/architecture_ground_truth.py, with the independent models of
 //! tests/python/reference_models.py) reads the same config file and overrides as imgclf, builds
@@ -35,12 +38,18 @@ use tch::{Device, Tensor};
 const MULTIPLE: f64 = 10.0;
 /// Test images per dataset.
 const N_IMAGES: usize = 24;
+/// Side of the generated ImageNet-folder images (the ImageNet stem and four stages leave 2x2).
+const IMAGENET_SIZE: u32 = 64;
+/// Images per class (two classes) of the generated ImageNet folder.
+const IMAGENET_PER_CLASS: usize = 3;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Dataset {
     Cifar10,
     Cifar100,
     FashionMnist,
+    /// An image folder read as `dataset.name ImageNet`, with `model.type imagenet` networks.
+    ImageNet,
 }
 
 impl Dataset {
@@ -49,11 +58,12 @@ impl Dataset {
             Dataset::Cifar10 => "CIFAR10",
             Dataset::Cifar100 => "CIFAR100",
             Dataset::FashionMnist => "FashionMNIST",
+            Dataset::ImageNet => "ImageNet",
         }
     }
 }
 
-use Dataset::{Cifar10, Cifar100, FashionMnist};
+use Dataset::{Cifar10, Cifar100, FashionMnist, ImageNet};
 const BOTH: &[Dataset] = &[Cifar10, FashionMnist];
 
 /// What `imgclf evaluate` must do for a case.
@@ -359,7 +369,170 @@ const CASES: &[Case] = &[
             ("preact_stage", "[False, True, True]"),
         ],
     ),
+    // The reference's models/imagenet/ (model.type imagenet): 7x7/2 stem and max-pool, four
+    // stages of n_blocks; small widths, 64x64 images.
+    imagenet(
+        "imagenet_resnet_basic",
+        "resnet",
+        &[
+            ("n_blocks", "[1, 2, 1, 1]"),
+            ("block_type", "basic"),
+            ("initial_channels", "4"),
+        ],
+    ),
+    Case {
+        extra: &[("model.init_mode", "kaiming_fan_in")],
+        ..imagenet(
+            "imagenet_resnet_bottleneck_fan_in",
+            "resnet",
+            &[
+                ("n_blocks", "[1, 1, 2, 1]"),
+                ("block_type", "bottleneck"),
+                ("initial_channels", "4"),
+            ],
+        )
+    },
+    imagenet(
+        "imagenet_resnet_preact_basic_preact_stages_1_3",
+        "resnet_preact",
+        &[
+            ("n_blocks", "[1, 2, 1, 1]"),
+            ("block_type", "basic"),
+            ("initial_channels", "4"),
+            ("remove_first_relu", "False"),
+            ("add_last_bn", "False"),
+            ("preact_stage", "[True, False, True, False]"),
+        ],
+    ),
+    imagenet(
+        "imagenet_resnet_preact_bottleneck_wo_first_relu_w_last_bn",
+        "resnet_preact",
+        &[
+            ("n_blocks", "[1, 1, 1, 2]"),
+            ("block_type", "bottleneck"),
+            ("initial_channels", "4"),
+            ("remove_first_relu", "True"),
+            ("add_last_bn", "True"),
+            ("preact_stage", "[False, True, True, True]"),
+        ],
+    ),
+    imagenet(
+        "imagenet_densenet_bc",
+        "densenet",
+        &[
+            ("n_blocks", "[1, 2, 1, 2]"),
+            ("block_type", "bottleneck"),
+            ("growth_rate", "3"),
+            ("drop_rate", "0.0"),
+            ("compression_rate", "0.5"),
+        ],
+    ),
+    imagenet(
+        "imagenet_densenet_basic_dropout_compression_0.7",
+        "densenet",
+        &[
+            ("n_blocks", "[2, 1, 1, 1]"),
+            ("block_type", "basic"),
+            ("growth_rate", "4"),
+            ("drop_rate", "0.2"),
+            ("compression_rate", "0.7"),
+        ],
+    ),
+    // imgclf's option for torchvision's DenseNet: ReLU after bn_last.
+    imagenet(
+        "imagenet_densenet_relu_before_pool",
+        "densenet",
+        &[
+            ("n_blocks", "[1, 1, 1, 1]"),
+            ("block_type", "bottleneck"),
+            ("growth_rate", "4"),
+            ("drop_rate", "0.0"),
+            ("compression_rate", "0.5"),
+            ("relu_before_pool", "True"),
+        ],
+    ),
+    imagenet(
+        "imagenet_pyramidnet_basic",
+        "pyramidnet",
+        &[
+            ("n_blocks", "[1, 2, 1, 1]"),
+            ("initial_channels", "4"),
+            ("block_type", "basic"),
+            ("alpha", "3"),
+        ],
+    ),
+    imagenet(
+        "imagenet_pyramidnet_bottleneck",
+        "pyramidnet",
+        &[
+            ("n_blocks", "[1, 1, 2, 1]"),
+            ("initial_channels", "4"),
+            ("block_type", "bottleneck"),
+            ("alpha", "7"),
+        ],
+    ),
+    imagenet(
+        "imagenet_resnext_2x2d",
+        "resnext",
+        &[
+            ("n_blocks", "[1, 2, 1, 1]"),
+            ("initial_channels", "4"),
+            ("cardinality", "2"),
+            ("base_channels", "2"),
+        ],
+    ),
+    // Dropout after fc1 and fc2: only eval mode is deterministic.
+    imagenet(
+        "imagenet_vgg_bn",
+        "vgg",
+        &[
+            ("n_channels", "[4, 8, 8, 16, 16]"),
+            ("n_layers", "[1, 1, 2, 1, 1]"),
+            ("use_bn", "True"),
+        ],
+    ),
+    imagenet(
+        "imagenet_vgg_without_bn",
+        "vgg",
+        &[
+            ("n_channels", "[4, 4, 8, 8, 8]"),
+            ("n_layers", "[1, 2, 1, 1, 1]"),
+            ("use_bn", "False"),
+        ],
+    ),
 ];
+
+/// A case of a `model.type imagenet` network on the generated image folder.
+const fn imagenet(
+    label: &'static str,
+    plugin: &'static str,
+    options: &'static [(&'static str, &'static str)],
+) -> Case {
+    Case {
+        datasets: &[ImageNet],
+        ..case(label, plugin, options)
+    }
+}
+
+/// A class-per-folder ImageNet layout (`train/` and `val/`, two classes) of noise PNG images of
+/// exactly [`IMAGENET_SIZE`] pixels a side, so the validation transform without resize (a
+/// center crop of the full size) hands PyTorch's ground truth and imgclf the same pixels.
+fn write_imagenet_folder(dir: &Path) {
+    for split in ["train", "val"] {
+        for (k, class) in ["n01", "n02"].iter().enumerate() {
+            let folder = dir.join(split).join(class);
+            std::fs::create_dir_all(&folder).unwrap();
+            for i in 0..IMAGENET_PER_CLASS {
+                let n = (IMAGENET_SIZE * IMAGENET_SIZE * 3) as usize;
+                let pixels = noise(n, 0x51ed_2701_0000_0000 + (k * 100 + i) as u64);
+                image::RgbImage::from_raw(IMAGENET_SIZE, IMAGENET_SIZE, pixels)
+                    .unwrap()
+                    .save(folder.join(format!("img{i:02}.png")))
+                    .unwrap();
+            }
+        }
+    }
+}
 
 /// One case on one dataset.
 struct Run<'a> {
@@ -408,7 +581,7 @@ fn write_cifar_binary(dir: &Path, dataset: Dataset) {
     let (folder, file, label_bytes, classes) = match dataset {
         Cifar10 => ("cifar-10-batches-bin", "test_batch.bin", 1, 10),
         Cifar100 => ("cifar-100-binary", "test.bin", 2, 100),
-        FashionMnist => unreachable!(),
+        FashionMnist | ImageNet => unreachable!(),
     };
     let pixels = noise(N_IMAGES * 3072, 0x1234_5678_9abc_def1 + classes as u64);
     let mut bytes = Vec::new();
@@ -659,11 +832,27 @@ fn prepare() -> Fixture {
     write_cifar_binary(&f.data_dir(Cifar10), Cifar10);
     write_cifar_binary(&f.data_dir(Cifar100), Cifar100);
     fashion_mnist_subset(&f.data_dir(FashionMnist), 1, N_IMAGES);
+    write_imagenet_folder(&f.data_dir(ImageNet));
 
     for case in CASES {
         for &dataset in case.datasets {
-            let config = format!("configs/cifar/{}.yaml", case.plugin);
             let mut overrides = Vec::new();
+            let config = if dataset == ImageNet {
+                let size = IMAGENET_SIZE.to_string();
+                for (k, v) in [
+                    ("model.type", "imagenet"),
+                    ("model.name", case.plugin),
+                    ("dataset.image_size", size.as_str()),
+                    ("dataset.n_classes", "10"),
+                    ("tta.use_resize", "False"),
+                    ("tta.use_center_crop", "True"),
+                ] {
+                    overrides.extend([k.to_string(), v.to_string()]);
+                }
+                "configs/datasets/imagenet.yaml".to_string()
+            } else {
+                format!("configs/cifar/{}.yaml", case.plugin)
+            };
             for (k, v) in case.options {
                 overrides.push(format!("model.{}.{k}", case.plugin));
                 overrides.push(v.to_string());
@@ -742,7 +931,7 @@ fn prepare() -> Fixture {
         .filter(|l| !l.starts_with("ok "))
         .collect();
     assert!(
-        wrong.is_empty() && reference_check.len() >= 22,
+        wrong.is_empty() && reference_check.len() >= 29,
         "the PyTorch ground truth itself disagrees with the reference's state dicts: {wrong:#?}"
     );
     f

@@ -52,10 +52,94 @@ fn a_plugin_built_against_the_previous_abi_loads_and_its_model_builds() {
     assert!(out.contains("parameters: 7850"), "{out}");
 }
 
+/// The 0.1.0 fixture trains with the current host: the plain step, and SAM (a 0.1.2 step
+/// hook from another plugin) driving the old plugin's model through the host's passes.
+#[test]
+fn a_plugin_built_against_the_previous_abi_trains_with_and_without_a_step_hook() {
+    let dir = fixture_dir("previous_abi");
+    let d = scratch("previous-abi-train");
+    let data = d.join("data");
+    fashion_mnist_subset(&data, 64, 16);
+    let mut finals = Vec::new();
+    for step in ["plain", "sam"] {
+        let out = d.join(step);
+        let (code, _, err) = run(imgclf(&workspace()).args([
+            "--plugin-path",
+            dir.to_str().unwrap(),
+            "train",
+            "--config",
+            "configs/fashion_mnist/resnet_preact.yaml",
+            "model.name",
+            "previous_abi_linear",
+            "dataset.dataset_dir",
+            data.to_str().unwrap(),
+            "train.output_dir",
+            out.to_str().unwrap(),
+            "train.batch_size",
+            "32",
+            "scheduler.epochs",
+            "1",
+            "train.val_first",
+            "False",
+            "train.use_test_as_val",
+            "True",
+            "device",
+            "cpu",
+            "train.step",
+            step,
+            "train.ema.enabled",
+            "True",
+        ]));
+        assert_eq!(code, 0, "{step}: {err}");
+        let last = jsonl(&out.join("metrics.jsonl"))
+            .into_iter()
+            .rfind(|r| r["split"] == "train")
+            .unwrap_or_else(|| panic!("{step}: no training record"));
+        assert_eq!(last["step"], 2, "{step}: 64 images in batches of 32");
+        let w = imgclf::io::load_safetensors(&out.join("model_final_raw.safetensors"))
+            .unwrap()
+            .0;
+        let fc = w.into_iter().find(|(n, _)| n == "fc.weight").unwrap().1;
+        assert!(fc.isfinite().all().int64_value(&[]) == 1, "{step}");
+        finals.push(fc);
+    }
+    assert!(
+        !finals[0].equal(&finals[1]),
+        "SAM trained as the plain step"
+    );
+    // The old plugin provides no step components; asking it for one names its ABI.
+    let reg = Registry::discover(&Discovery {
+        cli_paths: vec![dir.clone()],
+        files: vec![],
+    })
+    .unwrap();
+    let old = reg.plugin_by_name("previous_abi").unwrap();
+    let e = old
+        .create_step(
+            "sam",
+            &serde_json::json!({}),
+            &imgclf_plugin_api::StepBuildContext {
+                device: tch::Device::Cpu,
+            },
+        )
+        .err()
+        .unwrap()
+        .0;
+    assert!(
+        e.contains("previous_abi")
+            && e.contains("plugin ABI 0.1.0")
+            && e.contains("no training-step hooks"),
+        "{e}"
+    );
+}
+
 #[test]
 fn abi_versions_follow_their_own_semver_not_imgclfs() {
     for (host, plugin, ok) in [
         ("0.1.1", "0.1.0", true),
+        ("0.1.2", "0.1.0", true),
+        ("0.1.2", "0.1.1", true),
+        ("0.1.1", "0.1.2", true),
         ("0.1.0", "0.1.1", true),
         ("0.1.1", "0.1.1", true),
         ("0.2.0", "0.1.1", false),

@@ -1,5 +1,6 @@
 //! Command-line interface: `imgclf train | evaluate | predict | lr-schedule | throughput |
-//! preview | datasets list | datasets download | plugins list | plugins inspect | env`.
+//! preview | datasets list | datasets download | plugins list | plugins inspect | plugins check |
+//! new-plugin | env`.
 
 use crate::registry::{Discovery, Registry};
 use crate::setup::{plugin_file, Request};
@@ -50,7 +51,11 @@ enum Command {
     /// List or inspect the plugins found on the plugin path.
     #[command(subcommand)]
     Plugins(PluginsCmd),
-    /// Versions, devices and threads this imgclf runs with.
+    /// Write a ready out-of-tree plugin crate (Cargo.toml, src/lib.rs with a working component
+    /// and its test, src/ffi.rs) to start a plugin from; see docs/plugin-guide.md.
+    NewPlugin(crate::new_plugin::NewPluginArgs),
+    /// Versions, devices and threads this imgclf runs with, and what to build plugins against
+    /// (LIBTORCH, the ABI version, the pins, the plugin search path).
     Env {
         #[arg(long)]
         json: bool,
@@ -80,6 +85,10 @@ struct TrainCmd {
     /// Load plugins, merge and validate the config, build the model and report; write nothing.
     #[arg(long)]
     dry_run: bool,
+    /// With --resume: continue even though a plugin file differs from the one the run was
+    /// trained with (its checksum in DIR/env.yaml); the new files are recorded.
+    #[arg(long)]
+    allow_plugin_changes: bool,
     /// Data-parallel on this machine: start N ranks of this command (train.distributed True,
     /// torchrun's environment), forward signals, stop all when one fails.
     #[arg(long, value_name = "N")]
@@ -153,6 +162,21 @@ enum PluginsCmd {
         #[arg(long)]
         json: bool,
     },
+    /// The conformance suite on a plugin file (or every plugin in a folder): each component
+    /// with its defaults and small variant against the contracts of docs/plugin-guide.md.
+    /// Prints PASS/FAIL per check; exits with 1 when any check fails.
+    Check {
+        /// A plugin file (`libfoo.so`) or a folder of plugin files.
+        #[arg(value_name = "PATH")]
+        path: PathBuf,
+        /// Folder of reference cases for models (parameter counts and state-dict names, one
+        /// file per case, the format of tests/data/reference/state_dict); optional.
+        #[arg(long, value_name = "DIR")]
+        reference: Option<PathBuf>,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn request(c: &ConfigArgs) -> Request {
@@ -170,6 +194,27 @@ fn discover(cli: &Cli, request: Option<&Request>) -> Result<Registry> {
         cli_paths: cli.plugin_path.clone(),
         files,
     })
+}
+
+/// Like [`discover`], for a command on an existing run directory: the plugin files recorded
+/// in its `env.yaml` are loaded first (no `--plugin-path` needed), then checked.
+fn discover_run(
+    cli: &Cli,
+    request: Option<&Request>,
+    dir: &std::path::Path,
+    command: &str,
+    strictness: crate::provenance::Strictness,
+) -> Result<Registry> {
+    let recorded = crate::provenance::read(dir)?;
+    let mut files: Vec<PathBuf> = crate::provenance::existing_files(&recorded);
+    files.extend(request.and_then(plugin_file));
+    let reg = Registry::discover(&Discovery {
+        cli_paths: cli.plugin_path.clone(),
+        files,
+    })?;
+    reg.warn_load_errors();
+    crate::provenance::verify(&reg, &recorded, dir, command, strictness)?;
+    Ok(reg)
 }
 
 fn plugin_json(p: &LoadedPlugin) -> serde_json::Value {
@@ -348,10 +393,103 @@ fn print_inspect(reg: &Registry, name: &str, as_json: bool) -> Result<()> {
     Ok(())
 }
 
+/// `imgclf plugins check PATH`: loads PATH (a file, or every plugin in a folder) with the
+/// usual search path (whose plugins supply nothing but their config keys), and checks every
+/// component of the plugins from PATH.
+fn plugins_check(
+    cli: &Cli,
+    path: &std::path::Path,
+    reference: Option<&std::path::Path>,
+    as_json: bool,
+) -> Result<i32> {
+    let target = path
+        .canonicalize()
+        .with_context(|| format!("plugins check: {} does not exist", path.display()))?;
+    let is_dir = target.is_dir();
+    let mut cli_paths = cli.plugin_path.clone();
+    let mut files = Vec::new();
+    if is_dir {
+        cli_paths.insert(0, target.clone());
+    } else {
+        files.push(target.clone());
+    }
+    let reg = Registry::discover(&Discovery { cli_paths, files })?;
+    let from_target = |p: &std::path::Path| {
+        let c = p.canonicalize().unwrap_or_else(|_| p.to_path_buf());
+        if is_dir {
+            c.parent() == Some(target.as_path())
+        } else {
+            c == target
+        }
+    };
+    let mut report = crate::check::Report::default();
+    for e in reg.errors.iter().filter(|e| from_target(&e.path)) {
+        report.add(
+            &format!("file {}", e.path.display()),
+            "loads as an imgclf plugin",
+            Err(e.message.clone()),
+        );
+    }
+    let mut entries = Vec::new();
+    for (i, p) in reg.plugins.iter().enumerate() {
+        if !from_target(&p.path) {
+            continue;
+        }
+        report.add(
+            &format!("plugin {}", p.name),
+            format!(
+                "loads: version {}, ABI {}, libtorch {}, {} component(s)",
+                p.version,
+                p.api_version,
+                p.libtorch_version,
+                p.components.len()
+            ),
+            Ok(()),
+        );
+        for kind in Kind::ALL {
+            entries.extend(reg.of_kind(kind).filter(|e| e.plugin == i).cloned());
+        }
+    }
+    if report.outcomes.is_empty() {
+        anyhow::bail!(
+            "plugins check: no plugin file in {} (plugin files end in .so, .dylib or .dll)",
+            path.display()
+        );
+    }
+    let checked = crate::check::check(&reg, &entries);
+    report.outcomes.extend(checked.outcomes);
+    if let Some(dir) = reference {
+        let cases = crate::check::reference::cases(dir)?;
+        let root = dir
+            .ancestors()
+            .find(|d| d.join("configs").is_dir())
+            .unwrap_or(dir);
+        let mut refs = crate::check::Report::default();
+        crate::check::reference::check(&reg, &cases, root, &mut refs);
+        let ours: std::collections::HashSet<String> = entries
+            .iter()
+            .map(|e| format!("model {}", e.info.name))
+            .collect();
+        report.outcomes.extend(
+            refs.outcomes
+                .into_iter()
+                .filter(|o| ours.contains(&o.component)),
+        );
+    }
+    if as_json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report.json()).unwrap_or_default()
+        );
+    } else {
+        print!("{}", report.text());
+    }
+    Ok(if report.passed() { 0 } else { 1 })
+}
+
 fn run(cli: Cli) -> Result<i32> {
     crate::logging::init(cli.verbose);
-    let threads = crate::dist::launcher::intra_op_threads();
-    tch::set_num_threads(threads as i32);
+    crate::threads::apply_env();
     match &cli.command {
         Command::Train(t) if t.nproc_per_node.is_some() => {
             let n = t.nproc_per_node.unwrap_or(1);
@@ -359,8 +497,23 @@ fn run(cli: Cli) -> Result<i32> {
         }
         Command::Train(t) => {
             let req = request(&t.config);
-            let reg = discover(&cli, Some(&req))?;
-            reg.warn_load_errors();
+            let reg = match &t.resume {
+                Some(dir) => {
+                    let strictness = crate::provenance::Strictness::Resume {
+                        allow_changes: t.allow_plugin_changes,
+                    };
+                    let reg = discover_run(&cli, Some(&req), dir, "--resume", strictness)?;
+                    if t.allow_plugin_changes && !t.dry_run {
+                        crate::provenance::rewrite(dir, &reg)?;
+                    }
+                    reg
+                }
+                None => {
+                    let reg = discover(&cli, Some(&req))?;
+                    reg.warn_load_errors();
+                    reg
+                }
+            };
             let args = crate::train::TrainArgs {
                 dry_run: t.dry_run,
                 resume: t.resume.clone(),
@@ -369,8 +522,26 @@ fn run(cli: Cli) -> Result<i32> {
         }
         Command::Evaluate(c) => {
             let req = request(c);
-            let reg = discover(&cli, Some(&req))?;
-            reg.warn_load_errors();
+            // `--config RUN/config.yaml`: the run's recorded plugins.
+            let run_dir = c
+                .config
+                .as_ref()
+                .and_then(|f| f.parent())
+                .filter(|d| d.join("env.yaml").is_file());
+            let reg = match run_dir {
+                Some(dir) => discover_run(
+                    &cli,
+                    Some(&req),
+                    dir,
+                    "--config",
+                    crate::provenance::Strictness::Use,
+                )?,
+                None => {
+                    let reg = discover(&cli, Some(&req))?;
+                    reg.warn_load_errors();
+                    reg
+                }
+            };
             let s = crate::evaluate::run(&reg, &req)?;
             println!(
                 "loss {:.6} acc {:.6} -> {}",
@@ -415,13 +586,24 @@ fn run(cli: Cli) -> Result<i32> {
             crate::preview::run(&reg, &req, &args)?;
         }
         Command::Predict(p) => {
-            let reg = discover(&cli, None)?;
-            reg.warn_load_errors();
+            let reg = discover_run(
+                &cli,
+                None,
+                &p.run,
+                "--run",
+                crate::provenance::Strictness::Use,
+            )?;
             crate::predict::print(&crate::predict::run(&reg, p)?);
         }
         Command::Plot(p) => crate::curves::run(p)?,
+        Command::NewPlugin(a) => crate::new_plugin::run(a)?,
         Command::Datasets(d) => crate::datasets::commands::run(d)?,
         Command::Plugins(PluginsCmd::List { json }) => print_list(&discover(&cli, None)?, *json),
+        Command::Plugins(PluginsCmd::Check {
+            path,
+            reference,
+            json,
+        }) => return plugins_check(&cli, path, reference.as_deref(), *json),
         Command::Plugins(PluginsCmd::Inspect { name, json }) => {
             let reg = discover(&cli, None)?;
             reg.warn_load_errors();
@@ -430,10 +612,12 @@ fn run(cli: Cli) -> Result<i32> {
         Command::Env { json } => {
             let mut v = crate::envinfo::collect();
             v["plugin_search_path"] = json!(crate::registry::search_path(&cli.plugin_path));
+            v["plugin_build"] = crate::envinfo::plugin_build();
             if *json {
                 println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
             } else {
                 print!("{}", crate::envinfo::to_yaml(&v));
+                print!("{}", crate::envinfo::build_instructions(&v["plugin_build"]));
             }
         }
     }

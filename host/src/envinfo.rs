@@ -35,6 +35,8 @@ pub fn collect() -> Value {
         "cpu": cpu_model,
         "cpu_cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
         "torch_threads": tch::get_num_threads(),
+        // train.num_threads, OMP_NUM_THREADS or libtorch's default.
+        "torch_threads_from": crate::threads::source(),
         // c10d backends the data-parallel shim was built with.
         "distributed_backends": distributed_backends(),
         "os": std::env::consts::OS,
@@ -54,4 +56,102 @@ fn distributed_backends() -> Vec<&'static str> {
 /// The same facts as YAML.
 pub fn to_yaml(v: &Value) -> String {
     serde_yaml_ng::to_string(v).unwrap_or_default()
+}
+
+/// The `tch` release plugins must pin (`tch = "=0.24.0"`): the host's.
+pub const TCH_VERSION: &str = "0.24.0";
+/// The `abi_stable` release the workspace's lockfile has (checked by a test): a plugin pins it
+/// exactly, so that its build reuses the host's compiled dependencies.
+pub const ABI_STABLE_VERSION: &str = "0.11.3";
+
+/// The `plugin-api` crate this binary was built from (the workspace it was built in), when it
+/// is still there: the path dependency of an out-of-tree plugin (plugin-api is not on crates.io).
+pub fn plugin_api_source() -> Option<std::path::PathBuf> {
+    std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../plugin-api"))
+        .canonicalize()
+        .ok()
+        .filter(|p| p.join("Cargo.toml").is_file())
+}
+
+/// The target directory this binary was built in (`<target>/<profile>/imgclf`, marked by
+/// cargo's `CACHEDIR.TAG` or `.rustc_info.json`): sharing it (`CARGO_TARGET_DIR`) makes a plugin reuse its compiled
+/// torch-sys instead of building it again.
+pub fn workspace_target_dir() -> Option<std::path::PathBuf> {
+    let exe = std::env::current_exe().ok()?.canonicalize().ok()?;
+    let target = exe.parent()?.parent()?;
+    (target.join("CACHEDIR.TAG").is_file() || target.join(".rustc_info.json").is_file())
+        .then(|| target.to_path_buf())
+}
+
+/// The libtorch directory (`LIBTORCH`) of the libtorch this process loaded: the folder above
+/// `lib/libtorch_cpu.so`.
+pub fn libtorch_dir() -> Option<std::path::PathBuf> {
+    let runtime = imgclf_plugin_api::ffi::runtime_libtorch_version().ok()?;
+    let lib = runtime.path?.canonicalize().ok()?;
+    let dir = lib.parent()?;
+    (dir.file_name()? == "lib").then(|| dir.parent().map(|p| p.to_path_buf()))?
+}
+
+/// What a plugin must be built against: `imgclf env`'s `plugin_build`.
+pub fn plugin_build() -> Value {
+    let libtorch = libtorch_dir();
+    json!({
+        "LIBTORCH": libtorch,
+        "LD_LIBRARY_PATH": libtorch.as_ref().map(|d| d.join("lib")),
+        "abi_version": imgclf_plugin_api::ABI_VERSION,
+        "libtorch_version": imgclf_plugin_api::ffi::runtime_libtorch_version()
+            .map(|r| r.version).unwrap_or_default(),
+        "tch": format!("={TCH_VERSION}"),
+        "abi_stable": format!("={ABI_STABLE_VERSION}"),
+        "plugin_api": plugin_api_source(),
+        "CARGO_TARGET_DIR": workspace_target_dir(),
+    })
+}
+
+/// The shell lines to build a plugin against this imgclf (after `imgclf env`'s YAML).
+pub fn build_instructions(b: &Value) -> String {
+    let s = |k: &str| b[k].as_str().unwrap_or("").to_string();
+    let mut out =
+        String::from("\n# To build a plugin for this imgclf (see docs/plugin-guide.md):\n");
+    if s("LIBTORCH").is_empty() {
+        out += "#   (the loaded libtorch's folder could not be found: set LIBTORCH to the libtorch imgclf runs with)\n";
+    } else {
+        out += &format!(
+            "#   export LIBTORCH={}\n#   export LD_LIBRARY_PATH={}${{LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}}\n",
+            s("LIBTORCH"),
+            s("LD_LIBRARY_PATH")
+        );
+    }
+    if !s("CARGO_TARGET_DIR").is_empty() {
+        out += &format!(
+            "#   export CARGO_TARGET_DIR={}   # reuses imgclf's compiled torch-sys\n",
+            s("CARGO_TARGET_DIR")
+        );
+    }
+    out += &format!(
+        "#   pins: tch = \"={TCH_VERSION}\", abi_stable = \"={ABI_STABLE_VERSION}\", imgclf-plugin-api (ABI {}) = {{ path = \"{}\" }}\n",
+        imgclf_plugin_api::ABI_VERSION,
+        if s("plugin_api").is_empty() { "<imgclf checkout>/plugin-api".to_string() } else { s("plugin_api") }
+    );
+    out += "#   start from a template: imgclf new-plugin NAME --kind model|augmentation|optimizer|scheduler\n";
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_pinned_abi_stable_is_the_lockfiles() {
+        let lock =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../Cargo.lock")).unwrap();
+        let at = lock.find("name = \"abi_stable\"\nversion = \"").unwrap();
+        let version = lock[at..].lines().nth(1).unwrap();
+        assert_eq!(
+            version,
+            format!("version = \"{}\"", super::ABI_STABLE_VERSION)
+        );
+        assert!(lock.contains(&format!(
+            "name = \"tch\"\nversion = \"{}\"",
+            super::TCH_VERSION
+        )));
+    }
 }

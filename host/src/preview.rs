@@ -6,15 +6,18 @@
 //! dataset in memory to augmented batches on the training device), for `cargo xtask bench
 //! pipeline`.
 
+use crate::datasets::loader::{EpochPlan, Loader, RawBatch};
 use crate::datasets::Split;
 use crate::io::write_atomic;
 use crate::plot::Canvas;
 use crate::registry::Registry;
 use crate::setup::{setup, Purpose, Request};
+use crate::train::image_stage::{build_image_stages, StagedSamples};
 use crate::train::{build_pipeline, data, device_of};
 use anyhow::{bail, Context, Result};
 use serde_json::json;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use tch::{Device, Kind, Tensor};
 
 pub struct Args {
@@ -97,6 +100,100 @@ fn time_pipeline(
     Ok(())
 }
 
+/// The batches of consecutive epochs of `loader` (per-image stages in its workers), endlessly.
+struct Epochs<'a> {
+    loader: &'a Loader,
+    batch: usize,
+    seed: u64,
+    epoch: u64,
+    stream: Option<crate::datasets::loader::BatchStream>,
+}
+
+impl Epochs<'_> {
+    fn next_batch(&mut self) -> Result<RawBatch> {
+        loop {
+            let stream = self.stream.get_or_insert_with(|| {
+                let n = self.loader.len();
+                self.loader.epoch(EpochPlan {
+                    order: data::epoch_order(n, self.seed, self.epoch),
+                    batch_size: self.batch,
+                    start: 0,
+                    end: n / self.batch,
+                    seed: self.seed,
+                    epoch: self.epoch,
+                })
+            });
+            match stream.next() {
+                Some(b) => return Ok(b?),
+                None => {
+                    self.stream = None;
+                    self.epoch += 1;
+                }
+            }
+        }
+    }
+}
+
+/// [`time_pipeline`] with per-image stages: the batches come from the training loader (its
+/// `train.dataloader.num_workers` threads run the stages ahead of the consumer), then go to the
+/// device and through the batch pipeline, as in training.
+fn time_loader_pipeline(
+    pipeline: &mut crate::train::Pipeline,
+    loader: &Loader,
+    batch: usize,
+    steps: u32,
+    seed: u64,
+    device: Device,
+) -> Result<()> {
+    if loader.len() < batch {
+        bail!(
+            "--time needs at least one batch of train.batch_size {batch}; the training set has {} images",
+            loader.len()
+        );
+    }
+    let sync = || {
+        if let Device::Cuda(i) = device {
+            tch::Cuda::synchronize(i as i64);
+        }
+    };
+    let mut epochs = Epochs {
+        loader,
+        batch,
+        seed,
+        epoch: 0,
+        stream: None,
+    };
+    let mut one = |k: usize| -> Result<()> {
+        let raw = epochs.next_batch()?;
+        let (images, labels) = data::to_device(&raw, loader, device)?;
+        let p = pipeline.prepare(images, labels, seed, 0, k as u64)?;
+        drop((p.images, p.loss_targets));
+        Ok(())
+    };
+    for k in 0..2 {
+        one(k)?;
+    }
+    sync();
+    let t0 = std::time::Instant::now();
+    for k in 0..steps as usize {
+        one(k + 2)?;
+    }
+    sync();
+    let secs = t0.elapsed().as_secs_f64();
+    println!(
+        "{}",
+        json!({
+            "pipeline_images_per_sec": (steps as usize * batch) as f64 / secs.max(1e-9),
+            "batch_size": batch,
+            "steps": steps,
+            "seconds": secs,
+            "device": format!("{device:?}"),
+            "num_workers": loader.num_workers,
+        })
+    );
+    Ok(())
+}
+
 pub fn run(registry: &Registry, request: &Request, args: &Args) -> Result<()> {
     if args.scale == 0 {
         bail!("--scale must be >= 1");
@@ -109,7 +206,16 @@ pub fn run(registry: &Registry, request: &Request, args: &Args) -> Result<()> {
     let device = device_of(c)?;
     let mut pipeline = build_pipeline(registry, &s, device)?;
     crate::datasets::download::ensure(s.dataset, &s.dataset_dir, &[crate::datasets::Split::Train])?;
-    let train = s.dataset.load(&s.dataset_dir, Split::Train)?;
+    let train = Arc::new(s.dataset.load(&s.dataset_dir, Split::Train)?);
+    // Per-image stages (RandAugment, ...) run in the training loader, as in training.
+    let stages = build_image_stages(registry, &s)?;
+    let staged = (!stages.is_empty()).then(|| {
+        Loader::configured(
+            StagedSamples::wrap(train.clone(), stages),
+            c,
+            "train.dataloader",
+        )
+    });
     let n = args
         .count
         .unwrap_or_else(|| (c.int("train.batch_size").max(1) as usize).min(64))
@@ -117,7 +223,21 @@ pub fn run(registry: &Registry, request: &Request, args: &Args) -> Result<()> {
     let seed = c.int("train.seed") as u64;
     // The first batch of the first epoch, as training draws it.
     let order = data::epoch_order(train.len(), seed, 0);
-    let (images, labels) = data::gather(&train, &order[..n.min(order.len())]);
+    let (images, labels) = match &staged {
+        Some(loader) => loader
+            .epoch(EpochPlan {
+                order: order[..n.min(order.len())].to_vec(),
+                batch_size: n,
+                start: 0,
+                end: 1,
+                seed,
+                epoch: 0,
+            })
+            .next()
+            .context("the training set is empty")??
+            .tensors(),
+        None => data::gather(&train, &order[..n.min(order.len())]),
+    };
     let p = pipeline.prepare(
         images.to_device(device),
         labels.to_device(device),
@@ -127,7 +247,12 @@ pub fn run(registry: &Registry, request: &Request, args: &Args) -> Result<()> {
     )?;
     if let Some(steps) = args.time_steps {
         let batch = c.int("train.batch_size").max(1) as usize;
-        time_pipeline(&mut pipeline, &train, &order, batch, steps, seed, device)?;
+        match &staged {
+            Some(loader) => {
+                time_loader_pipeline(&mut pipeline, loader, batch, steps, seed, device)?
+            }
+            None => time_pipeline(&mut pipeline, &train, &order, batch, steps, seed, device)?,
+        }
     }
     let Some(output) = &args.output else {
         return Ok(());

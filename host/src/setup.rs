@@ -28,6 +28,9 @@ const REFERENCE_SWITCH_ORDER: &[&str] = &[
     "augmentation.use_label_smoothing",
 ];
 
+/// `train.step`'s default: the host's own step (one forward/backward), not a plugin.
+pub const PLAIN_STEP: &str = "plain";
+
 /// What the user asked for on the command line.
 #[derive(Clone, Debug, Default)]
 pub struct Request {
@@ -54,6 +57,8 @@ pub struct Setup {
     pub model: Entry,
     pub optimizer: Option<Entry>,
     pub scheduler: Option<Entry>,
+    /// `train.step`: the training-step hook (None: the plain step).
+    pub step: Option<Entry>,
     /// Enabled augmentations in pipeline order.
     pub augmentations: Vec<Entry>,
     /// On resume: the keys whose value differs from the saved run's (none of them fixed).
@@ -305,6 +310,7 @@ pub fn setup(registry: &Registry, request: &Request, purpose: Purpose) -> Result
         b.set("device", Value::Str("cpu".into()), Source::Derived)?;
     }
     let config = b.build()?;
+    crate::threads::apply_config(&config);
     let resume_changes = match (&saved, &request.resume_config) {
         (Some(saved), Some(file)) => crate::resume::changes(
             saved,
@@ -318,6 +324,7 @@ pub fn setup(registry: &Registry, request: &Request, purpose: Purpose) -> Result
         .require(Kind::Model, config.str("model.name"), "model.name")?
         .clone();
     let (mut optimizer, mut scheduler, mut augmentations) = (None, None, Vec::new());
+    let mut step = None;
     if purpose == Purpose::Train {
         optimizer = Some(
             registry
@@ -337,6 +344,10 @@ pub fn setup(registry: &Registry, request: &Request, purpose: Purpose) -> Result
                 )?
                 .clone(),
         );
+        step = match config.str("train.step") {
+            PLAIN_STEP => None,
+            name => Some(registry.require(Kind::Step, name, "train.step")?.clone()),
+        };
         let mut missing = Vec::new();
         for (key, value) in config.iter() {
             let is_switch = key.starts_with("augmentation.use_")
@@ -401,6 +412,7 @@ pub fn setup(registry: &Registry, request: &Request, purpose: Purpose) -> Result
         model,
         optimizer,
         scheduler,
+        step,
         augmentations,
         resume_changes,
     })

@@ -1,8 +1,10 @@
-//! The four kinds of components a plugin provides, as plain Rust traits.
+//! The kinds of components a plugin provides, as plain Rust traits.
 //!
 //! A component is a *factory* (a unit struct registered with [`crate::register!`]) that
 //! describes itself ([`ComponentInfo`]) and builds a live object from the frozen config:
-//! a [`Model`], an [`Augmentation`], an [`Optimizer`] or a [`Scheduler`]. The host never sees
+//! a [`Model`], an [`Augmentation`] (or, for augmentations of [`Stage::Image`], an
+//! [`ImageStage`]), an [`Optimizer`], a [`Scheduler`] or (ABI 0.1.2) a [`TrainingStep`].
+//! The host never sees
 //! these traits directly; [`crate::ffi`] adapts them to the stable ABI and catches panics.
 
 use crate::config::{ConfigView, KeyDecl};
@@ -16,14 +18,17 @@ pub enum Kind {
     Augmentation,
     Optimizer,
     Scheduler,
+    /// A training-step hook (ABI 0.1.2), selected by `train.step`.
+    Step,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 4] = [
+    pub const ALL: [Kind; 5] = [
         Kind::Model,
         Kind::Augmentation,
         Kind::Optimizer,
         Kind::Scheduler,
+        Kind::Step,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -32,6 +37,7 @@ impl Kind {
             Kind::Augmentation => "augmentation",
             Kind::Optimizer => "optimizer",
             Kind::Scheduler => "scheduler",
+            Kind::Step => "step",
         }
     }
 }
@@ -39,6 +45,8 @@ impl Kind {
 /// Where an augmentation runs in the training input pipeline, in the reference's order:
 /// crop/flip on raw pixels, then the host normalises, then erasing (cutout, random erasing),
 /// then batch mixing (mixup, cutmix, ricap), then target transforms (label smoothing).
+/// [`Stage::Image`] (ABI 0.1.2) runs before all of them, on each decoded image in the data
+/// loader's worker threads, before batching (RandAugment, TrivialAugment).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Stage {
     /// Before normalisation: pixel values in [0, 255] as float.
@@ -49,16 +57,27 @@ pub enum Stage {
     Mix = 2,
     /// Targets only.
     Target = 3,
+    /// ABI 0.1.2: one uint8 image at a time, on the CPU in the loader's worker threads, before
+    /// batching and before every other stage (an [`ImageStage`], built by an
+    /// [`ImageStageFactory`]). Hosts before 0.1.2 refuse plugins declaring it.
+    Image = 4,
 }
 
 impl Stage {
-    pub const ALL: [Stage; 4] = [Stage::Geometric, Stage::Erase, Stage::Mix, Stage::Target];
+    pub const ALL: [Stage; 5] = [
+        Stage::Geometric,
+        Stage::Erase,
+        Stage::Mix,
+        Stage::Target,
+        Stage::Image,
+    ];
     pub fn as_str(self) -> &'static str {
         match self {
             Stage::Geometric => "geometric",
             Stage::Erase => "erase",
             Stage::Mix => "mix",
             Stage::Target => "target",
+            Stage::Image => "image",
         }
     }
     pub fn from_index(i: u32) -> Option<Stage> {
@@ -212,6 +231,43 @@ pub trait Augmentation: Send {
     }
 }
 
+// ---------------------------------------------------------------- per-image stages
+
+/// One decoded training image, uint8, `channels x height x width` row-major (planar: the
+/// loader's sample layout, CIFAR's and torchvision's tensor layout), 1 or 3 channels.
+#[derive(Debug)]
+pub struct ImageMut<'a> {
+    pub data: &'a mut [u8],
+    pub channels: usize,
+    pub height: usize,
+    pub width: usize,
+}
+
+impl ImageMut<'_> {
+    /// Pixels per channel.
+    pub fn plane(&self) -> usize {
+        self.height * self.width
+    }
+}
+
+/// Builds a per-image stage ([`Stage::Image`]); registered with
+/// `register!(image_stage: ...)`. Its [`ComponentInfo`] is an augmentation switched by a key
+/// in [`Stage::Image`].
+pub trait ImageStageFactory: Sync + 'static {
+    fn info(&self) -> ComponentInfo;
+    fn build(&self, config: &ConfigView, ctx: &DataContext) -> Result<Box<dyn ImageStage>>;
+}
+
+/// A per-image CPU transform run by the data loader's worker threads (several at once, hence
+/// `Sync` and `&self`), on each training image before batching, in place (the image keeps its
+/// size). It must not call into libtorch (the workers never do: a second OpenMP team would
+/// compete with the training thread's). All randomness comes from `seed`, which the host
+/// derives from (train.seed, epoch, sample index, stage), so runs and resumed runs are
+/// reproducible for any `num_workers`.
+pub trait ImageStage: Send + Sync {
+    fn apply(&self, image: ImageMut<'_>, seed: u64) -> Result<()>;
+}
+
 // ---------------------------------------------------------------- optimizers
 
 /// Parameters sharing hyper-parameters (PyTorch's param groups).
@@ -273,12 +329,84 @@ pub trait Scheduler: Send {
     fn factor(&self, step: u64) -> f64;
 }
 
+// ---------------------------------------------------------------- training steps
+
+/// What a training step is built for.
+#[derive(Clone, Copy, Debug)]
+pub struct StepBuildContext {
+    pub device: Device,
+}
+
+pub trait StepFactory: Sync + 'static {
+    fn info(&self) -> ComponentInfo;
+    fn build(&self, config: &ConfigView, ctx: &StepBuildContext) -> Result<Box<dyn TrainingStep>>;
+}
+
+/// Where the current step stands, as the host tells a [`TrainingStep`].
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StepContext {
+    /// The learning rate the optimizer will step with.
+    pub lr: f64,
+    /// Optimizer steps done before this one.
+    pub global_step: u64,
+    /// What a pass's gradients are multiplied by, relative to the gradient of the batch's mean
+    /// loss: the loss scale (float16 `train.precision` O1/O2, else 1) times
+    /// `train.subdivision` (chunk gradients are summed; exact for equal chunks). A positive
+    /// constant within a step, so methods that only need a gradient's direction may ignore it.
+    pub gradient_scale: f64,
+    /// Data-parallel ranks. A pass's gradients are this rank's own; the host averages them
+    /// across ranks once, after the hook returns.
+    pub world_size: u64,
+}
+
+/// The host's side of one training step, lent to a [`TrainingStep`] for the duration of
+/// [`TrainingStep::step`].
+pub trait StepHost {
+    /// Runs forward, loss and backward on the current batch (every view and
+    /// `train.subdivision` chunk, under the precision policy), at the parameters' current
+    /// values. The gradients it leaves in each trainable tensor's `.grad()` *replace* those of
+    /// any earlier pass (see [`StepContext::gradient_scale`] for their scale). With
+    /// `keep_buffers` the model's buffers (BatchNorm running statistics) are restored after
+    /// the pass, so it does not count as a second update of them. Returns the pass's mean loss.
+    fn forward_backward(&mut self, keep_buffers: bool) -> Result<f64>;
+    /// The model's tensors (parameters with `trainable`, buffers without), shared with the
+    /// host: in-place changes reach the model.
+    fn tensors(&self) -> Result<Vec<NamedTensor>>;
+    fn context(&self) -> StepContext;
+}
+
+/// A training-step hook: how one optimisation step obtains its gradients, for methods that
+/// need more than one forward/backward per step (SAM). The plain step is the host's:
+/// one [`StepHost::forward_backward`].
+///
+/// # The contract
+/// [`step`](TrainingStep::step) calls [`StepHost::forward_backward`] at least once and returns
+/// with every parameter holding the value it had on entry and each `.grad()` holding the
+/// gradient the optimizer should step with. The host then reduces the gradients across ranks,
+/// unscales and checks them, clips them and runs the optimizer (once per step, whatever the
+/// hook did); the hook never steps the optimizer itself. The metrics of the step (loss,
+/// accuracy) are those of the first pass.
+pub trait TrainingStep: Send {
+    fn step(&mut self, host: &mut dyn StepHost) -> Result<()>;
+    /// Everything needed to resume exactly, saved in checkpoints (none for SAM).
+    fn state(&self) -> Vec<NamedTensor> {
+        Vec::new()
+    }
+    fn load_state(&mut self, _state: Vec<NamedTensor>) -> Result<()> {
+        Ok(())
+    }
+}
+
 /// One registered factory; plugins submit these with [`crate::register!`].
 pub enum Registration {
     Model(&'static dyn ModelFactory),
     Augmentation(&'static dyn AugmentationFactory),
     Optimizer(&'static dyn OptimizerFactory),
     Scheduler(&'static dyn SchedulerFactory),
+    /// ABI 0.1.2.
+    Step(&'static dyn StepFactory),
+    /// An augmentation of [`Stage::Image`] (ABI 0.1.2).
+    ImageStage(&'static dyn ImageStageFactory),
 }
 
 impl Registration {
@@ -288,6 +416,8 @@ impl Registration {
             Registration::Augmentation(f) => f.info(),
             Registration::Optimizer(f) => f.info(),
             Registration::Scheduler(f) => f.info(),
+            Registration::Step(f) => f.info(),
+            Registration::ImageStage(f) => f.info(),
         }
     }
 }
@@ -310,6 +440,8 @@ pub fn registrations() -> Vec<&'static Registration> {
 /// ```text
 /// imgclf_plugin_api::register!(model: model::ResNetPreact);
 /// imgclf_plugin_api::register!(optimizer: sgd::Sgd);
+/// imgclf_plugin_api::register!(step: sam::SamFactory);
+/// imgclf_plugin_api::register!(image_stage: randaugment::RandAugmentFactory);
 /// ```
 #[macro_export]
 macro_rules! register {
@@ -324,5 +456,11 @@ macro_rules! register {
     };
     (scheduler: $f:expr) => {
         $crate::inventory::submit! { $crate::Registration::Scheduler(&$f) }
+    };
+    (step: $f:expr) => {
+        $crate::inventory::submit! { $crate::Registration::Step(&$f) }
+    };
+    (image_stage: $f:expr) => {
+        $crate::inventory::submit! { $crate::Registration::ImageStage(&$f) }
     };
 }

@@ -29,8 +29,9 @@ use abi_stable::{
     declare_root_module_statics,
     library::RootModule,
     package_version_strings, sabi_trait,
+    sabi_types::RMut,
     sabi_types::VersionStrings,
-    std_types::{RBox, ROption, RResult, RStr, RString, RVec},
+    std_types::{RBox, ROption, RResult, RSliceMut, RStr, RString, RVec},
     StableAbi,
 };
 use serde_json::{json, Value};
@@ -73,6 +74,15 @@ pub struct PluginMod {
     /// ([`crate::LIBTORCH_ORIGIN`]), named when the host refuses a libtorch mismatch. `None`
     /// for plugins built against ABI 0.1.0.
     pub libtorch_origin: RStr<'static>,
+    /// ABI 0.1.2: builds a training-step hook (component kind `step`): (component name,
+    /// config JSON, context JSON). `None` for plugins built against ABI 0.1.0 and 0.1.1, which
+    /// provide no step components.
+    pub create_step: extern "C" fn(RStr<'_>, RStr<'_>, RStr<'_>) -> RResult<StepBox, RString>,
+    /// ABI 0.1.2: builds a per-image stage ([`Stage::Image`]): (component name, config JSON,
+    /// data context JSON). `None` for plugins built against ABI 0.1.0 and 0.1.1 (which cannot
+    /// declare that stage).
+    pub create_image_stage:
+        extern "C" fn(RStr<'_>, RStr<'_>, RStr<'_>) -> RResult<ImageStageBox, RString>,
 }
 
 /// The root-module layouts of earlier ABI versions that the current one is compatible with,
@@ -122,6 +132,51 @@ pub mod previous {
             const VERSION_STRINGS: VersionStrings = VersionStrings::new("0.1.0");
         }
     }
+
+    /// ABI 0.1.1 (fields up to `libtorch_origin`).
+    pub mod v0_1_1 {
+        use super::super::{AugmentationBox, ModelBox, OptimizerBox, ParamGroupFfi, SchedulerBox};
+        use abi_stable::{
+            declare_root_module_statics,
+            library::RootModule,
+            sabi_types::VersionStrings,
+            std_types::{RResult, RStr, RString, RVec},
+            StableAbi,
+        };
+
+        #[repr(C)]
+        #[derive(StableAbi)]
+        #[sabi(kind(Prefix(prefix_ref = PluginModRef)))]
+        #[sabi(missing_field(option))]
+        pub struct PluginMod {
+            pub api_version: RStr<'static>,
+            pub libtorch_version: RStr<'static>,
+            pub name: RStr<'static>,
+            pub version: RStr<'static>,
+            pub description: RStr<'static>,
+            pub components: extern "C" fn() -> RResult<RString, RString>,
+            pub create_model:
+                extern "C" fn(RStr<'_>, RStr<'_>, RStr<'_>) -> RResult<ModelBox, RString>,
+            pub create_augmentation:
+                extern "C" fn(RStr<'_>, RStr<'_>, RStr<'_>) -> RResult<AugmentationBox, RString>,
+            pub create_optimizer: extern "C" fn(
+                RStr<'_>,
+                RStr<'_>,
+                RVec<ParamGroupFfi>,
+            ) -> RResult<OptimizerBox, RString>,
+            #[sabi(last_prefix_field)]
+            pub create_scheduler:
+                extern "C" fn(RStr<'_>, RStr<'_>, RStr<'_>) -> RResult<SchedulerBox, RString>,
+            pub libtorch_origin: RStr<'static>,
+        }
+
+        impl RootModule for PluginModRef {
+            declare_root_module_statics! {PluginModRef}
+            const BASE_NAME: &'static str = "imgclf_plugin";
+            const NAME: &'static str = "imgclf_plugin";
+            const VERSION_STRINGS: VersionStrings = VersionStrings::new("0.1.1");
+        }
+    }
 }
 
 impl RootModule for PluginModRef {
@@ -164,6 +219,17 @@ impl From<BatchFfi> for Batch {
             views: b.views,
         }
     }
+}
+
+/// One image for a per-image stage: uint8, `channels x height x width`, borrowed mutably
+/// for the call (see [`crate::ImageMut`]).
+#[repr(C)]
+#[derive(StableAbi)]
+pub struct ImageFfi<'a> {
+    pub data: RSliceMut<'a, u8>,
+    pub channels: u32,
+    pub height: u32,
+    pub width: u32,
 }
 
 // ------------------------------------------------------------------ trait objects
@@ -218,10 +284,52 @@ pub trait SchedulerObj: Send {
     fn factor(&self, step: u64) -> RResult<f64, RString>;
 }
 
+/// A live training-step hook in a plugin (ABI 0.1.2; see [`TrainingStep`]).
+///
+/// ABI evolution: append new methods below the one marked `#[sabi(last_prefix_field)]`, never
+/// move that marker within a major version, and record the change in `plugin-api/CHANGELOG.md`.
+#[sabi_trait]
+pub trait StepObj: Send {
+    fn step(&mut self, host: StepHostMut<'_>) -> RResult<(), RString>;
+    fn state(&self) -> RResult<RVec<NamedTensorFfi>, RString>;
+    #[sabi(last_prefix_field)]
+    fn load_state(&mut self, state: RVec<NamedTensorFfi>) -> RResult<(), RString>;
+}
+
+/// The host's side of one training step, lent to a [`StepObj`] (ABI 0.1.2; see [`StepHost`]).
+/// The host implements it; `context` is JSON (`lr`, `global_step`, `gradient_scale`,
+/// `world_size`) so that it can grow without a layout change.
+///
+/// ABI evolution: append new methods below the one marked `#[sabi(last_prefix_field)]`, never
+/// move that marker within a major version, and record the change in `plugin-api/CHANGELOG.md`.
+#[sabi_trait]
+pub trait StepHostObj {
+    fn forward_backward(&mut self, keep_buffers: bool) -> RResult<f64, RString>;
+    fn tensors(&self) -> RResult<RVec<NamedTensorFfi>, RString>;
+    #[sabi(last_prefix_field)]
+    fn context(&self) -> RString;
+}
+
+/// The host's [`StepHostObj`], borrowed for one call of [`StepObj::step`].
+pub type StepHostMut<'a> = StepHostObj_TO<'a, RMut<'a, ()>>;
+
+/// A live per-image stage in a plugin (ABI 0.1.2), called from several loader threads at once.
+///
+/// ABI evolution: append new methods below the one marked `#[sabi(last_prefix_field)]`, never
+/// move that marker within a major version, and record the change in `plugin-api/CHANGELOG.md`.
+#[sabi_trait]
+pub trait ImageStageObj: Send + Sync {
+    /// Transforms `image` in place with the randomness of `seed`.
+    #[sabi(last_prefix_field)]
+    fn apply(&self, image: ImageFfi<'_>, seed: u64) -> RResult<(), RString>;
+}
+
 pub type ModelBox = ModelObj_TO<'static, RBox<()>>;
+pub type ImageStageBox = ImageStageObj_TO<'static, RBox<()>>;
 pub type AugmentationBox = AugmentationObj_TO<'static, RBox<()>>;
 pub type OptimizerBox = OptimizerObj_TO<'static, RBox<()>>;
 pub type SchedulerBox = SchedulerObj_TO<'static, RBox<()>>;
+pub type StepBox = StepObj_TO<'static, RBox<()>>;
 
 // ------------------------------------------------------------------ plugin side
 
@@ -245,6 +353,8 @@ struct ModelAdapter(Box<dyn Model>);
 struct AugmentationAdapter(Box<dyn Augmentation>);
 struct OptimizerAdapter(Box<dyn Optimizer>);
 struct SchedulerAdapter(Box<dyn Scheduler>);
+struct StepAdapter(Box<dyn TrainingStep>);
+struct ImageStageAdapter(Box<dyn ImageStage>);
 
 fn to_ffi_vec(v: Vec<NamedTensor>) -> RVec<NamedTensorFfi> {
     v.into_iter().map(NamedTensorFfi::from).collect()
@@ -301,9 +411,104 @@ impl OptimizerObj for OptimizerAdapter {
     }
 }
 
+impl ImageStageObj for ImageStageAdapter {
+    fn apply(&self, image: ImageFfi<'_>, seed: u64) -> RResult<(), RString> {
+        guard(|| {
+            let (channels, height, width) = (
+                image.channels as usize,
+                image.height as usize,
+                image.width as usize,
+            );
+            let data = image.data.into_mut_slice();
+            if data.len() != channels * height * width {
+                return Err(Error(format!(
+                    "an image of {channels}x{height}x{width} pixels came with {} bytes",
+                    data.len()
+                )));
+            }
+            self.0.apply(
+                ImageMut {
+                    data,
+                    channels,
+                    height,
+                    width,
+                },
+                seed,
+            )
+        })
+    }
+}
+
 impl SchedulerObj for SchedulerAdapter {
     fn factor(&self, step: u64) -> RResult<f64, RString> {
         guard(|| Ok(self.0.factor(step)))
+    }
+}
+
+/// The host's step seen from the plugin: [`StepHost`] over the borrowed [`StepHostObj`].
+struct HostCallbacks<'a>(StepHostMut<'a>);
+
+impl StepHost for HostCallbacks<'_> {
+    fn forward_backward(&mut self, keep_buffers: bool) -> Result<f64> {
+        self.0
+            .forward_backward(keep_buffers)
+            .into_result()
+            .map_err(|e| Error(e.into_string()))
+    }
+    fn tensors(&self) -> Result<Vec<NamedTensor>> {
+        self.0
+            .tensors()
+            .into_result()
+            .map(from_ffi_vec)
+            .map_err(|e| Error(e.into_string()))
+    }
+    fn context(&self) -> StepContext {
+        step_context_from_json(self.0.context().as_str())
+    }
+}
+
+impl StepObj for StepAdapter {
+    fn step(&mut self, host: StepHostMut<'_>) -> RResult<(), RString> {
+        guard(|| self.0.step(&mut HostCallbacks(host)))
+    }
+    fn state(&self) -> RResult<RVec<NamedTensorFfi>, RString> {
+        guard(|| Ok(to_ffi_vec(self.0.state())))
+    }
+    fn load_state(&mut self, state: RVec<NamedTensorFfi>) -> RResult<(), RString> {
+        guard(|| self.0.load_state(from_ffi_vec(state)))
+    }
+}
+
+/// The host's [`StepHost`] as a [`StepHostObj`]; every call is guarded, so a host panic
+/// becomes an error in the plugin instead of unwinding through it.
+struct StepHostAdapter<'a>(&'a mut dyn StepHost);
+
+impl StepHostObj for StepHostAdapter<'_> {
+    fn forward_backward(&mut self, keep_buffers: bool) -> RResult<f64, RString> {
+        guard(|| self.0.forward_backward(keep_buffers))
+    }
+    fn tensors(&self) -> RResult<RVec<NamedTensorFfi>, RString> {
+        guard(|| Ok(to_ffi_vec(self.0.tensors()?)))
+    }
+    fn context(&self) -> RString {
+        step_context_to_json(&self.0.context()).into()
+    }
+}
+
+pub fn step_context_to_json(c: &StepContext) -> String {
+    json!({"lr": c.lr, "global_step": c.global_step, "gradient_scale": c.gradient_scale,
+           "world_size": c.world_size})
+    .to_string()
+}
+
+/// Reads a [`StepContext`]; fields a host did not send take neutral values.
+pub fn step_context_from_json(text: &str) -> StepContext {
+    let v: Value = serde_json::from_str(text).unwrap_or(Value::Null);
+    StepContext {
+        lr: v["lr"].as_f64().unwrap_or(0.0),
+        global_step: v["global_step"].as_u64().unwrap_or(0),
+        gradient_scale: v["gradient_scale"].as_f64().unwrap_or(1.0),
+        world_size: v["world_size"].as_u64().unwrap_or(1),
     }
 }
 
@@ -312,7 +517,9 @@ fn find_registration(kind: Kind, name: &str) -> Result<&'static Registration> {
         .into_iter()
         .find(|r| {
             let i = r.info();
-            i.kind == kind && i.name == name
+            // A per-image stage is an augmentation the host builds with `create_image_stage`.
+            let image = matches!(r, Registration::ImageStage(_));
+            i.kind == kind && i.name == name && image == (i.stage == Some(Stage::Image))
         })
         .ok_or_else(|| {
             Error(format!(
@@ -514,7 +721,9 @@ extern "C" fn ffi_create_augmentation(
     guard(|| {
         let Registration::Augmentation(f) = find_registration(Kind::Augmentation, name.as_str())?
         else {
-            unreachable!()
+            return Err(Error(format!(
+                "augmentation `{name}` is a per-image stage: build it with create_image_stage"
+            )));
         };
         let aug = f.build(
             &ConfigView::from_json(config.as_str())?,
@@ -571,6 +780,52 @@ extern "C" fn ffi_create_scheduler(
     })
 }
 
+extern "C" fn ffi_create_step(
+    name: RStr<'_>,
+    config: RStr<'_>,
+    ctx: RStr<'_>,
+) -> RResult<StepBox, RString> {
+    guard(|| {
+        let Registration::Step(f) = find_registration(Kind::Step, name.as_str())? else {
+            unreachable!()
+        };
+        let v: Value = serde_json::from_str(ctx.as_str()).map_err(|e| Error(e.to_string()))?;
+        let ctx = StepBuildContext {
+            device: device_from_json(&v["device"])?,
+        };
+        let s = f.build(&ConfigView::from_json(config.as_str())?, &ctx)?;
+        Ok(StepObj_TO::from_value(
+            StepAdapter(s),
+            sabi_trait::TD_Opaque,
+        ))
+    })
+}
+
+extern "C" fn ffi_create_image_stage(
+    name: RStr<'_>,
+    config: RStr<'_>,
+    ctx: RStr<'_>,
+) -> RResult<ImageStageBox, RString> {
+    guard(|| {
+        let found = registrations()
+            .into_iter()
+            .find(|r| matches!(r, Registration::ImageStage(_)) && r.info().name == name.as_str());
+        let Some(Registration::ImageStage(f)) = found else {
+            return Err(Error(format!(
+                "this plugin has no per-image stage named `{name}`"
+            )));
+        };
+        let stage = f.build(
+            &ConfigView::from_json(config.as_str())?,
+            &data_context_from_json(ctx.as_str())?,
+        )?;
+        Ok(ImageStageObj_TO::from_value(
+            ImageStageAdapter(stage),
+            sabi_trait::TD_Opaque,
+        ))
+    })
+}
+
 /// Builds the root module; called by [`crate::export_plugin!`]. Also installs a panic hook
 /// in the plugin's own `std` so a panic is reported with the plugin's name.
 pub fn plugin_module(
@@ -618,6 +873,8 @@ pub fn plugin_module_built_against(
         } else {
             ""
         }),
+        create_step: ffi_create_step,
+        create_image_stage: ffi_create_image_stage,
     }
     .leak_into_prefix()
 }
@@ -809,9 +1066,13 @@ pub fn load_plugin(path: &Path) -> std::result::Result<LoadedPlugin, LoadError> 
         // this host, which abi_stable refuses ("too many fields"): check it against the earlier
         // layouts and read it through the current type, whose accessors then report the fields
         // it lacks as missing (`missing_field(option)`).
-        Err(e) => match header.ensure_layout::<previous::v0_1_0::PluginModRef>() {
-            // SAFETY: the plugin's root module has the ABI 0.1.0 layout, a prefix of the current
-            // one; prefix-type accessors check the plugin's own field count before reading.
+        Err(e) => match header
+            .ensure_layout::<previous::v0_1_1::PluginModRef>()
+            .or_else(|_| header.ensure_layout::<previous::v0_1_0::PluginModRef>())
+        {
+            // SAFETY: the plugin's root module has an earlier layout (0.1.1 or 0.1.0), a prefix
+            // of the current one; prefix-type accessors check the plugin's own field count
+            // before reading.
             Ok(()) => unsafe { header.unchecked_layout::<PluginModRef>() }
                 .map_err(|e| fail(format!("could not initialise: {e}"), String::new()))?,
             Err(_) => {
@@ -958,6 +1219,36 @@ impl LoadedPlugin {
         }
     }
 
+    /// Builds a per-image stage ([`Stage::Image`]); an error for a plugin built against an ABI
+    /// before 0.1.2 (which has none).
+    pub fn create_image_stage(
+        &self,
+        component: &str,
+        config: &Value,
+        ctx: &DataContext,
+    ) -> Result<HostImageStage> {
+        let label = (self.name.clone(), component.to_string());
+        let Some(create) = self.module.create_image_stage() else {
+            return Err(context_err(
+                &self.name,
+                Kind::Augmentation,
+                component,
+                format!(
+                    "built against plugin ABI {}, which has no per-image stages (0.1.2 and later)",
+                    self.api_version
+                ),
+            ));
+        };
+        match create(
+            component.into(),
+            config.to_string().as_str().into(),
+            data_context_to_json(ctx).as_str().into(),
+        ) {
+            RResult::ROk(obj) => Ok(HostImageStage { obj, label }),
+            RResult::RErr(e) => Err(context_err(&self.name, Kind::Augmentation, component, e)),
+        }
+    }
+
     pub fn create_scheduler(
         &self,
         component: &str,
@@ -973,6 +1264,37 @@ impl LoadedPlugin {
         match r {
             RResult::ROk(obj) => Ok(HostScheduler { obj, label }),
             RResult::RErr(e) => Err(context_err(&self.name, Kind::Scheduler, component, e)),
+        }
+    }
+
+    /// Builds a training-step hook (ABI 0.1.2). A plugin built against an earlier ABI has no
+    /// `create_step` and provides no step components: an error naming its ABI version.
+    pub fn create_step(
+        &self,
+        component: &str,
+        config: &Value,
+        ctx: &StepBuildContext,
+    ) -> Result<HostStep> {
+        let label = (self.name.clone(), component.to_string());
+        let Some(create) = self.module.create_step() else {
+            return Err(context_err(
+                &self.name,
+                Kind::Step,
+                component,
+                format!(
+                    "built against plugin ABI {}, which has no training-step hooks (0.1.2 added them)",
+                    self.api_version
+                ),
+            ));
+        };
+        let ctx = json!({"device": device_to_json(ctx.device)}).to_string();
+        match create(
+            component.into(),
+            config.to_string().as_str().into(),
+            ctx.as_str().into(),
+        ) {
+            RResult::ROk(obj) => Ok(HostStep { obj, label }),
+            RResult::RErr(e) => Err(context_err(&self.name, Kind::Step, component, e)),
         }
     }
 }
@@ -1037,6 +1359,28 @@ impl HostAugmentation {
     }
 }
 
+/// A per-image stage living in a plugin, seen from the host: shared by the loader's threads.
+pub struct HostImageStage {
+    obj: ImageStageBox,
+    label: Label,
+}
+
+impl HostImageStage {
+    /// Transforms one `channels x height x width` uint8 image in place.
+    pub fn apply(&self, image: ImageMut<'_>, seed: u64) -> Result<()> {
+        let ffi = ImageFfi {
+            data: image.data.into(),
+            channels: image.channels as u32,
+            height: image.height as u32,
+            width: image.width as u32,
+        };
+        lift(&self.label, Kind::Augmentation, self.obj.apply(ffi, seed))
+    }
+    pub fn name(&self) -> &str {
+        &self.label.1
+    }
+}
+
 pub struct HostOptimizer {
     obj: OptimizerBox,
     label: Label,
@@ -1055,6 +1399,37 @@ impl HostOptimizer {
             Kind::Optimizer,
             self.obj.load_state(to_ffi_vec(state)),
         )
+    }
+}
+
+/// A training-step hook living in a plugin, seen from the host.
+pub struct HostStep {
+    obj: StepBox,
+    label: Label,
+}
+
+impl HostStep {
+    /// Runs the hook's step with `host` (the host's pass over the current batch).
+    pub fn step(&mut self, host: &mut dyn StepHost) -> Result<()> {
+        let mut adapter = StepHostAdapter(host);
+        let r = self.obj.step(StepHostObj_TO::from_ptr(
+            &mut adapter,
+            sabi_trait::TD_Opaque,
+        ));
+        lift(&self.label, Kind::Step, r)
+    }
+    pub fn state(&self) -> Result<Vec<NamedTensor>> {
+        lift(&self.label, Kind::Step, self.obj.state()).map(from_ffi_vec)
+    }
+    pub fn load_state(&mut self, state: Vec<NamedTensor>) -> Result<()> {
+        lift(
+            &self.label,
+            Kind::Step,
+            self.obj.load_state(to_ffi_vec(state)),
+        )
+    }
+    pub fn label(&self) -> &(String, String) {
+        &self.label
     }
 }
 

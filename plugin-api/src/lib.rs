@@ -2,7 +2,7 @@
 //! and the stable ABI (`abi_stable`) through which the host loads plugins at run time.
 //!
 //! A plugin author writes plain Rust against [`component`] (factories for models, augmentations,
-//! optimizers and schedulers), registers each factory with [`register!`], and exports the plugin
+//! optimizers, schedulers and training-step hooks), registers each factory with [`register!`], and exports the plugin
 //! from one thin `ffi.rs` with [`export_plugin!`]. Everything that crosses the boundary lives in
 //! [`ffi`] and [`tensor`]; no other module knows about `abi_stable`.
 //!
@@ -39,6 +39,7 @@ pub mod component;
 pub mod config;
 pub mod error;
 pub mod ffi;
+pub mod image;
 pub mod nn;
 pub mod optim;
 pub mod rng;

@@ -113,11 +113,101 @@ pub fn stages<B>(
     widths: &[i64],
     strides: &[i64],
     n: i64,
+    block: impl FnMut(&Scope, BlockAt) -> B,
+) -> Vec<Vec<B>> {
+    stages_of(root, c_in, widths, strides, &vec![n; widths.len()], block)
+}
+
+/// `model.type`: which of the reference's model families a network is built from
+/// (`models/cifar/` or `models/imagenet/`, the same `model.name` in both).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ModelType {
+    /// CIFAR-style: 3x3 stem at full resolution, three stages.
+    Cifar,
+    /// ImageNet-style: 7x7/2 stem and 3x3/2 max-pool ([`ImageNetStem`]), four stages.
+    ImageNet,
+}
+
+impl ModelType {
+    pub fn of(c: &crate::ConfigView) -> crate::Result<Self> {
+        match c.str("model.type")?.as_str() {
+            "cifar" => Ok(ModelType::Cifar),
+            "imagenet" => Ok(ModelType::ImageNet),
+            other => Err(crate::Error(format!(
+                "model.type `{other}` is not one of 'cifar', 'imagenet'"
+            ))),
+        }
+    }
+
+    /// An error for a model the reference has only in `models/cifar/`.
+    pub fn require_cifar(c: &crate::ConfigView, model: &str) -> crate::Result<()> {
+        match Self::of(c)? {
+            ModelType::Cifar => Ok(()),
+            ModelType::ImageNet => Err(crate::Error(format!(
+                "model.type imagenet: `{model}` exists only as a CIFAR network (the reference's \
+                 models/imagenet/ has resnet, resnet_preact, densenet, pyramidnet, resnext and \
+                 vgg); set model.type cifar or pick one of those"
+            ))),
+        }
+    }
+}
+
+/// `{section}.n_blocks` of the reference's ImageNet networks: four stage lengths, each >= 1.
+pub fn four_stage_blocks(c: &crate::ConfigView, section: &str) -> crate::Result<[i64; 4]> {
+    let v = c.int_list(&format!("{section}.n_blocks"))?;
+    match <[i64; 4]>::try_from(v.as_slice()) {
+        Ok(a) if a.iter().all(|&n| n >= 1) => Ok(a),
+        _ => Err(crate::Error(format!(
+            "{section}.n_blocks needs 4 positive values (blocks in each of the four ImageNet \
+             stages), got {v:?}"
+        ))),
+    }
+}
+
+/// The stem of the reference's ImageNet networks: a 7x7 stride-2 convolution without bias
+/// (`conv`) and its BN (`bn`); forward is conv-BN-ReLU, then a 3x3 stride-2 max-pool with
+/// padding 1 (a quarter of the side).
+pub struct ImageNetStem {
+    pub conv: Conv2d,
+    pub bn: BatchNorm2d,
+}
+
+impl ImageNetStem {
+    pub fn new(root: &Scope, c_in: i64, c_out: i64, init: InitMode) -> Self {
+        let cc = ConvConfig {
+            stride: 2,
+            padding: 3,
+            ..Default::default()
+        };
+        ImageNetStem {
+            conv: Conv2d::new(&root.sub("conv"), c_in, c_out, 7, cc, init),
+            bn: BatchNorm2d::new(&root.sub("bn"), c_out),
+        }
+    }
+
+    /// # Shapes
+    /// N x C x H x W -> N x C_out x ceil(ceil(H/2)/2) x ceil(ceil(W/2)/2)
+    pub fn forward(&self, x: &Tensor, train: bool) -> crate::Result<Tensor> {
+        let y = self
+            .bn
+            .forward(&self.conv.f_forward_checked(x)?, train)
+            .relu_();
+        Ok(y.f_max_pool2d([3, 3], [2, 2], [1, 1], [1, 1], false)?)
+    }
+}
+
+/// [`stages`] with its own number of blocks per stage (the ImageNet networks' `n_blocks`).
+pub fn stages_of<B>(
+    root: &Scope,
+    c_in: i64,
+    widths: &[i64],
+    strides: &[i64],
+    n_blocks: &[i64],
     mut block: impl FnMut(&Scope, BlockAt) -> B,
 ) -> Vec<Vec<B>> {
     let mut prev = c_in;
     let mut out = Vec::with_capacity(widths.len());
-    for (stage, (&c_out, &stride)) in widths.iter().zip(strides).enumerate() {
+    for (stage, ((&c_out, &stride), &n)) in widths.iter().zip(strides).zip(n_blocks).enumerate() {
         let s = root.sub(format!("stage{}", stage + 1));
         let blocks = (0..n)
             .map(|index| {
@@ -151,6 +241,22 @@ pub fn probed_like_the_reference(
         (Kind::Float, ctx.device),
     );
     let _ = tch::no_grad(|| model.forward(&zeros, true))?;
+    // A BN that met one value per channel (a 1x1 map of the single probe image) has a NaN
+    // running variance; PyTorch refuses that batch ("Expected more than 1 value per channel
+    // when training"), so the reference cannot build the network at this size either.
+    let single = model
+        .tensors()
+        .into_iter()
+        .find(|t| t.name.ends_with("running_var") && t.tensor.isnan().any().int64_value(&[]) != 0);
+    if let Some(t) = single {
+        return Err(crate::Error(format!(
+            "dataset.image_size {} is too small for this network: `{}` normalises a 1x1 map \
+             (one value per channel; PyTorch, and so the reference, refuses that: \"Expected \
+             more than 1 value per channel when training\"); use larger images (the ImageNet \
+             networks need more than 32 pixels: their last stage works at 1/32 of the side)",
+            ctx.image_size, t.name
+        )));
+    }
     Ok(model)
 }
 

@@ -67,6 +67,7 @@ REFERENCE_STATS = {
     "MNIST": ([0.1307], [0.3081]),
     "FashionMNIST": ([0.2860], [0.3530]),
     "KMNIST": ([0.1904], [0.3475]),
+    "ImageNet": ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
 }
 
 
@@ -86,8 +87,24 @@ def read_cifar_binary_test(dataset_dir: str, name: str) -> np.ndarray:
     return np.ascontiguousarray(planes.transpose(0, 2, 3, 1))
 
 
+def read_image_folder(root: str) -> np.ndarray:
+    """``root/<class>/<image>`` in torchvision ImageFolder's order (sorted
+    classes, sorted files), N x H x W x 3 uint8; all images one size."""
+    from PIL import Image
+    images = []
+    for cls in sorted(e.name for e in os.scandir(root) if e.is_dir()):
+        for f in sorted(os.listdir(os.path.join(root, cls))):
+            with Image.open(os.path.join(root, cls, f)) as im:
+                images.append(np.asarray(im.convert("RGB")))
+    return np.stack(images)
+
+
 def read_test_images(name: str, dataset_dir: str) -> np.ndarray:
     """N x H x W x C uint8 test images (the reference's PIL-image layout)."""
+    if name == "ImageNet":
+        # The validation split; the tests' images already have the crop's
+        # size, so the reference's Resize-free CenterCrop keeps them as is.
+        return read_image_folder(os.path.join(dataset_dir, "val"))
     if name.startswith("CIFAR"):
         return read_cifar_binary_test(dataset_dir, name)
     images = read_idx(find_idx(dataset_dir, "t10k-images-idx3-ubyte"))
@@ -160,6 +177,8 @@ def init_z(t: torch.Tensor, spec: list) -> float:
 def deterministic_in_training(cfg: dict) -> bool:
     """No dropout and no shake: training mode is a pure function too."""
     sec = cfg["section"]
+    if cfg.get("model_type") == "imagenet" and cfg["model"] == "vgg":
+        return False  # dropout after fc1 and fc2
     return not (float(sec.get("drop_rate", 0.0)) > 0
                 or sec.get("shake_forward") or sec.get("shake_backward"))
 

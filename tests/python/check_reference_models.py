@@ -27,7 +27,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
 DATASETS = {"CIFAR10": (3, 32, 10), "CIFAR100": (3, 32, 100),
             "MNIST": (1, 28, 10), "FashionMNIST": (1, 28, 10),
-            "KMNIST": (1, 28, 10)}
+            "KMNIST": (1, 28, 10), "ImageNet": (3, 224, 1000)}
 
 
 def literal(text: str):
@@ -102,6 +102,7 @@ def effective_config(config_file: str, overrides: List[str]) -> dict:
     prefix = f"model.{name}."
     return {
         "model": name,
+        "model_type": flat.get("model.type", "cifar"),
         "section": {key[len(prefix):]: v for key, v in flat.items()
                     if key.startswith(prefix)},
         "init_mode": flat.get("model.init_mode", "kaiming_fan_out"),
@@ -116,7 +117,8 @@ def model_of(cfg: dict):
     return build_model(cfg["model"], cfg["section"],
                        n_channels=cfg["n_channels"],
                        image_size=cfg["image_size"],
-                       n_classes=cfg["n_classes"], init_mode=cfg["init_mode"])
+                       n_classes=cfg["n_classes"], init_mode=cfg["init_mode"],
+                       model_type=cfg["model_type"])
 
 
 def case_model(model: str, config_file: str, overrides: List[str]):

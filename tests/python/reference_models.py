@@ -184,9 +184,15 @@ def init_spec(model: nn.Module) -> Dict[str, list]:
     """
     fan_mode = model.init_fan
     spec: Dict[str, list] = {}
+    # With conv biases (VGG) the statistics depend on the random draw: one
+    # draw may leave them all equal and the next not (seen on ImageNet VGG).
+    biased = any(isinstance(m, nn.Conv2d) and m.bias is not None
+                 for m in model.modules())
     for name, b in model.named_buffers():
         flat = b.flatten()
         same = flat.numel() > 0 and bool((flat == flat[0]).all())
+        if biased and not name.endswith("num_batches_tracked"):
+            same = False
         spec[name] = ["const", flat[0].item()] if same else ["any"]
     for prefix, m in model.named_modules():
         p = prefix + "." if prefix else ""
@@ -1011,8 +1017,10 @@ _CLASSES = {
 def build_model(name: str, section: Optional[Mapping[str, object]] = None,
                 n_channels: int = 3, image_size: int = 32,
                 n_classes: int = 10,
-                init_mode: str = "kaiming_fan_out") -> nn.Module:
-    """The reference's ``models/cifar/<name>.py`` network for a config.
+                init_mode: str = "kaiming_fan_out",
+                model_type: str = "cifar") -> nn.Module:
+    """The reference's ``models/<model_type>/<name>.py`` network for a
+    config (ImageNet forms: reference_imagenet_models.py).
 
     ``section`` holds ``model.<name>.*`` values (the rest keep the reference
     defaults); ``init_mode`` is ``model.init_mode`` (ignored by
@@ -1021,10 +1029,19 @@ def build_model(name: str, section: Optional[Mapping[str, object]] = None,
     if name not in _CLASSES:
         raise ValueError(f"unknown model {name!r}; known: {sorted(_CLASSES)}")
     opts = dict(REFERENCE_DEFAULTS[name])
+    # imgclf's own option (torchvision's DenseNet), off in the reference.
+    extra = {"relu_before_pool"} if name == "densenet" else set()
     for k, v in (section or {}).items():
-        if k not in opts:
+        if k not in opts and k not in extra:
             raise ValueError(f"model.{name}.{k} is not a reference key")
         opts[k] = v
+    if model_type == "imagenet":
+        from reference_imagenet_models import build_imagenet_model
+        return build_imagenet_model(name, opts, n_channels, image_size,
+                                    n_classes, init_mode)
+    if model_type != "cifar":
+        raise ValueError(f"unknown model.type {model_type!r}")
+    opts.pop("relu_before_pool", None)
     opts.pop("n_blocks", None)
     if name == "vgg":
         opts["stage_channels"] = opts.pop("n_channels")

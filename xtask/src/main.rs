@@ -589,7 +589,8 @@ fn ensure_torchvision(t: &Torch) -> Result<()> {
 fn bench(t: &Torch, extra: &[String]) -> Result<()> {
     // `bench models ...`: per-architecture forward/backward throughput (no data needed).
     // `bench pipeline ...`: the input pipeline (crop, flip, normalise, cutout, mixup) against
-    // torchvision transforms + DataLoader collate.
+    // torchvision transforms + DataLoader collate; then the loader with per-image RandAugment
+    // and TrivialAugment against torchvision's in a DataLoader with the same num_workers.
     // `bench fashion-mnist ...`: ResNet-preact-20 training on real Fashion-MNIST against eager.
     // `bench [--device D] ...`: the training step (ResNet-preact-20 and WRN-28-10, batch 128,
     // float32 and mixed precision) against PyTorch's best eager recipe.
@@ -743,6 +744,44 @@ fn seed_corpus(name: &str, corpus: &Path) -> Result<()> {
     Ok(())
 }
 
+/// What CI runs for the plugin kit: `imgclf new-plugin` writes the template of every kind into
+/// a temporary folder (out of tree), `cargo test` and `cargo build` it there against this
+/// checkout's plugin-api with CARGO_TARGET_DIR set to the workspace's target dir (so torch-sys
+/// and the other dependencies are reused, not rebuilt), and `imgclf plugins check` checks the
+/// built plugin file.
+fn template_check(t: &Torch) -> Result<()> {
+    let profile = build(t, false, false)?;
+    let imgclf = profile.join("imgclf");
+    let tmp = std::env::temp_dir().join(format!("imgclf-template-check-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    for kind in ["model", "augmentation", "optimizer", "scheduler"] {
+        let name = format!("template_{kind}");
+        let dir = tmp.join(&name);
+        eprintln!("xtask: template-check: {kind} in {}", dir.display());
+        run(Command::new(&imgclf)
+            .args(["new-plugin", &name, "--kind", kind, "--dir"])
+            .arg(&dir)
+            .env("LD_LIBRARY_PATH", ld_path(t)))?;
+        for step in ["test", "build"] {
+            let mut c = cargo(t);
+            c.current_dir(&dir)
+                .env("CARGO_TARGET_DIR", target_dir())
+                .arg(step);
+            run(&mut c)?;
+        }
+        run(Command::new(&imgclf)
+            .args(["plugins", "check"])
+            .arg(profile.join(lib_name(&format!("imgclf-plugin-{name}"))))
+            .env("LD_LIBRARY_PATH", ld_path(t))
+            .env_remove("IMGCLF_PLUGIN_PATH"))?;
+    }
+    let _ = std::fs::remove_dir_all(&tmp);
+    eprintln!(
+        "xtask: template-check: every template builds, passes its tests and `imgclf plugins check`"
+    );
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let (cmd, rest) = args
@@ -758,9 +797,11 @@ fn main() -> Result<()> {
             dist(&torch()?)?;
         }
         "test" => test(&torch()?, &rest)?,
+        "template-check" => template_check(&torch()?)?,
         "ci" => {
             let t = torch()?;
             test(&t, &[])?;
+            template_check(&t)?;
             lint(&t)?;
             fuzz(&t, &[])?;
         }
@@ -777,6 +818,7 @@ fn main() -> Result<()> {
                  \x20 test [cargo test args]     build everything (and the fixture plugins) and run the whole test suite\n\
                  \x20 ci                         what CI runs: test, lint, then fuzz\n\
                  \x20 fuzz [--seconds N] [T]...  run every fuzz target (fuzz/, cargo-fuzz) N seconds (default 25)\n\
+                 \x20 template-check             build every `imgclf new-plugin` template out of tree (shared target dir), cargo test it, `imgclf plugins check` it\n\
                  \x20 lint                       fmt check, clippy -D warnings, README plugin table check\n\
                  \x20 dist                       release build into target/dist/{{bin,lib/imgclf/plugins}}\n\
                  \x20 build [--release]          build host, plugins and fixtures into target/<profile>/\n\
@@ -784,7 +826,7 @@ fn main() -> Result<()> {
                  \x20 bench fashion-mnist [--steps N] ResNet-preact-20 on Fashion-MNIST vs PyTorch eager, same machine, same run\n\
                  \x20 bench models [--device D]  forward/backward throughput of every architecture vs PyTorch eager\n\
                  \x20 bench dist [--steps N]     data-parallel images/s on 1 and 2 ranks (Gloo) vs PyTorch DDP under torchrun\n\
-                 \x20 bench pipeline [--device D] input pipeline (crop, flip, normalise, cutout, mixup) images/s vs torchvision\n\
+                 \x20 bench pipeline [--device D] input pipeline (crop, flip, normalise, cutout, mixup; RandAugment, TrivialAugment in the loader) images/s vs torchvision\n\
                  \x20 bench loader [--workers W..] image-folder JPEG loading (decode, random-resized crop, flip, normalise) vs torchvision\n\
                  \x20 docs [--check]             regenerate (or check) the README's plugin table\n\
                  \x20 libtorch                   print the libtorch directory in use (installs it if needed)"

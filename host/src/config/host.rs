@@ -75,10 +75,9 @@ pub fn host_schema() -> Schema {
         string(
             "model.type",
             "cifar",
-            "Model family: CIFAR-style or ImageNet-style stem",
+            "Model family: the reference's models/cifar/ or models/imagenet/ form of model.name",
         )
-        .with_choices(["cifar", "imagenet"])
-        .unsupported(),
+        .with_choices(["cifar", "imagenet"]),
         string(
             "model.name",
             "resnet_preact",
@@ -141,6 +140,28 @@ pub fn host_schema() -> Schema {
             "sgd",
             "Optimiser (a registered optimiser name)",
         ),
+        string(
+            "train.step",
+            "plain",
+            "Training-step hook (a registered step component, e.g. sam); plain: one \
+             forward/backward per step",
+        ),
+        boolean(
+            "train.ema.enabled",
+            false,
+            "Keep an exponential moving average of the weights and buffers (timm's \
+             --model-ema); model_final holds it",
+        ),
+        float(
+            "train.ema.decay",
+            0.9998,
+            "EMA decay per optimizer step: ema = decay * ema + (1 - decay) * w",
+        ),
+        boolean(
+            "train.ema.eval",
+            true,
+            "Validate with the EMA weights (with train.ema.enabled)",
+        ),
         float("train.base_lr", 0.1, "Base learning rate"),
         float("train.momentum", 0.9, "SGD momentum"),
         boolean("train.nesterov", true, "Use Nesterov momentum"),
@@ -157,6 +178,12 @@ pub fn host_schema() -> Schema {
         ),
         int("train.start_epoch", 0, "Epoch to start from").with_range(IntRange::at_least(0)),
         int("train.seed", 0, "Random seed").with_range(IntRange::at_least(0)),
+        int(
+            "train.num_threads",
+            0,
+            "libtorch intra-op threads (torch.set_num_threads); 0: OMP_NUM_THREADS when set, else libtorch's default",
+        )
+        .with_range(IntRange::at_least(0)),
         boolean("train.val_first", true, "Validate before the first epoch"),
         int("train.val_period", 1, "Validate every this many epochs")
             .with_range(IntRange::at_least(0)),

@@ -565,14 +565,10 @@ fn unsupported_keys_are_refused_only_when_not_default() {
         "train.precision",
         "O0",
         "model.type",
-        "cifar",
+        "imagenet",
     ])
     .unwrap();
-    for (key, value) in [
-        ("train.use_apex", "False"),
-        ("model.type", "imagenet"),
-        ("train.resume", "True"),
-    ] {
+    for (key, value) in [("train.use_apex", "False"), ("train.resume", "True")] {
         let err = build(&[key, value]).unwrap_err();
         assert!(
             matches!(err, ConfigError::Unsupported { .. }),
@@ -1065,6 +1061,11 @@ fn host_schema_matches_the_reference_defaults() {
         "train.channels_last",
         "train.dist.timeout",
         "train.precision_dtype",
+        "train.step",
+        "train.ema.enabled",
+        "train.ema.decay",
+        "train.ema.eval",
+        "train.num_threads",
     ];
     for spec in schema.keys() {
         assert!(
@@ -1085,7 +1086,6 @@ fn unsupported_keys_are_exactly_the_listed_ones() {
         .collect();
     let expected = [
         "cudnn.deterministic",
-        "model.type",
         "train.resume",
         "train.use_apex",
         "validation.dataloader.drop_last",

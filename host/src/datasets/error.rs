@@ -124,6 +124,10 @@ pub enum DatasetError {
 
     #[error("{}: {msg}", path.display())]
     Format { path: PathBuf, msg: String },
+
+    /// A per-image stage (a plugin's `Stage::Image` augmentation) failed on a training image.
+    #[error("training image {index}: {msg}")]
+    ImageStage { index: usize, msg: String },
 }
 
 impl From<crate::pickle::PickleError> for DatasetError {

@@ -171,12 +171,26 @@ fn imgclf_checkpoint(
 }
 
 /// Copies `weights` into the model's tensors in place. Every model tensor must be present with
-/// its shape; extra entries are refused, except BatchNorm `num_batches_tracked` counters.
+/// its shape; extra entries are refused, except BatchNorm `num_batches_tracked` counters. A
+/// torchvision state dict is read under the reference's names first
+/// ([`super::torchvision::to_reference_names`]).
 pub fn copy_into_model(
     model: &[NamedTensor],
     weights: &HashMap<String, Tensor>,
     origin: &Path,
 ) -> Result<()> {
+    let mapped = super::torchvision::to_reference_names(model, weights);
+    let (weights, torchvision) = match &mapped {
+        Some((family, renamed)) => {
+            tracing::info!(
+                "{}: a torchvision {} state dict; loading it under the reference's names",
+                origin.display(),
+                family.name()
+            );
+            (renamed, Some(family.name()))
+        }
+        None => (weights, None),
+    };
     let mut missing = Vec::new();
     let mut mismatched = Vec::new();
     for t in model {
@@ -213,6 +227,14 @@ pub fn copy_into_model(
             let mut u: Vec<&str> = unexpected.iter().map(|s| s.as_str()).collect();
             u.sort();
             msg += &format!("\n  unexpected ({}): {}", u.len(), u.join(", "));
+        }
+        if let Some(family) = torchvision {
+            bail!(
+                "{msg}\n  (names mapped from torchvision's {family}; the network must be the \
+                 model.type imagenet form with the same layout: see the README's torchvision \
+                 table for the configs that match resnet18/34, resnext50_32x4d, densenet121 \
+                 and vgg16(_bn), and set dataset.n_classes to the file's classes)"
+            );
         }
         bail!("{msg}\n  (is the checkpoint for the same model.name and options?)");
     }

@@ -4,21 +4,25 @@
 
 use super::checkpoint::{self, Position};
 use super::collective::Collective;
+use super::ema::Ema;
 use super::metrics::{Meter, MetricsFile};
 use super::pipeline::Pipeline;
 use super::precision::Precision;
 use super::schedule::LrSchedule;
 use super::sinks::{EpochReport, Sinks, Split, StepReport};
-use super::step::{self, StepSettings};
+use super::step::{self, StepParts, StepSettings};
 use super::{data, eval::evaluate_shard, interrupt_requested, Interrupted, MODEL_STREAM};
 use crate::datasets::loader::Loader;
 use anyhow::{Context, Result};
-use imgclf_plugin_api::ffi::{HostModel, HostOptimizer};
+use imgclf_plugin_api::ffi::{HostModel, HostOptimizer, HostStep};
 use imgclf_plugin_api::rng::mix_seed;
 use imgclf_plugin_api::NamedTensor;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 use tch::{Device, Tensor};
+
+/// The checkpoint prefix of the step hook's state.
+const HOOK_PREFIX: &str = "step.";
 
 /// How long and how often: the loop's fixed settings.
 pub struct Plan {
@@ -46,6 +50,10 @@ pub struct Trainer {
     pub collective: Box<dyn Collective>,
     pub sinks: Sinks,
     pub settings: StepSettings,
+    /// `train.step`: the training-step hook (None: the plain step).
+    pub hook: Option<HostStep>,
+    /// `train.ema.*`: the weights' moving average.
+    pub ema: Option<Ema>,
     /// The training set on the device, batched there instead of by the host loader.
     pub resident: Option<super::resident::ResidentSet>,
     /// The run's output directory.
@@ -60,12 +68,22 @@ impl Trainer {
             return Ok(None);
         }
         let opt_state = self.optimizer.state()?;
-        let extra: Vec<(String, Tensor)> = self
+        let mut extra: Vec<(String, Tensor)> = self
             .precision
             .state()?
             .into_iter()
             .map(|(n, t)| (format!("precision.{n}"), t))
             .collect();
+        if let Some(hook) = &self.hook {
+            extra.extend(
+                hook.state()?
+                    .into_iter()
+                    .map(|t| (format!("{HOOK_PREFIX}{}", t.name), t.tensor)),
+            );
+        }
+        if let Some(ema) = &self.ema {
+            extra.extend(ema.state());
+        }
         checkpoint::save(&self.out, pos, &self.tensors, &opt_state, &extra).map(Some)
     }
 
@@ -83,16 +101,36 @@ impl Trainer {
             Some(dir) => checkpoint::newest(dir)?,
             None => None,
         };
+        let mut ema_state = Vec::new();
         let pos = if let Some((path, p)) = &newest {
             let loaded = checkpoint::load(path)?;
             checkpoint::copy_into_model(&self.tensors, &loaded.model, path)?;
             self.optimizer.load_state(loaded.optimizer)?;
             let precision_state: Vec<(String, Tensor)> = loaded
                 .extra
-                .into_iter()
-                .filter_map(|(n, t)| n.strip_prefix("precision.").map(|n| (n.to_string(), t)))
+                .iter()
+                .filter_map(|(n, t)| {
+                    n.strip_prefix("precision.")
+                        .map(|n| (n.to_string(), t.shallow_clone()))
+                })
                 .collect();
             self.precision.load_state(&precision_state)?;
+            if let Some(hook) = &mut self.hook {
+                hook.load_state(
+                    loaded
+                        .extra
+                        .iter()
+                        .filter_map(|(n, t)| {
+                            n.strip_prefix(HOOK_PREFIX).map(|n| NamedTensor {
+                                name: n.to_string(),
+                                tensor: t.shallow_clone(),
+                                trainable: false,
+                            })
+                        })
+                        .collect(),
+                )?;
+            }
+            ema_state = loaded.extra;
             if writer {
                 metrics.truncate_after(p.global_step)?;
             }
@@ -123,24 +161,75 @@ impl Trainer {
             start
         };
         self.collective.broadcast(&self.tensors)?;
+        if let Some(ema) = &mut self.ema {
+            // The average starts from the weights training starts from, or continues.
+            if !ema.load_state(&ema_state)? {
+                if newest.is_some() {
+                    tracing::warn!(
+                        "the checkpoint has no EMA weights (trained without train.ema.enabled): \
+                         the average starts from its weights"
+                    );
+                }
+                ema.reset(&self.tensors)?;
+            }
+        }
         Ok(pos)
+    }
+
+    /// Writes `model_final.safetensors` (writer only): the EMA weights with
+    /// `train.ema.enabled`, the raw ones then going to `model_final_raw.safetensors`.
+    pub fn save_final(&self) -> Result<()> {
+        if !self.collective.is_writer() {
+            return Ok(());
+        }
+        let raw: Vec<(String, Tensor)> = self
+            .tensors
+            .iter()
+            .map(|t| (t.name.clone(), t.tensor.shallow_clone()))
+            .collect();
+        let path = self.out.join("model_final.safetensors");
+        match &self.ema {
+            None => crate::io::save_safetensors(&path, &raw, Default::default())?,
+            Some(ema) => {
+                crate::io::save_safetensors(&path, &ema.tensors(), Default::default())?;
+                let raw_path = self.out.join("model_final_raw.safetensors");
+                crate::io::save_safetensors(&raw_path, &raw, Default::default())?;
+                tracing::info!(
+                    "{} holds the EMA weights (train.ema.decay {}); the raw weights are in {}",
+                    path.display(),
+                    ema.decay(),
+                    raw_path.display()
+                );
+            }
+        }
+        tracing::info!(
+            "saved {} (a PyTorch state dict: load_state_dict(safetensors.torch.load_file(...)))",
+            path.display()
+        );
+        Ok(())
     }
 
     fn validate(&mut self, val: &Loader, plan: &Plan, pos: &Position, lr: f64) -> Result<()> {
         let t0 = Instant::now();
         // Each rank evaluates its shard; the sums add up to one pass over the whole set.
         let mut evaluated = None;
-        self.precision.evaluate(&mut || {
-            evaluated = Some(evaluate_shard(
-                &mut self.model,
-                val,
-                plan.val_batch_size,
-                &self.pipeline.norm,
-                self.device,
-                (self.collective.rank(), self.collective.world_size()),
-            )?);
-            Ok(())
-        })?;
+        let mut evaluate = || {
+            self.precision.evaluate(&mut || {
+                evaluated = Some(evaluate_shard(
+                    &mut self.model,
+                    val,
+                    plan.val_batch_size,
+                    &self.pipeline.norm,
+                    self.device,
+                    (self.collective.rank(), self.collective.world_size()),
+                )?);
+                Ok(())
+            })
+        };
+        match self.ema.as_ref().filter(|e| e.eval) {
+            Some(ema) => ema.with_average(&self.tensors, evaluate)?,
+            None => evaluate()?,
+        }
         let m = evaluated.expect("the precision policy ran the evaluation");
         let seconds = t0.elapsed().as_secs_f64();
         let mut sums = m.sums();
@@ -241,18 +330,21 @@ impl Trainer {
                 }
                 tch::manual_seed(mix_seed(&[seed, MODEL_STREAM, epoch, step]) as i64 & i64::MAX);
                 lr = self.schedule.lr(pos.global_step)?;
-                let out = step::step(
-                    &mut self.model,
-                    &self.tensors,
-                    &mut self.optimizer,
-                    &self.pipeline,
-                    self.precision.as_mut(),
-                    self.collective.as_mut(),
-                    &self.settings,
-                    p,
-                    lr,
-                )
-                .with_context(|| format!("epoch {} step {}", epoch + 1, step + 1))?;
+                let parts = StepParts {
+                    model: &mut self.model,
+                    tensors: &self.tensors,
+                    optimizer: &mut self.optimizer,
+                    pipeline: &self.pipeline,
+                    precision: self.precision.as_mut(),
+                    collective: self.collective.as_mut(),
+                    hook: self.hook.as_mut(),
+                    settings: &self.settings,
+                };
+                let out = step::step(parts, p, lr, pos.global_step)
+                    .with_context(|| format!("epoch {} step {}", epoch + 1, step + 1))?;
+                if let Some(ema) = &mut self.ema {
+                    ema.update(&self.tensors)?;
+                }
                 meter.update(n, out.loss, out.acc1, out.acc5);
                 pos.global_step += 1;
                 pos.step_in_epoch = step + 1;

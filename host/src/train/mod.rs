@@ -8,8 +8,10 @@
 pub mod checkpoint;
 pub mod collective;
 pub mod data;
+pub mod ema;
 pub mod eval;
 pub mod fit;
+pub mod image_stage;
 pub mod memory_format;
 pub mod metrics;
 pub mod pipeline;
@@ -19,6 +21,7 @@ pub mod schedule;
 pub mod sinks;
 pub mod step;
 pub mod tensorboard_sink;
+pub mod torchvision;
 
 pub use eval::evaluate_set;
 pub use pipeline::{build_pipeline, Normalizer, Pipeline, Prepared};
@@ -30,7 +33,7 @@ use crate::datasets::{ImageSet, Split};
 use crate::registry::Registry;
 use crate::setup::{setup, Purpose, Request, Setup};
 use anyhow::{bail, Context, Result};
-use imgclf_plugin_api::ffi::HostModel;
+use imgclf_plugin_api::ffi::{HostModel, HostStep};
 use imgclf_plugin_api::{ModelContext, NamedTensor, ParamGroup};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -73,6 +76,19 @@ pub fn device_of(config: &Config) -> Result<Device> {
         "cuda" => Device::Cuda(0),
         other => bail!("device '{other}' is not one of 'cuda', 'cpu'"),
     })
+}
+
+/// Builds the `train.step` hook from its plugin (None: the plain step).
+pub fn build_step_hook(registry: &Registry, s: &Setup, device: Device) -> Result<Option<HostStep>> {
+    let Some(entry) = &s.step else {
+        return Ok(None);
+    };
+    let ctx = imgclf_plugin_api::StepBuildContext { device };
+    Ok(Some(registry.plugin(entry).create_step(
+        &entry.info.name,
+        &s.config.section_json(""),
+        &ctx,
+    )?))
 }
 
 /// Builds the configured model from its plugin.
@@ -146,6 +162,9 @@ fn describe_components(s: &Setup, registry: &Registry) -> String {
     }
     if let Some(sc) = &s.scheduler {
         lines.push(format!("scheduler: {}", name(sc)));
+    }
+    if let Some(st) = &s.step {
+        lines.push(format!("step: {}", name(st)));
     }
     let augs: Vec<String> = s.augmentations.iter().map(name).collect();
     lines.push(format!(
@@ -245,7 +264,7 @@ fn print_dry_run(s: &Setup, registry: &Registry, model: &HostModel, out: &Path, 
 
 /// Creates a new run's output directory with its `config.yaml` and `env.yaml`; a resumed run
 /// keeps its own. Either way `log.txt` receives the log from here on.
-fn prepare_output(out: &Path, config: &Config, resume: bool) -> Result<()> {
+fn prepare_output(out: &Path, config: &Config, resume: bool, registry: &Registry) -> Result<()> {
     if !resume {
         if out.exists() {
             bail!(
@@ -256,9 +275,11 @@ fn prepare_output(out: &Path, config: &Config, resume: bool) -> Result<()> {
         }
         std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
         crate::io::write_atomic(&out.join("config.yaml"), config.to_yaml().as_bytes())?;
+        let mut env = crate::envinfo::collect();
+        env["plugins"] = crate::provenance::record(registry)?;
         crate::io::write_atomic(
             &out.join("env.yaml"),
-            crate::envinfo::to_yaml(&crate::envinfo::collect()).as_bytes(),
+            crate::envinfo::to_yaml(&env).as_bytes(),
         )?;
     }
     let log = std::fs::OpenOptions::new()
@@ -337,8 +358,10 @@ pub fn run(registry: &Registry, request: &Request, args: &TrainArgs) -> Result<(
         collective::from_config(c)?
     };
     if args.dry_run {
-        // Building the augmentations runs their config checks (impossible combinations).
+        // Building the augmentations and the step hook runs their config checks.
         build_pipeline(registry, &s, device)?;
+        build_step_hook(registry, &s, device)?;
+        ema::Ema::from_config(c, &tensors)?;
         print_dry_run(&s, registry, &model, &out, args.resume.is_some());
         for change in &s.resume_changes {
             println!("resume would change {change}");
@@ -348,7 +371,7 @@ pub fn run(registry: &Registry, request: &Request, args: &TrainArgs) -> Result<(
 
     let writer = collective.is_writer();
     if writer {
-        prepare_output(&out, c, args.resume.is_some())?;
+        prepare_output(&out, c, args.resume.is_some(), registry)?;
         if args.resume.is_some() {
             crate::resume::record(&out, c, &s.resume_changes)?;
         }
@@ -369,7 +392,7 @@ pub fn run(registry: &Registry, request: &Request, args: &TrainArgs) -> Result<(
     );
 
     // Data.
-    let (train_set, val_set) = load_data(&s)?;
+    let (mut train_set, val_set) = load_data(&s)?;
     let batch_size = c.int("train.batch_size") as usize;
     if batch_size == 0 {
         bail!("train.batch_size must be >= 1");
@@ -391,10 +414,29 @@ pub fn run(registry: &Registry, request: &Request, args: &TrainArgs) -> Result<(
         train_set.len(),
         val_set.len()
     );
-    // An in-memory set that fits lives on the device (train.dataloader.on_device).
+    // An in-memory set that fits lives on the device (train.dataloader.on_device), unless
+    // a per-image stage needs every image to go through the loader's workers.
+    let image_stages = image_stage::build_image_stages(registry, &s)?;
     let [ch, height, width] = train_set.samples.shape();
     let bytes = train_set.len() * ch * height * width;
-    let resident = if s.dataset.image_folder {
+    let resident = if !image_stages.is_empty() {
+        let names: Vec<&str> = image_stages.iter().map(|st| st.name()).collect();
+        if c.str("train.dataloader.on_device") == "on" {
+            bail!(
+                "train.dataloader.on_device on keeps the training set on the device, but the per-image stage{} {} run{} on each image in the data loader; set train.dataloader.on_device auto or off",
+                if names.len() > 1 { "s" } else { "" },
+                names.join(", "),
+                if names.len() > 1 { "" } else { "s" }
+            );
+        }
+        tracing::info!(
+            "per-image stage {} in {} data-loading thread(s) (train.dataloader.num_workers)",
+            names.join(", "),
+            train_set.num_workers
+        );
+        train_set.samples = image_stage::StagedSamples::wrap(train_set.samples, image_stages);
+        None
+    } else if s.dataset.image_folder {
         if c.str("train.dataloader.on_device") == "on" {
             bail!("train.dataloader.on_device on needs an in-memory dataset; image folders are streamed (use auto or off)");
         }
@@ -437,6 +479,8 @@ pub fn run(registry: &Registry, request: &Request, args: &TrainArgs) -> Result<(
         device,
         schedule: build_schedule(registry, &s, steps_per_epoch)?,
         pipeline: build_pipeline(registry, &s, device)?,
+        hook: build_step_hook(registry, &s, device)?,
+        ema: ema::Ema::from_config(c, &tensors)?,
         model,
         tensors,
         optimizer,
@@ -479,18 +523,5 @@ pub fn run(registry: &Registry, request: &Request, args: &TrainArgs) -> Result<(
 
     install_interrupt_handler();
     trainer.fit(train_set, &val_set, &plan, pos)?;
-    if writer {
-        let final_tensors: Vec<(String, tch::Tensor)> = trainer
-            .tensors
-            .iter()
-            .map(|t| (t.name.clone(), t.tensor.shallow_clone()))
-            .collect();
-        let path = out.join("model_final.safetensors");
-        crate::io::save_safetensors(&path, &final_tensors, Default::default())?;
-        tracing::info!(
-            "saved {} (a PyTorch state dict: load_state_dict(safetensors.torch.load_file(...)))",
-            path.display()
-        );
-    }
-    Ok(())
+    trainer.save_final()
 }

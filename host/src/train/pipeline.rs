@@ -60,7 +60,12 @@ pub fn build_pipeline(registry: &Registry, s: &Setup, device: Device) -> Result<
         device,
     };
     let mut augmentations = Vec::new();
-    for e in &s.augmentations {
+    // Per-image stages run in the data loader instead (train::image_stage).
+    for e in s
+        .augmentations
+        .iter()
+        .filter(|e| e.info.stage != Some(Stage::Image))
+    {
         let aug =
             registry
                 .plugin(e)

@@ -1,15 +1,18 @@
 //! One optimisation step: the forward passes of every view and Ghost-BN chunk
 //! (`train.subdivision`), the loss (cross-entropy, soft cross-entropy for mixed targets, or an
 //! augmentation's own loss), backward under the precision policy, gradient reduction across
-//! ranks, clipping, and the optimizer step at the scheduled learning rate.
+//! ranks, clipping, and the optimizer step at the scheduled learning rate. A training-step hook
+//! (`train.step`, a plugin component of kind `step`, e.g. SAM) decides how many passes a step
+//! runs and at which weights; reduction, unscaling, clipping and the optimizer step stay here,
+//! once per step.
 
 use super::collective::Collective;
 use super::metrics::{topk_accuracy, topk_accuracy_labels};
 use super::pipeline::{Pipeline, Prepared};
 use super::precision::Precision;
 use anyhow::{bail, Result};
-use imgclf_plugin_api::ffi::{HostModel, HostOptimizer};
-use imgclf_plugin_api::NamedTensor;
+use imgclf_plugin_api::ffi::{HostModel, HostOptimizer, HostStep};
+use imgclf_plugin_api::{NamedTensor, StepContext, StepHost};
 use tch::{Kind, Tensor};
 
 /// What one step measured.
@@ -114,58 +117,175 @@ fn chunk_loss(
     Ok((loss, logits_v))
 }
 
-/// One optimisation step on a prepared batch at learning rate `lr`. Gradients are released
-/// first (the model's tensors end the step holding this step's gradients).
-#[allow(clippy::too_many_arguments)]
-pub fn step(
-    model: &mut HostModel,
-    tensors: &[NamedTensor],
-    optimizer: &mut HostOptimizer,
-    pipeline: &Pipeline,
-    precision: &mut dyn Precision,
-    collective: &mut dyn Collective,
-    settings: &StepSettings,
-    p: Prepared,
-    lr: f64,
-) -> Result<StepOutcome> {
-    // Release the gradients (PyTorch's zero_grad(set_to_none=True)): backward allocates fresh
-    // ones instead of accumulating into zero-filled buffers, and a parameter without a gradient
-    // this step is skipped by the optimizer, as in PyTorch.
-    let trainable: Vec<Tensor> = tensors
-        .iter()
-        .filter(|t| t.trainable)
-        .map(|t| t.tensor.shallow_clone())
-        .collect();
-    imgclf_plugin_api::optim::release_grads(&trainable)?;
+/// The forward/backward passes of one step over its prepared batch: the plain step runs one,
+/// a step hook (`train.step`) calls back for as many as its method needs
+/// ([`imgclf_plugin_api::StepHost`]).
+struct Passes<'a> {
+    model: &'a mut HostModel,
+    tensors: &'a [NamedTensor],
+    pipeline: &'a Pipeline,
+    precision: &'a mut dyn Precision,
+    p: &'a Prepared,
+    /// The batch split by view.
+    image_chunks: Vec<Tensor>,
+    subdivision: i64,
+    context: StepContext,
+    /// The first pass's chunk losses and per-view logits: the step's metrics.
+    first: Option<(Vec<Tensor>, Vec<Vec<Tensor>>)>,
+    /// The gradients the last pass left (after the precision policy's `gradients`).
+    grads: Vec<Tensor>,
+    count: usize,
+}
+
+impl Passes<'_> {
+    /// One forward/backward over every view and Ghost-BN chunk; the gradients replace the
+    /// previous pass's. With `keep_buffers` the model's buffers are restored afterwards.
+    fn run(&mut self, keep_buffers: bool) -> Result<f64> {
+        // Release the gradients (PyTorch's zero_grad(set_to_none=True)): backward allocates
+        // fresh ones instead of accumulating into zero-filled buffers, and a parameter without
+        // a gradient this step is skipped by the optimizer, as in PyTorch.
+        let trainable: Vec<Tensor> = self
+            .tensors
+            .iter()
+            .filter(|t| t.trainable)
+            .map(|t| t.tensor.shallow_clone())
+            .collect();
+        imgclf_plugin_api::optim::release_grads(&trainable)?;
+        let saved: Vec<(Tensor, Tensor)> = if keep_buffers {
+            self.tensors
+                .iter()
+                .filter(|t| !t.trainable)
+                .map(|t| (t.tensor.shallow_clone(), t.tensor.detach().copy()))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let views = self.image_chunks.len();
+        let n = self.p.labels.size()[0];
+        let mut view_logits: Vec<Vec<Tensor>> = (0..views).map(|_| Vec::new()).collect();
+        let mut losses = Vec::new();
+        let size = (n + self.subdivision - 1) / self.subdivision;
+        let row_chunks = (0..self.subdivision)
+            .map(|i| (i * size, ((i + 1) * size).min(n) - i * size))
+            .filter(|(_, l)| *l > 0);
+        for (start, len) in row_chunks {
+            let mut out = None;
+            let (model, pipeline, p, chunks) =
+                (&mut *self.model, self.pipeline, self.p, &self.image_chunks);
+            self.precision.forward(&mut || {
+                out = Some(chunk_loss(model, pipeline, p, chunks, start, len)?);
+                Ok(())
+            })?;
+            let (loss, logits_v) = out.expect("the precision policy ran the forward pass");
+            self.precision.backward(&loss)?;
+            losses.push(loss.detach());
+            for (v, l) in logits_v.into_iter().enumerate() {
+                view_logits[v].push(l.detach());
+            }
+        }
+        self.grads = self.precision.gradients(self.tensors)?;
+        tch::no_grad(|| -> Result<()> {
+            for (dst, src) in &saved {
+                dst.shallow_clone().f_copy_(src)?;
+            }
+            Ok(())
+        })?;
+        let loss = Tensor::stack(&losses, 0)
+            .mean(Kind::Float)
+            .double_value(&[]);
+        self.count += 1;
+        if self.first.is_none() {
+            self.first = Some((losses, view_logits));
+        }
+        Ok(loss)
+    }
+}
+
+impl StepHost for Passes<'_> {
+    fn forward_backward(&mut self, keep_buffers: bool) -> imgclf_plugin_api::Result<f64> {
+        self.run(keep_buffers)
+            .map_err(|e| imgclf_plugin_api::Error(format!("{e:#}")))
+    }
+    fn tensors(&self) -> imgclf_plugin_api::Result<Vec<NamedTensor>> {
+        Ok(self.tensors.to_vec())
+    }
+    fn context(&self) -> StepContext {
+        self.context
+    }
+}
+
+/// The parts one step works with.
+pub struct StepParts<'a> {
+    pub model: &'a mut HostModel,
+    pub tensors: &'a [NamedTensor],
+    pub optimizer: &'a mut HostOptimizer,
+    pub pipeline: &'a Pipeline,
+    pub precision: &'a mut dyn Precision,
+    pub collective: &'a mut dyn Collective,
+    /// `train.step`: the hook that runs the passes (None: the plain step, one pass).
+    pub hook: Option<&'a mut HostStep>,
+    pub settings: &'a StepSettings,
+}
+
+/// One optimisation step on a prepared batch at learning rate `lr` (`global_step` steps done
+/// before it). Gradients are released first (the model's tensors end the step holding this
+/// step's gradients).
+pub fn step(parts: StepParts<'_>, p: Prepared, lr: f64, global_step: u64) -> Result<StepOutcome> {
+    let StepParts {
+        model,
+        tensors,
+        optimizer,
+        pipeline,
+        precision,
+        collective,
+        hook,
+        settings,
+    } = parts;
     let subdivision = settings.subdivision.max(1);
     let views = p.views.max(1) as i64;
-    let n = p.labels.size()[0];
     let images = if settings.channels_last {
         super::memory_format::channels_last(&p.images)?
     } else {
         p.images.shallow_clone()
     };
-    let image_chunks = images.chunk(views, 0);
-    let mut view_logits: Vec<Vec<Tensor>> = (0..views).map(|_| Vec::new()).collect();
-    let mut losses = Vec::new();
-    let size = (n + subdivision - 1) / subdivision;
-    let row_chunks = (0..subdivision)
-        .map(|i| (i * size, ((i + 1) * size).min(n) - i * size))
-        .filter(|(_, l)| *l > 0);
-    for (start, len) in row_chunks {
-        let mut out = None;
-        precision.forward(&mut || {
-            out = Some(chunk_loss(model, pipeline, &p, &image_chunks, start, len)?);
-            Ok(())
-        })?;
-        let (loss, logits_v) = out.expect("the precision policy ran the forward pass");
-        precision.backward(&loss)?;
-        losses.push(loss.detach());
-        for (v, l) in logits_v.into_iter().enumerate() {
-            view_logits[v].push(l.detach());
+    let context = StepContext {
+        lr,
+        global_step,
+        gradient_scale: precision.loss_scale().unwrap_or(1.0) * subdivision as f64,
+        world_size: collective.world_size() as u64,
+    };
+    let mut passes = Passes {
+        model,
+        tensors,
+        pipeline,
+        precision,
+        p: &p,
+        image_chunks: images.chunk(views, 0),
+        subdivision,
+        context,
+        first: None,
+        grads: Vec::new(),
+        count: 0,
+    };
+    let grads = match hook {
+        None => {
+            passes.run(false)?;
+            std::mem::take(&mut passes.grads)
         }
-    }
-    let grads = precision.gradients(tensors)?;
+        Some(hook) => {
+            hook.step(&mut passes)?;
+            if passes.count == 0 {
+                bail!(
+                    "the step hook `{}` (plugin `{}`) returned without running a forward/backward pass",
+                    hook.label().1,
+                    hook.label().0
+                );
+            }
+            gradients(tensors)
+        }
+    };
+    let (losses, view_logits) = passes.first.take().expect("a pass ran");
+    let precision = passes.precision;
     collective.reduce_gradients(&grads)?;
     let stepped = precision.unscale(&grads)?;
     if stepped {
@@ -175,7 +295,7 @@ pub fn step(
         optimizer.step(lr)?;
     }
     precision.update(stepped)?;
-    // Metrics on the views' mean logits.
+    // Metrics on the views' mean logits (of the first pass).
     let per_view: Vec<Tensor> = view_logits.iter().map(|v| Tensor::cat(v, 0)).collect();
     let logits = Tensor::stack(&per_view, 0).mean_dim(0, false, Kind::Float);
     let (acc1, acc5) = match &p.mix_targets {

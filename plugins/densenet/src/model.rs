@@ -4,7 +4,7 @@
 //! dropout after every convolution; state-dict names as the reference's.
 
 use imgclf_plugin_api::nn::{
-    self, BatchNorm2d, Conv2d, ConvConfig, InitMode, Linear, ParamStore, Scope,
+    self, BatchNorm2d, Conv2d, ConvConfig, InitMode, Linear, ModelType, ParamStore, Scope,
 };
 use imgclf_plugin_api::{
     plugin_bail, ComponentInfo, ConfigView, KeyDecl, Kind, Model, ModelContext, ModelFactory,
@@ -12,7 +12,7 @@ use imgclf_plugin_api::{
 };
 use tch::Tensor;
 
-const SECTION: &str = "model.densenet";
+pub(crate) const SECTION: &str = "model.densenet";
 
 /// `model.densenet.*`: the reference's CIFAR config is DenseNet-BC-100 (k=12): bottleneck
 /// layers and compression 0.5; basic layers with compression 1 give the original DenseNet.
@@ -26,54 +26,40 @@ pub struct Config {
     pub init_mode: InitMode,
 }
 
+imgclf_plugin_api::config_section! {
+    /// `model.densenet.*`, each key declared once (read back typed by `Keys::from_view`).
+    pub struct Keys in "model.densenet" {
+        /// network depth: 3n+4 (basic) or 6n+4 (bottleneck)
+        depth: i64 = 100, at_least(1);
+        /// layers in each of the four dense blocks (model.type imagenet only)
+        n_blocks: Vec<i64> = vec![6, 12, 24, 16], at_least(1);
+        /// dense layer
+        block_type: String = "bottleneck", choices(&["basic", "bottleneck"]);
+        /// k: channels each dense layer adds
+        growth_rate: i64 = 12, at_least(1);
+        /// dropout after every convolution (training only)
+        drop_rate: f64 = 0.0;
+        /// theta: a transition keeps floor(theta * C) channels
+        compression_rate: f64 = 0.5;
+        /// model.type imagenet, not in the reference: ReLU after bn_last, as torchvision's DenseNet (set True with torchvision weights)
+        relu_before_pool: bool = false;
+    }
+}
+
 impl Config {
     pub fn keys() -> Vec<KeyDecl> {
-        vec![
-            KeyDecl::int(
-                &format!("{SECTION}.depth"),
-                100,
-                "network depth: 3n+4 (basic) or 6n+4 (bottleneck)",
-            )
-            .at_least(1),
-            KeyDecl::int_list(
-                &format!("{SECTION}.n_blocks"),
-                &[6, 12, 24, 16],
-                "layers per dense block (ImageNet models only; unused here)",
-            )
-            .at_least(1),
-            KeyDecl::str(
-                &format!("{SECTION}.block_type"),
-                "bottleneck",
-                "dense layer",
-            )
-            .choices(&["basic", "bottleneck"]),
-            KeyDecl::int(
-                &format!("{SECTION}.growth_rate"),
-                12,
-                "k: channels each dense layer adds",
-            )
-            .at_least(1),
-            KeyDecl::float(
-                &format!("{SECTION}.drop_rate"),
-                0.0,
-                "dropout after every convolution (training only)",
-            ),
-            KeyDecl::float(
-                &format!("{SECTION}.compression_rate"),
-                0.5,
-                "theta: a transition keeps floor(theta * C) channels",
-            ),
-        ]
+        Keys::keys()
     }
 
     pub fn from_view(c: &ConfigView) -> Result<Self> {
+        let k = Keys::from_view(c)?;
         let bottleneck = nn::is_bottleneck(c, SECTION)?;
         let cfg = Config {
-            depth: c.int(&format!("{SECTION}.depth"))?,
+            depth: k.depth,
             bottleneck,
-            growth_rate: c.int(&format!("{SECTION}.growth_rate"))?,
-            drop_rate: c.float(&format!("{SECTION}.drop_rate"))?,
-            compression_rate: c.float(&format!("{SECTION}.compression_rate"))?,
+            growth_rate: k.growth_rate,
+            drop_rate: k.drop_rate,
+            compression_rate: k.compression_rate,
             init_mode: InitMode::parse(&c.str("model.init_mode")?)?,
         };
         if !(0.0..1.0).contains(&cfg.drop_rate) {
@@ -101,20 +87,20 @@ impl Config {
     }
 
     /// Channels after a transition: `int(c * compression_rate)` as the reference computes it.
-    fn compress(&self, c: i64) -> i64 {
+    pub(crate) fn compress(&self, c: i64) -> i64 {
         (c as f64 * self.compression_rate) as i64
     }
 }
 
 /// BN-ReLU-conv pairs applied in sequence, each conv followed by dropout when enabled.
-struct Composite {
+pub(crate) struct Composite {
     layers: Vec<(BatchNorm2d, Conv2d)>,
     drop_rate: f64,
 }
 
 impl Composite {
     /// `specs` are (bn/conv name suffix, input channels, output channels, kernel size).
-    fn new(s: &Scope, specs: &[(&str, i64, i64, i64)], cfg: &Config) -> Composite {
+    pub(crate) fn new(s: &Scope, specs: &[(&str, i64, i64, i64)], cfg: &Config) -> Composite {
         let layers = specs
             .iter()
             .map(|&(suffix, ci, co, k)| {
@@ -152,17 +138,17 @@ impl Composite {
     }
 }
 
-struct Stage {
+pub(crate) struct Stage {
     /// Each layer's output is concatenated to its input.
-    layers: Vec<Composite>,
-    transition: Option<Composite>,
+    pub(crate) layers: Vec<Composite>,
+    pub(crate) transition: Option<Composite>,
 }
 
 impl Stage {
     /// # Shapes
     /// N x C x H x W -> N x (C + n k) x H x W, then with a transition
     /// N x floor(theta (C + n k)) x H/2 x W/2
-    fn forward(&self, x: &Tensor, train: bool) -> Tensor {
+    pub(crate) fn forward(&self, x: &Tensor, train: bool) -> Tensor {
         let mut y = x.shallow_clone();
         for layer in &self.layers {
             let new = layer.forward(&y, train);
@@ -273,7 +259,7 @@ impl ModelFactory for DenseNetFactory {
         ComponentInfo::new(
             Kind::Model,
             "densenet",
-            "DenseNet / DenseNet-BC for CIFAR-sized images",
+            "DenseNet / DenseNet-BC; model.type cifar or imagenet (DenseNet-121)",
         )
         .papers(&["1608.06993", "2001.02394"])
         .keys(Config::keys())
@@ -285,7 +271,16 @@ impl ModelFactory for DenseNetFactory {
     }
 
     fn build(&self, config: &ConfigView, ctx: &ModelContext) -> Result<Box<dyn Model>> {
-        let model = Box::new(DenseNet::new(&Config::from_view(config)?, ctx)?);
+        let cfg = Config::from_view(config)?;
+        let model: Box<dyn Model> = match ModelType::of(config)? {
+            ModelType::Cifar => Box::new(DenseNet::new(&cfg, ctx)?),
+            ModelType::ImageNet => Box::new(crate::imagenet::DenseNet::new(
+                &cfg,
+                nn::four_stage_blocks(config, SECTION)?,
+                crate::imagenet::relu_before_pool(config)?,
+                ctx,
+            )?),
+        };
         nn::probed_like_the_reference(model, ctx)
     }
 }

@@ -4,7 +4,7 @@
 //! the reference's.
 
 use imgclf_plugin_api::nn::{
-    self, BatchNorm2d, Conv2d, ConvConfig, InitMode, Linear, ParamStore, Scope,
+    self, BatchNorm2d, Conv2d, ConvConfig, InitMode, Linear, ModelType, ParamStore, Scope,
 };
 use imgclf_plugin_api::{
     plugin_bail, ComponentInfo, ConfigView, KeyDecl, Kind, Model, ModelContext, ModelFactory,
@@ -12,7 +12,7 @@ use imgclf_plugin_api::{
 };
 use tch::Tensor;
 
-const SECTION: &str = "model.pyramidnet";
+pub(crate) const SECTION: &str = "model.pyramidnet";
 
 /// `model.pyramidnet.*`: PyramidNet-`depth` (alpha=`alpha`); the reference's CIFAR config is the
 /// paper's best, PyramidNet-272 (alpha=200) with bottleneck blocks.
@@ -25,49 +25,35 @@ pub struct Config {
     pub init_mode: InitMode,
 }
 
+imgclf_plugin_api::config_section! {
+    /// `model.pyramidnet.*`, each key declared once (read back typed by `Keys::from_view`).
+    pub struct Keys in "model.pyramidnet" {
+        /// network depth: 6n+2 (basic) or 9n+2 (bottleneck)
+        depth: i64 = 272, at_least(1);
+        /// blocks in each of the four stages (model.type imagenet only)
+        n_blocks: Vec<i64> = vec![3, 24, 36, 3], at_least(1);
+        /// channels of the first convolution
+        initial_channels: i64 = 16, at_least(1);
+        /// residual block
+        block_type: String = "bottleneck", choices(&["basic", "bottleneck"]);
+        /// total width increase over all blocks (before the bottleneck's 4x)
+        alpha: i64 = 200, at_least(0);
+    }
+}
+
 impl Config {
     pub fn keys() -> Vec<KeyDecl> {
-        vec![
-            KeyDecl::int(
-                &format!("{SECTION}.depth"),
-                272,
-                "network depth: 6n+2 (basic) or 9n+2 (bottleneck)",
-            )
-            .at_least(1),
-            KeyDecl::int_list(
-                &format!("{SECTION}.n_blocks"),
-                &[3, 24, 36, 3],
-                "blocks per stage (ImageNet models only; unused here)",
-            )
-            .at_least(1),
-            KeyDecl::int(
-                &format!("{SECTION}.initial_channels"),
-                16,
-                "channels of the first convolution",
-            )
-            .at_least(1),
-            KeyDecl::str(
-                &format!("{SECTION}.block_type"),
-                "bottleneck",
-                "residual block",
-            )
-            .choices(&["basic", "bottleneck"]),
-            KeyDecl::int(
-                &format!("{SECTION}.alpha"),
-                200,
-                "total width increase over all blocks (before the bottleneck's 4x)",
-            )
-            .at_least(0),
-        ]
+        Keys::keys()
     }
 
     pub fn from_view(c: &ConfigView) -> Result<Self> {
+        let k = Keys::from_view(c)?;
         let bottleneck = nn::is_bottleneck(c, SECTION)?;
         let cfg = Config {
-            depth: c.int(&format!("{SECTION}.depth"))?,
-            initial_channels: c.int(&format!("{SECTION}.initial_channels"))?,
+            depth: k.depth,
+            initial_channels: k.initial_channels,
             bottleneck,
-            alpha: c.int(&format!("{SECTION}.alpha"))?,
+            alpha: k.alpha,
             init_mode: InitMode::parse(&c.str("model.init_mode")?)?,
         };
         if cfg.alpha < 0 || cfg.initial_channels < 1 {
@@ -88,10 +74,15 @@ impl Config {
     /// channels (accumulated in f64, rounded half to even as NumPy does) times the expansion;
     /// entry 0 is the stem's width.
     pub fn widths(&self, n: i64) -> Vec<i64> {
-        let step = self.alpha as f64 / (3 * n) as f64;
+        self.widths_of(3 * n)
+    }
+
+    /// [`Config::widths`] for `blocks` blocks in all (the ImageNet form: `sum(n_blocks)`).
+    pub fn widths_of(&self, blocks: i64) -> Vec<i64> {
+        let step = self.alpha as f64 / blocks as f64;
         let mut c = self.initial_channels as f64;
         let mut out = vec![self.initial_channels];
-        for _ in 0..3 * n {
+        for _ in 0..blocks {
             c += step;
             out.push(c.round_ties_even() as i64 * self.expansion());
         }
@@ -101,14 +92,14 @@ impl Config {
 
 /// The residual path: basic BN-conv3x3-BN-ReLU-conv3x3-BN, or bottleneck
 /// BN-conv1x1-BN-ReLU-conv3x3-BN-ReLU-conv1x1-BN (the stride sits on the first 3x3 conv).
-struct Block {
+pub(crate) struct Block {
     bns: Vec<BatchNorm2d>,
     convs: Vec<Conv2d>,
     stride: i64,
 }
 
 impl Block {
-    fn new(s: &Scope, c_in: i64, c_out: i64, stride: i64, cfg: &Config) -> Block {
+    pub(crate) fn new(s: &Scope, c_in: i64, c_out: i64, stride: i64, cfg: &Config) -> Block {
         let conv = |i: usize, ci: i64, co: i64, k: i64, stride: i64| {
             let cc = ConvConfig {
                 stride,
@@ -140,7 +131,7 @@ impl Block {
 
     /// # Shapes
     /// N x C_in x H x W -> N x C_out x H/stride x W/stride
-    fn forward(&self, x: &Tensor, train: bool) -> Tensor {
+    pub(crate) fn forward(&self, x: &Tensor, train: bool) -> Tensor {
         let mut y = self.bns[0].forward(x, train);
         for (i, conv) in self.convs.iter().enumerate() {
             if i > 0 {
@@ -263,7 +254,7 @@ impl ModelFactory for PyramidNetFactory {
         ComponentInfo::new(
             Kind::Model,
             "pyramidnet",
-            "PyramidNet for CIFAR-sized images (additive width growth, zero-padded shortcuts)",
+            "PyramidNet (additive width growth, zero-padded shortcuts); model.type cifar or imagenet",
         )
         .papers(&["1610.02915"])
         .keys(Config::keys())
@@ -274,7 +265,15 @@ impl ModelFactory for PyramidNetFactory {
     }
 
     fn build(&self, config: &ConfigView, ctx: &ModelContext) -> Result<Box<dyn Model>> {
-        let model = Box::new(PyramidNet::new(&Config::from_view(config)?, ctx)?);
+        let cfg = Config::from_view(config)?;
+        let model: Box<dyn Model> = match ModelType::of(config)? {
+            ModelType::Cifar => Box::new(PyramidNet::new(&cfg, ctx)?),
+            ModelType::ImageNet => Box::new(crate::imagenet::PyramidNet::new(
+                &cfg,
+                nn::four_stage_blocks(config, SECTION)?,
+                ctx,
+            )?),
+        };
         nn::probed_like_the_reference(model, ctx)
     }
 }

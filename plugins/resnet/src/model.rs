@@ -2,7 +2,7 @@
 //! residual addition, projection shortcuts with BN), with the reference's state-dict names.
 
 use imgclf_plugin_api::nn::{
-    self, BatchNorm2d, Conv2d, ConvConfig, InitMode, Linear, ParamStore, Scope,
+    self, BatchNorm2d, Conv2d, ConvConfig, InitMode, Linear, ModelType, ParamStore, Scope,
 };
 use imgclf_plugin_api::{
     ComponentInfo, ConfigView, KeyDecl, Kind, Model, ModelContext, ModelFactory, NamedTensor,
@@ -10,7 +10,7 @@ use imgclf_plugin_api::{
 };
 use tch::Tensor;
 
-const SECTION: &str = "model.resnet";
+pub(crate) const SECTION: &str = "model.resnet";
 
 /// `model.resnet.*`.
 #[derive(Clone, Debug, PartialEq)]
@@ -21,38 +21,32 @@ pub struct Config {
     pub init_mode: InitMode,
 }
 
+imgclf_plugin_api::config_section! {
+    /// `model.resnet.*`, each key declared once (read back typed by `Keys::from_view`).
+    pub struct Keys in "model.resnet" {
+        /// network depth: 6n+2 (basic) or 9n+2 (bottleneck)
+        depth: i64 = 110, at_least(1);
+        /// blocks in each of the four stages (model.type imagenet only)
+        n_blocks: Vec<i64> = vec![2, 2, 2, 2], at_least(1);
+        /// residual block
+        block_type: String = "basic", choices(&["basic", "bottleneck"]);
+        /// channels of the first stage
+        initial_channels: i64 = 16, at_least(1);
+    }
+}
+
 impl Config {
     pub fn keys() -> Vec<KeyDecl> {
-        vec![
-            KeyDecl::int(
-                &format!("{SECTION}.depth"),
-                110,
-                "network depth: 6n+2 (basic) or 9n+2 (bottleneck)",
-            )
-            .at_least(1),
-            KeyDecl::int_list(
-                &format!("{SECTION}.n_blocks"),
-                &[2, 2, 2, 2],
-                "blocks per stage (ImageNet models only; unused here)",
-            )
-            .at_least(1),
-            KeyDecl::str(&format!("{SECTION}.block_type"), "basic", "residual block")
-                .choices(&["basic", "bottleneck"]),
-            KeyDecl::int(
-                &format!("{SECTION}.initial_channels"),
-                16,
-                "channels of the first stage",
-            )
-            .at_least(1),
-        ]
+        Keys::keys()
     }
 
     pub fn from_view(c: &ConfigView) -> Result<Self> {
+        let k = Keys::from_view(c)?;
         let bottleneck = nn::is_bottleneck(c, SECTION)?;
         Ok(Config {
-            depth: c.int(&format!("{SECTION}.depth"))?,
+            depth: k.depth,
             bottleneck,
-            initial_channels: c.int(&format!("{SECTION}.initial_channels"))?,
+            initial_channels: k.initial_channels,
             init_mode: InitMode::parse(&c.str("model.init_mode")?)?,
         })
     }
@@ -64,13 +58,20 @@ impl Config {
 }
 
 /// conv-BN pairs of the residual path (`conv1`/`bn1`, ...) and the optional projection.
-struct Block {
+pub(crate) struct Block {
     convs: Vec<(Conv2d, BatchNorm2d)>,
     shortcut: Option<(Conv2d, BatchNorm2d)>,
 }
 
 impl Block {
-    fn new(s: &Scope, c_in: i64, c_out: i64, stride: i64, cfg: &Config) -> Block {
+    pub(crate) fn new(
+        s: &Scope,
+        c_in: i64,
+        c_out: i64,
+        stride: i64,
+        bottleneck: bool,
+        init: InitMode,
+    ) -> Block {
         let conv_bn = |i: usize, ci: i64, co: i64, k: i64, stride: i64| {
             let conv = Conv2d::new(
                 &s.sub(format!("conv{i}")),
@@ -82,11 +83,11 @@ impl Block {
                     padding: k / 2,
                     ..Default::default()
                 },
-                cfg.init_mode,
+                init,
             );
             (conv, BatchNorm2d::new(&s.sub(format!("bn{i}")), co))
         };
-        let convs = if cfg.bottleneck {
+        let convs = if bottleneck {
             let mid = c_out / 4;
             vec![
                 conv_bn(1, c_in, mid, 1, 1),
@@ -109,7 +110,7 @@ impl Block {
                     stride,
                     ..Default::default()
                 },
-                cfg.init_mode,
+                init,
             );
             (conv, BatchNorm2d::new(&s.sub("shortcut.bn"), c_out))
         });
@@ -118,7 +119,7 @@ impl Block {
 
     /// # Shapes
     /// N x C_in x H x W -> N x C_out x H/stride x W/stride
-    fn forward(&self, x: &Tensor, train: bool) -> Tensor {
+    pub(crate) fn forward(&self, x: &Tensor, train: bool) -> Tensor {
         let last = self.convs.len() - 1;
         let mut y = x.shallow_clone();
         for (i, (conv, bn)) in self.convs.iter().enumerate() {
@@ -168,7 +169,14 @@ impl ResNet {
         );
         let bn = BatchNorm2d::new(&root.sub("bn"), cfg.initial_channels);
         let stages = nn::stages(&root, ch[0], &ch, &[1, 2, 2], n, |s, at| {
-            Block::new(s, at.c_in, at.c_out, at.stride, cfg)
+            Block::new(
+                s,
+                at.c_in,
+                at.c_out,
+                at.stride,
+                cfg.bottleneck,
+                cfg.init_mode,
+            )
         });
         let fc = Linear::new(&root.sub("fc"), ch[2], ctx.n_classes, cfg.init_mode);
         let description = format!(
@@ -225,7 +233,7 @@ impl ModelFactory for ResNetFactory {
         ComponentInfo::new(
             Kind::Model,
             "resnet",
-            "ResNet for CIFAR-sized images (post-activation blocks)",
+            "ResNet (post-activation blocks); model.type cifar or imagenet (ResNet-18/34)",
         )
         .papers(&["1512.03385"])
         .keys(Config::keys())
@@ -233,7 +241,15 @@ impl ModelFactory for ResNetFactory {
     }
 
     fn build(&self, config: &ConfigView, ctx: &ModelContext) -> Result<Box<dyn Model>> {
-        let model = Box::new(ResNet::new(&Config::from_view(config)?, ctx)?);
+        let cfg = Config::from_view(config)?;
+        let model: Box<dyn Model> = match ModelType::of(config)? {
+            ModelType::Cifar => Box::new(ResNet::new(&cfg, ctx)?),
+            ModelType::ImageNet => Box::new(crate::imagenet::ResNet::new(
+                &cfg,
+                nn::four_stage_blocks(config, SECTION)?,
+                ctx,
+            )?),
+        };
         nn::probed_like_the_reference(model, ctx)
     }
 }

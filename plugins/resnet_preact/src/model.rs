@@ -1,14 +1,16 @@
 //! The pre-activation ResNet for CIFAR-sized inputs, with the reference's options
 //! (`remove_first_relu`, `add_last_bn`, `preact_stage`) and state-dict names.
 
-use imgclf_plugin_api::nn::{self, BatchNorm2d, Conv2d, ConvConfig, InitMode, ParamStore, Scope};
+use imgclf_plugin_api::nn::{
+    self, BatchNorm2d, Conv2d, ConvConfig, InitMode, ModelType, ParamStore, Scope,
+};
 use imgclf_plugin_api::{
     ComponentInfo, ConfigView, KeyDecl, Kind, Model, ModelContext, ModelFactory, NamedTensor,
     Result,
 };
 use tch::Tensor;
 
-const SECTION: &str = "model.resnet_preact";
+pub(crate) const SECTION: &str = "model.resnet_preact";
 
 /// `model.resnet_preact.*`.
 #[derive(Clone, Debug, PartialEq)]
@@ -18,7 +20,8 @@ pub struct Config {
     pub initial_channels: i64,
     pub remove_first_relu: bool,
     pub add_last_bn: bool,
-    pub preact_stage: [bool; 3],
+    /// One per stage: 3 (CIFAR) or 4 (ImageNet).
+    pub preact_stage: Vec<bool>,
     pub init_mode: InitMode,
 }
 
@@ -29,7 +32,7 @@ pub enum BlockType {
 }
 
 impl BlockType {
-    fn expansion(self) -> i64 {
+    pub(crate) fn expansion(self) -> i64 {
         match self {
             BlockType::Basic => 1,
             BlockType::Bottleneck => 4,
@@ -41,65 +44,56 @@ impl BlockType {
     }
 }
 
+imgclf_plugin_api::config_section! {
+    /// `model.resnet_preact.*`, each key declared once (read back typed by `Keys::from_view`).
+    pub struct Keys in "model.resnet_preact" {
+        /// network depth: 6n+2 (basic) or 9n+2 (bottleneck)
+        depth: i64 = 110, at_least(1);
+        /// blocks in each of the four stages (model.type imagenet only)
+        n_blocks: Vec<i64> = vec![2, 2, 2, 2], at_least(1);
+        /// residual block
+        block_type: String = "basic", choices(&["basic", "bottleneck"]);
+        /// channels of the first stage
+        initial_channels: i64 = 16, at_least(1);
+        /// drop the ReLU after the first BN of each block
+        remove_first_relu: bool = false;
+        /// add a BN after the last conv of each block
+        add_last_bn: bool = false;
+        /// per stage (3 for cifar, 4 for imagenet): first block pre-activates the shortcut too
+        preact_stage: Vec<bool> = vec![true, true, true];
+    }
+}
+
 impl Config {
     pub fn keys() -> Vec<KeyDecl> {
-        vec![
-            KeyDecl::int(
-                &format!("{SECTION}.depth"),
-                110,
-                "network depth: 6n+2 (basic) or 9n+2 (bottleneck)",
-            )
-            .at_least(1),
-            KeyDecl::int_list(
-                &format!("{SECTION}.n_blocks"),
-                &[2, 2, 2, 2],
-                "blocks per stage (ImageNet models only; unused here)",
-            )
-            .at_least(1),
-            KeyDecl::str(&format!("{SECTION}.block_type"), "basic", "residual block")
-                .choices(&["basic", "bottleneck"]),
-            KeyDecl::int(
-                &format!("{SECTION}.initial_channels"),
-                16,
-                "channels of the first stage",
-            )
-            .at_least(1),
-            KeyDecl::bool(
-                &format!("{SECTION}.remove_first_relu"),
-                false,
-                "drop the ReLU after the first BN of each block",
-            ),
-            KeyDecl::bool(
-                &format!("{SECTION}.add_last_bn"),
-                false,
-                "add a BN after the last conv of each block",
-            ),
-            KeyDecl::bool_list(
-                &format!("{SECTION}.preact_stage"),
-                &[true, true, true],
-                "per stage: first block pre-activates the shortcut too",
-            ),
-        ]
+        Keys::keys()
     }
 
     pub fn from_view(c: &ConfigView) -> Result<Self> {
+        let k = Keys::from_view(c)?;
         let block_type = if nn::is_bottleneck(c, SECTION)? {
             BlockType::Bottleneck
         } else {
             BlockType::Basic
         };
-        let stages = c.bool_list(&format!("{SECTION}.preact_stage"))?;
-        let preact_stage: [bool; 3] = stages.as_slice().try_into().map_err(|_| {
-            imgclf_plugin_api::Error(format!(
-                "{SECTION}.preact_stage needs 3 values (one per stage), got {stages:?}"
-            ))
-        })?;
+        let preact_stage = k.preact_stage.clone();
+        let n_stages = match ModelType::of(c)? {
+            ModelType::Cifar => 3,
+            ModelType::ImageNet => 4,
+        };
+        if preact_stage.len() != n_stages {
+            return Err(imgclf_plugin_api::Error(format!(
+                "{SECTION}.preact_stage needs {n_stages} values (one per stage of a model.type \
+                 {} network), got {preact_stage:?}",
+                c.str("model.type")?
+            )));
+        }
         Ok(Config {
-            depth: c.int(&format!("{SECTION}.depth"))?,
+            depth: k.depth,
             block_type,
-            initial_channels: c.int(&format!("{SECTION}.initial_channels"))?,
-            remove_first_relu: c.bool(&format!("{SECTION}.remove_first_relu"))?,
-            add_last_bn: c.bool(&format!("{SECTION}.add_last_bn"))?,
+            initial_channels: k.initial_channels,
+            remove_first_relu: k.remove_first_relu,
+            add_last_bn: k.add_last_bn,
             preact_stage,
             init_mode: InitMode::parse(&c.str("model.init_mode")?)?,
         })
@@ -107,7 +101,7 @@ impl Config {
 }
 
 /// One residual block (basic: 3x3-3x3; bottleneck: 1x1-3x3-1x1 with 4x expansion).
-struct Block {
+pub(crate) struct Block {
     /// BN/conv pairs of the residual path, in order (`bn1`/`conv1`, `bn2`/`conv2`, ...).
     bns: Vec<BatchNorm2d>,
     convs: Vec<Conv2d>,
@@ -118,7 +112,14 @@ struct Block {
 }
 
 impl Block {
-    fn new(s: &Scope, c_in: i64, c_out: i64, stride: i64, cfg: &Config, preact: bool) -> Block {
+    pub(crate) fn new(
+        s: &Scope,
+        c_in: i64,
+        c_out: i64,
+        stride: i64,
+        cfg: &Config,
+        preact: bool,
+    ) -> Block {
         let init = cfg.init_mode;
         let conv = |name: &str, i, o, k, stride| {
             Conv2d::new(
@@ -169,7 +170,7 @@ impl Block {
 
     /// # Shapes
     /// N x C_in x H x W -> N x C_out x H/stride x W/stride
-    fn forward(&self, x: &Tensor, train: bool) -> Tensor {
+    pub(crate) fn forward(&self, x: &Tensor, train: bool) -> Tensor {
         let (x, mut y) = if self.preact {
             // The shortcut also sees the pre-activated input.
             let x = self.bns[0].forward(x, train).relu_();
@@ -288,7 +289,7 @@ impl ModelFactory for ResNetPreactFactory {
         ComponentInfo::new(
             Kind::Model,
             "resnet_preact",
-            "Pre-activation ResNet for CIFAR-sized images",
+            "Pre-activation ResNet; model.type cifar or imagenet",
         )
         .papers(&["1603.05027"])
         .keys(Config::keys())
@@ -296,7 +297,15 @@ impl ModelFactory for ResNetPreactFactory {
     }
 
     fn build(&self, config: &ConfigView, ctx: &ModelContext) -> Result<Box<dyn Model>> {
-        let model = Box::new(ResNetPreact::new(&Config::from_view(config)?, ctx)?);
+        let cfg = Config::from_view(config)?;
+        let model: Box<dyn Model> = match ModelType::of(config)? {
+            ModelType::Cifar => Box::new(ResNetPreact::new(&cfg, ctx)?),
+            ModelType::ImageNet => Box::new(crate::imagenet::ResNetPreact::new(
+                &cfg,
+                nn::four_stage_blocks(config, SECTION)?,
+                ctx,
+            )?),
+        };
         nn::probed_like_the_reference(model, ctx)
     }
 }
@@ -313,7 +322,7 @@ mod tests {
             initial_channels: 16,
             remove_first_relu: false,
             add_last_bn: false,
-            preact_stage: [true, true, true],
+            preact_stage: vec![true, true, true],
             init_mode: InitMode::KaimingFanOut,
         }
     }
@@ -350,7 +359,8 @@ mod tests {
             1_619_290
         );
         let mut c = config(56, BlockType::Basic);
-        (c.remove_first_relu, c.add_last_bn, c.preact_stage) = (true, true, [true, false, false]);
+        (c.remove_first_relu, c.add_last_bn, c.preact_stage) =
+            (true, true, vec![true, false, false]);
         assert_eq!(
             params(&ResNetPreact::new(&c, &ctx(3, 32)).unwrap()),
             857_594

@@ -3,7 +3,7 @@
 //! state-dict names.
 
 use imgclf_plugin_api::nn::{
-    self, BatchNorm2d, Conv2d, ConvConfig, InitMode, Linear, ParamStore, Scope,
+    self, BatchNorm2d, Conv2d, ConvConfig, InitMode, Linear, ModelType, ParamStore, Scope,
 };
 use imgclf_plugin_api::{
     plugin_bail, ComponentInfo, ConfigView, KeyDecl, Kind, Model, ModelContext, ModelFactory,
@@ -11,8 +11,8 @@ use imgclf_plugin_api::{
 };
 use tch::Tensor;
 
-const SECTION: &str = "model.resnext";
-const EXPANSION: i64 = 4;
+pub(crate) const SECTION: &str = "model.resnext";
+pub(crate) const EXPANSION: i64 = 4;
 
 /// `model.resnext.*`: ResNeXt-`depth` (`cardinality` x `base_channels`d); the reference's
 /// CIFAR config is ResNeXt-29 8x64d.
@@ -25,43 +25,34 @@ pub struct Config {
     pub init_mode: InitMode,
 }
 
+imgclf_plugin_api::config_section! {
+    /// `model.resnext.*`, each key declared once (read back typed by `Keys::from_view`).
+    pub struct Keys in "model.resnext" {
+        /// network depth: 9n+2
+        depth: i64 = 29, at_least(1);
+        /// blocks in each of the four stages (model.type imagenet only)
+        n_blocks: Vec<i64> = vec![3, 4, 6, 3], at_least(1);
+        /// channels of the first convolution (stage outputs are 4x, 8x, 16x this)
+        initial_channels: i64 = 64, at_least(1);
+        /// groups of the 3x3 convolution
+        cardinality: i64 = 8, at_least(1);
+        /// channels per group in the first stage (doubled each stage)
+        base_channels: i64 = 4, at_least(1);
+    }
+}
+
 impl Config {
     pub fn keys() -> Vec<KeyDecl> {
-        vec![
-            KeyDecl::int(&format!("{SECTION}.depth"), 29, "network depth: 9n+2").at_least(1),
-            KeyDecl::int_list(
-                &format!("{SECTION}.n_blocks"),
-                &[3, 4, 6, 3],
-                "blocks per stage (ImageNet models only; unused here)",
-            )
-            .at_least(1),
-            KeyDecl::int(
-                &format!("{SECTION}.initial_channels"),
-                64,
-                "channels of the first convolution (stage outputs are 4x, 8x, 16x this)",
-            )
-            .at_least(1),
-            KeyDecl::int(
-                &format!("{SECTION}.cardinality"),
-                8,
-                "groups of the 3x3 convolution",
-            )
-            .at_least(1),
-            KeyDecl::int(
-                &format!("{SECTION}.base_channels"),
-                4,
-                "channels per group in the first stage (doubled each stage)",
-            )
-            .at_least(1),
-        ]
+        Keys::keys()
     }
 
     pub fn from_view(c: &ConfigView) -> Result<Self> {
+        let k = Keys::from_view(c)?;
         let cfg = Config {
-            depth: c.int(&format!("{SECTION}.depth"))?,
-            initial_channels: c.int(&format!("{SECTION}.initial_channels"))?,
-            cardinality: c.int(&format!("{SECTION}.cardinality"))?,
-            base_channels: c.int(&format!("{SECTION}.base_channels"))?,
+            depth: k.depth,
+            initial_channels: k.initial_channels,
+            cardinality: k.cardinality,
+            base_channels: k.base_channels,
             init_mode: InitMode::parse(&c.str("model.init_mode")?)?,
         };
         if cfg.cardinality < 1 || cfg.base_channels < 1 || cfg.initial_channels < 1 {
@@ -75,13 +66,20 @@ impl Config {
 
 /// conv1x1-BN-ReLU, grouped conv3x3 (strided)-BN-ReLU, conv1x1-BN, plus the (projected)
 /// input, then ReLU.
-struct Block {
+pub(crate) struct Block {
     convs: Vec<(Conv2d, BatchNorm2d)>,
     shortcut: Option<(Conv2d, BatchNorm2d)>,
 }
 
 impl Block {
-    fn new(s: &Scope, c_in: i64, c_out: i64, stride: i64, stage: u32, cfg: &Config) -> Block {
+    pub(crate) fn new(
+        s: &Scope,
+        c_in: i64,
+        c_out: i64,
+        stride: i64,
+        stage: u32,
+        cfg: &Config,
+    ) -> Block {
         let mid = cfg.cardinality * cfg.base_channels * 2i64.pow(stage);
         let conv_bn = |i: usize, ci: i64, co: i64, k: i64, cc: ConvConfig| {
             let conv = Conv2d::new(&s.sub(format!("conv{i}")), ci, co, k, cc, cfg.init_mode);
@@ -111,7 +109,7 @@ impl Block {
 
     /// # Shapes
     /// N x C_in x H x W -> N x C_out x H/stride x W/stride
-    fn forward(&self, x: &Tensor, train: bool) -> Tensor {
+    pub(crate) fn forward(&self, x: &Tensor, train: bool) -> Tensor {
         let mut y = x.shallow_clone();
         for (i, (conv, bn)) in self.convs.iter().enumerate() {
             y = bn.forward(&conv.forward(&y), train);
@@ -202,7 +200,7 @@ impl ModelFactory for ResNextFactory {
         ComponentInfo::new(
             Kind::Model,
             "resnext",
-            "ResNeXt for CIFAR-sized images (grouped-convolution bottleneck blocks)",
+            "ResNeXt (grouped-convolution bottleneck blocks); model.type cifar or imagenet",
         )
         .papers(&["1611.05431"])
         .keys(Config::keys())
@@ -215,7 +213,15 @@ impl ModelFactory for ResNextFactory {
     }
 
     fn build(&self, config: &ConfigView, ctx: &ModelContext) -> Result<Box<dyn Model>> {
-        let model = Box::new(ResNext::new(&Config::from_view(config)?, ctx)?);
+        let cfg = Config::from_view(config)?;
+        let model: Box<dyn Model> = match ModelType::of(config)? {
+            ModelType::Cifar => Box::new(ResNext::new(&cfg, ctx)?),
+            ModelType::ImageNet => Box::new(crate::imagenet::ResNext::new(
+                &cfg,
+                nn::four_stage_blocks(config, SECTION)?,
+                ctx,
+            )?),
+        };
         nn::probed_like_the_reference(model, ctx)
     }
 }

@@ -29,61 +29,45 @@ pub struct Config {
     pub preact_stage: [bool; 3],
 }
 
+imgclf_plugin_api::config_section! {
+    /// `model.se_resnet_preact.*`, each key declared once (read back typed by `Keys::from_view`).
+    pub struct Keys in "model.se_resnet_preact" {
+        /// network depth: 6n+2 (basic) or 9n+2 (bottleneck)
+        depth: i64 = 110, at_least(1);
+        /// channels of the first stage
+        initial_channels: i64 = 16, at_least(1);
+        /// r: the excitation's hidden layer has C / r units
+        se_reduction: i64 = 16, at_least(1);
+        /// residual block
+        block_type: String = "basic", choices(&["basic", "bottleneck"]);
+        /// drop the ReLU after the first BN of each block
+        remove_first_relu: bool = false;
+        /// add a BN after the last conv of each block
+        add_last_bn: bool = false;
+        /// per stage: first block pre-activates the shortcut too
+        preact_stage: Vec<bool> = vec![true, true, true];
+    }
+}
+
 impl Config {
     pub fn keys() -> Vec<KeyDecl> {
-        vec![
-            KeyDecl::int(
-                &format!("{SECTION}.depth"),
-                110,
-                "network depth: 6n+2 (basic) or 9n+2 (bottleneck)",
-            )
-            .at_least(1),
-            KeyDecl::int(
-                &format!("{SECTION}.initial_channels"),
-                16,
-                "channels of the first stage",
-            )
-            .at_least(1),
-            KeyDecl::int(
-                &format!("{SECTION}.se_reduction"),
-                16,
-                "r: the excitation's hidden layer has C / r units",
-            )
-            .at_least(1),
-            KeyDecl::str(&format!("{SECTION}.block_type"), "basic", "residual block")
-                .choices(&["basic", "bottleneck"]),
-            KeyDecl::bool(
-                &format!("{SECTION}.remove_first_relu"),
-                false,
-                "drop the ReLU after the first BN of each block",
-            ),
-            KeyDecl::bool(
-                &format!("{SECTION}.add_last_bn"),
-                false,
-                "add a BN after the last conv of each block",
-            ),
-            KeyDecl::bool_list(
-                &format!("{SECTION}.preact_stage"),
-                &[true, true, true],
-                "per stage: first block pre-activates the shortcut too",
-            ),
-        ]
+        Keys::keys()
     }
 
     pub fn from_view(c: &ConfigView) -> Result<Self> {
-        let key = |k: &str| format!("{SECTION}.{k}");
+        let k = Keys::from_view(c)?;
         let bottleneck = nn::is_bottleneck(c, SECTION)?;
-        let stages = c.bool_list(&key("preact_stage"))?;
+        let stages = k.preact_stage;
         let Ok(preact_stage) = <[bool; 3]>::try_from(stages.as_slice()) else {
             plugin_bail!("{SECTION}.preact_stage needs 3 values (one per stage), got {stages:?}");
         };
         let cfg = Config {
-            depth: c.int(&key("depth"))?,
+            depth: k.depth,
             bottleneck,
-            initial_channels: c.int(&key("initial_channels"))?,
-            se_reduction: c.int(&key("se_reduction"))?,
-            remove_first_relu: c.bool(&key("remove_first_relu"))?,
-            add_last_bn: c.bool(&key("add_last_bn"))?,
+            initial_channels: k.initial_channels,
+            se_reduction: k.se_reduction,
+            remove_first_relu: k.remove_first_relu,
+            add_last_bn: k.add_last_bn,
             preact_stage,
         };
         if cfg.se_reduction < 1 || cfg.initial_channels < cfg.se_reduction {
@@ -300,6 +284,7 @@ impl ModelFactory for SeResNetPreactFactory {
     }
 
     fn build(&self, config: &ConfigView, ctx: &ModelContext) -> Result<Box<dyn Model>> {
+        nn::ModelType::require_cifar(config, "se_resnet_preact")?;
         let model = Box::new(SeResNetPreact::new(&Config::from_view(config)?, ctx)?);
         nn::probed_like_the_reference(model, ctx)
     }

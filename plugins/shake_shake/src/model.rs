@@ -69,42 +69,36 @@ impl Shake {
     }
 }
 
+imgclf_plugin_api::config_section! {
+    /// `model.shake_shake.*`, each key declared once (read back typed by `Keys::from_view`).
+    pub struct Keys in "model.shake_shake" {
+        /// network depth: 6n+2
+        depth: i64 = 26, at_least(1);
+        /// width of the first stage (the d of 2x96d); doubled per stage
+        initial_channels: i64 = 96, at_least(1);
+        /// random branch weights in the forward pass (else 0.5)
+        shake_forward: bool = true;
+        /// independent random branch weights for the gradient (else 0.5)
+        shake_backward: bool = true;
+        /// draw the weights per image (else one per batch)
+        shake_image: bool = true;
+    }
+}
+
 impl Config {
     pub fn keys() -> Vec<KeyDecl> {
-        vec![
-            KeyDecl::int(&format!("{SECTION}.depth"), 26, "network depth: 6n+2").at_least(1),
-            KeyDecl::int(
-                &format!("{SECTION}.initial_channels"),
-                96,
-                "width of the first stage (the d of 2x96d); doubled per stage",
-            )
-            .at_least(1),
-            KeyDecl::bool(
-                &format!("{SECTION}.shake_forward"),
-                true,
-                "random branch weights in the forward pass (else 0.5)",
-            ),
-            KeyDecl::bool(
-                &format!("{SECTION}.shake_backward"),
-                true,
-                "independent random branch weights for the gradient (else 0.5)",
-            ),
-            KeyDecl::bool(
-                &format!("{SECTION}.shake_image"),
-                true,
-                "draw the weights per image (else one per batch)",
-            ),
-        ]
+        Keys::keys()
     }
 
     pub fn from_view(c: &ConfigView) -> Result<Self> {
+        let k = Keys::from_view(c)?;
         Ok(Config {
-            depth: c.int(&format!("{SECTION}.depth"))?,
-            initial_channels: c.int(&format!("{SECTION}.initial_channels"))?,
+            depth: k.depth,
+            initial_channels: k.initial_channels,
             shake: Shake {
-                forward: c.bool(&format!("{SECTION}.shake_forward"))?,
-                backward: c.bool(&format!("{SECTION}.shake_backward"))?,
-                per_image: c.bool(&format!("{SECTION}.shake_image"))?,
+                forward: k.shake_forward,
+                backward: k.shake_backward,
+                per_image: k.shake_image,
             },
             init_mode: InitMode::parse(&c.str("model.init_mode")?)?,
         })
@@ -294,6 +288,7 @@ impl ModelFactory for ShakeShakeFactory {
     }
 
     fn build(&self, config: &ConfigView, ctx: &ModelContext) -> Result<Box<dyn Model>> {
+        nn::ModelType::require_cifar(config, "shake_shake")?;
         let model = Box::new(ShakeShake::new(&Config::from_view(config)?, ctx)?);
         nn::probed_like_the_reference(model, ctx)
     }

@@ -2,7 +2,9 @@
 //! optionally followed by BN), each ending in a 2x2 max-pool, then one linear layer on the
 //! flattened features; state-dict names as the reference's (`stage1.conv0`, `stage1.bn0`).
 
-use imgclf_plugin_api::nn::{self, BatchNorm2d, Conv2d, ConvConfig, InitMode, Linear, ParamStore};
+use imgclf_plugin_api::nn::{
+    self, BatchNorm2d, Conv2d, ConvConfig, InitMode, Linear, ModelType, ParamStore, Scope,
+};
 use imgclf_plugin_api::{
     plugin_bail, ComponentInfo, ConfigView, KeyDecl, Kind, Model, ModelContext, ModelFactory,
     NamedTensor, Result,
@@ -21,33 +23,27 @@ pub struct Config {
     pub init_mode: InitMode,
 }
 
+imgclf_plugin_api::config_section! {
+    /// `model.vgg.*`, each key declared once (read back typed by `Keys::from_view`).
+    pub struct Keys in "model.vgg" {
+        /// output channels of each of the five stages
+        n_channels: Vec<i64> = vec![64, 128, 256, 512, 512], at_least(1);
+        /// 3x3 convolutions in each of the five stages
+        n_layers: Vec<i64> = vec![2, 2, 3, 3, 3], at_least(1);
+        /// batch normalisation after every convolution
+        use_bn: bool = true;
+    }
+}
+
 impl Config {
     pub fn keys() -> Vec<KeyDecl> {
-        vec![
-            KeyDecl::int_list(
-                &format!("{SECTION}.n_channels"),
-                &[64, 128, 256, 512, 512],
-                "output channels of each of the five stages",
-            )
-            .at_least(1),
-            KeyDecl::int_list(
-                &format!("{SECTION}.n_layers"),
-                &[2, 2, 3, 3, 3],
-                "3x3 convolutions in each of the five stages",
-            )
-            .at_least(1),
-            KeyDecl::bool(
-                &format!("{SECTION}.use_bn"),
-                true,
-                "batch normalisation after every convolution",
-            ),
-        ]
+        Keys::keys()
     }
 
     pub fn from_view(c: &ConfigView) -> Result<Self> {
-        let five = |key: &str| -> Result<[i64; STAGES]> {
-            let v = c.int_list(&format!("{SECTION}.{key}"))?;
-            match <[i64; STAGES]>::try_from(v.as_slice()) {
+        let k = Keys::from_view(c)?;
+        let five = |key: &str, v: &[i64]| -> Result<[i64; STAGES]> {
+            match <[i64; STAGES]>::try_from(v) {
                 Ok(a) if a.iter().all(|&x| x >= 1) => Ok(a),
                 _ => plugin_bail!(
                     "{SECTION}.{key} needs 5 positive values (one per stage), got {v:?}"
@@ -55,23 +51,23 @@ impl Config {
             }
         };
         Ok(Config {
-            n_channels: five("n_channels")?,
-            n_layers: five("n_layers")?,
-            use_bn: c.bool(&format!("{SECTION}.use_bn"))?,
+            n_channels: five("n_channels", &k.n_channels)?,
+            n_layers: five("n_layers", &k.n_layers)?,
+            use_bn: k.use_bn,
             init_mode: InitMode::parse(&c.str("model.init_mode")?)?,
         })
     }
 }
 
 /// One stage: `n` conv(-BN)-ReLU layers, then a 2x2 max-pool.
-struct Stage {
+pub(crate) struct Stage {
     layers: Vec<(Conv2d, Option<BatchNorm2d>)>,
 }
 
 impl Stage {
     /// # Shapes
     /// N x C_in x H x W -> N x C_out x H/2 x W/2
-    fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+    pub(crate) fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let mut y = x.shallow_clone();
         for (conv, bn) in &self.layers {
             y = conv.f_forward_checked(&y)?;
@@ -91,43 +87,53 @@ pub struct Vgg {
     description: String,
 }
 
+/// The side of the last feature map: each stage halves it (floor), as the reference's dummy
+/// forward finds out; an error when it reaches 0.
+pub(crate) fn final_side(image_size: i64) -> Result<i64> {
+    let side = (0..STAGES).fold(image_size, |s, _| s / 2);
+    if side < 1 {
+        plugin_bail!(
+            "vgg halves the image five times (2x2 max-pools), so it needs images of at least \
+             32x32; dataset.image_size is {image_size} (pad or resize the images, or pick a \
+             model with global average pooling such as resnet_preact)"
+        );
+    }
+    Ok(side)
+}
+
+/// The five stages (`stage1` ... `stage5`) and the channels they end with.
+pub(crate) fn stages(root: &Scope, cfg: &Config, ctx: &ModelContext) -> (Vec<Stage>, i64) {
+    let mut stages = Vec::new();
+    let mut c_in = ctx.n_channels;
+    for (i, (&c_out, &n)) in cfg.n_channels.iter().zip(&cfg.n_layers).enumerate() {
+        let s = root.sub(format!("stage{}", i + 1));
+        let layers = (0..n)
+            .map(|j| {
+                let cc = ConvConfig {
+                    padding: 1,
+                    bias: true,
+                    ..Default::default()
+                };
+                let ci = if j == 0 { c_in } else { c_out };
+                let conv = Conv2d::new(&s.sub(format!("conv{j}")), ci, c_out, 3, cc, cfg.init_mode);
+                let bn = cfg
+                    .use_bn
+                    .then(|| BatchNorm2d::new(&s.sub(format!("bn{j}")), c_out));
+                (conv, bn)
+            })
+            .collect();
+        stages.push(Stage { layers });
+        c_in = c_out;
+    }
+    (stages, c_in)
+}
+
 impl Vgg {
     pub fn new(cfg: &Config, ctx: &ModelContext) -> Result<Self> {
-        // Each stage halves the side (floor), as the reference's dummy forward finds out.
-        let side = (0..STAGES).fold(ctx.image_size, |s, _| s / 2);
-        if side < 1 {
-            plugin_bail!(
-                "vgg halves the image five times (2x2 max-pools), so it needs images of at least \
-                 32x32; dataset.image_size is {} (pad or resize the images, or pick a model \
-                 with global average pooling such as resnet_preact)",
-                ctx.image_size
-            );
-        }
+        let side = final_side(ctx.image_size)?;
         let store = ParamStore::new(ctx.device);
         let root = store.root();
-        let mut stages = Vec::new();
-        let mut c_in = ctx.n_channels;
-        for (i, (&c_out, &n)) in cfg.n_channels.iter().zip(&cfg.n_layers).enumerate() {
-            let s = root.sub(format!("stage{}", i + 1));
-            let layers = (0..n)
-                .map(|j| {
-                    let cc = ConvConfig {
-                        padding: 1,
-                        bias: true,
-                        ..Default::default()
-                    };
-                    let ci = if j == 0 { c_in } else { c_out };
-                    let conv =
-                        Conv2d::new(&s.sub(format!("conv{j}")), ci, c_out, 3, cc, cfg.init_mode);
-                    let bn = cfg
-                        .use_bn
-                        .then(|| BatchNorm2d::new(&s.sub(format!("bn{j}")), c_out));
-                    (conv, bn)
-                })
-                .collect();
-            stages.push(Stage { layers });
-            c_in = c_out;
-        }
+        let (stages, c_in) = stages(&root, cfg, ctx);
         let features = c_in * side * side;
         let fc = Linear::new(&root.sub("fc"), features, ctx.n_classes, cfg.init_mode);
         let convs = cfg.n_layers.iter().sum::<i64>();
@@ -173,7 +179,7 @@ impl ModelFactory for VggFactory {
         ComponentInfo::new(
             Kind::Model,
             "vgg",
-            "VGG for CIFAR-sized images (five conv stages, optional BN, one linear layer)",
+            "VGG (five conv stages, optional BN; model.type cifar: one linear layer, imagenet: three)",
         )
         .papers(&["1409.1556"])
         .keys(Config::keys())
@@ -184,7 +190,11 @@ impl ModelFactory for VggFactory {
     }
 
     fn build(&self, config: &ConfigView, ctx: &ModelContext) -> Result<Box<dyn Model>> {
-        let model = Box::new(Vgg::new(&Config::from_view(config)?, ctx)?);
+        let cfg = Config::from_view(config)?;
+        let model: Box<dyn Model> = match ModelType::of(config)? {
+            ModelType::Cifar => Box::new(Vgg::new(&cfg, ctx)?),
+            ModelType::ImageNet => Box::new(crate::imagenet::Vgg::new(&cfg, ctx)?),
+        };
         nn::probed_like_the_reference(model, ctx)
     }
 }

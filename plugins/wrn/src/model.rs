@@ -23,36 +23,32 @@ pub struct Config {
     pub init_mode: InitMode,
 }
 
+imgclf_plugin_api::config_section! {
+    /// `model.wrn.*`, each key declared once (read back typed by `Keys::from_view`).
+    pub struct Keys in "model.wrn" {
+        /// network depth: 6n+4
+        depth: i64 = 28, at_least(1);
+        /// channels of the first convolution
+        initial_channels: i64 = 16, at_least(1);
+        /// k: stage widths are 16k, 32k, 64k
+        widening_factor: i64 = 10, at_least(1);
+        /// dropout between the two convolutions of a block (training only)
+        drop_rate: f64 = 0.0;
+    }
+}
+
 impl Config {
     pub fn keys() -> Vec<KeyDecl> {
-        vec![
-            KeyDecl::int(&format!("{SECTION}.depth"), 28, "network depth: 6n+4").at_least(1),
-            KeyDecl::int(
-                &format!("{SECTION}.initial_channels"),
-                16,
-                "channels of the first convolution",
-            )
-            .at_least(1),
-            KeyDecl::int(
-                &format!("{SECTION}.widening_factor"),
-                10,
-                "k: stage widths are 16k, 32k, 64k",
-            )
-            .at_least(1),
-            KeyDecl::float(
-                &format!("{SECTION}.drop_rate"),
-                0.0,
-                "dropout between the two convolutions of a block (training only)",
-            ),
-        ]
+        Keys::keys()
     }
 
     pub fn from_view(c: &ConfigView) -> Result<Self> {
+        let k = Keys::from_view(c)?;
         let cfg = Config {
-            depth: c.int(&format!("{SECTION}.depth"))?,
-            initial_channels: c.int(&format!("{SECTION}.initial_channels"))?,
-            widening_factor: c.int(&format!("{SECTION}.widening_factor"))?,
-            drop_rate: c.float(&format!("{SECTION}.drop_rate"))?,
+            depth: k.depth,
+            initial_channels: k.initial_channels,
+            widening_factor: k.widening_factor,
+            drop_rate: k.drop_rate,
             init_mode: InitMode::parse(&c.str("model.init_mode")?)?,
         };
         if !(0.0..1.0).contains(&cfg.drop_rate) {
@@ -212,6 +208,7 @@ impl ModelFactory for WrnFactory {
     }
 
     fn build(&self, config: &ConfigView, ctx: &ModelContext) -> Result<Box<dyn Model>> {
+        nn::ModelType::require_cifar(config, "wrn")?;
         let model = Box::new(Wrn::new(&Config::from_view(config)?, ctx)?);
         nn::probed_like_the_reference(model, ctx)
     }
