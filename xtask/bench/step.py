@@ -79,7 +79,7 @@ COMMON = ["train.optimizer", "sgd", "train.base_lr", str(LR), "train.momentum", 
           "scheduler.warmup.type", "none", "train.subdivision", "1",
           "train.gradient_clip", "0.0", "train.use_test_as_val", "True",
           "augmentation.use_random_crop", "True", "augmentation.random_crop.padding", str(PAD),
-          "augmentation.use_horizontal_flip", "True"]
+          "augmentation.use_random_horizontal_flip", "True"]
 # The mixed-precision rows: apex's O1 (autocast), float16 on CUDA, bfloat16 on the CPU.
 MIXED = {"cuda": ["train.precision", "O1"],
          "cpu": ["train.precision", "O1", "train.precision_dtype", "bfloat16"]}
