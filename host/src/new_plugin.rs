@@ -204,4 +204,33 @@ mod tests {
         assert!(render("One", TemplateKind::Model, Path::new("/x")).is_err());
         assert!(render("a-b", TemplateKind::Model, Path::new("/x")).is_err());
     }
+
+    /// Every `[profile.*]` table of the workspace, with its key lines, comments dropped.
+    fn profiles(manifest: &str) -> Vec<(String, Vec<String>)> {
+        let mut out: Vec<(String, Vec<String>)> = Vec::new();
+        let mut current: Option<usize> = None;
+        for line in manifest.lines().map(str::trim) {
+            if line.starts_with('[') {
+                current = line.starts_with("[profile.").then(|| {
+                    out.push((line.to_string(), Vec::new()));
+                    out.len() - 1
+                });
+            } else if let Some(i) = current {
+                if !line.is_empty() && !line.starts_with('#') {
+                    out[i].1.push(line.to_string());
+                }
+            }
+        }
+        out
+    }
+
+    /// Templates build with imgclf's target dir: their profiles must be the workspace's, or
+    /// cargo builds torch-sys and every dependency a second time (and twice the disk).
+    #[test]
+    fn template_profiles_are_the_workspaces() {
+        let workspace = include_str!("../../Cargo.toml");
+        let ours = profiles(workspace);
+        assert!(ours.len() >= 3, "{ours:?}");
+        assert_eq!(profiles(CARGO_TOML), ours);
+    }
 }
