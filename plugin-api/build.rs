@@ -64,6 +64,11 @@ fn main() {
         .include(&cpp_dir)
         .include(libtorch.join("include"))
         .include(libtorch.join("include/torch/csrc/api/include"))
+        // The fused kernels' loops (bn_relu_kernels.h) are vectorised at -O3 whatever the
+        // profile; no contraction into FMA, so a value computed twice (ReLU's mask, forward and
+        // backward) is the same both times.
+        .opt_level(3)
+        .flag("-ffp-contract=off")
         .flag("-std=c++17")
         .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
         .files(sources)

@@ -7,6 +7,10 @@ use imgclf_tests::*;
 use std::path::Path;
 
 fn train(data: &Path, out: &Path, extra: &[&str]) {
+    train_with(data, out, extra, &[]);
+}
+
+fn train_with(data: &Path, out: &Path, extra: &[&str], env: &[(&str, &str)]) {
     let mut args: Vec<String> = [
         "train",
         "--plugin",
@@ -36,7 +40,9 @@ fn train(data: &Path, out: &Path, extra: &[&str]) {
     .map(|s| s.to_string())
     .collect();
     args.extend(extra.iter().map(|s| s.to_string()));
-    let (code, _, err) = run(imgclf(&workspace()).args(&args));
+    let mut cmd = imgclf(&workspace());
+    cmd.args(&args).envs(env.iter().copied());
+    let (code, _, err) = run(&mut cmd);
     assert_eq!(code, 0, "{err}");
 }
 
@@ -104,9 +110,9 @@ fn device_resident_data_trains_like_the_loader_and_channels_last_resumes_exactly
     // the first conv's weight), 1 vs 2 threads 6e-8, the 20% higher rate 6e-4. The layouts'
     // kernels sum in other orders: PyTorch's own BatchNorm2d already gives running_var 3e-6
     // apart on one NCHW and one channels_last forward of the same batch.
-    let stable = |name: &str, lr: &str, layout: &str| {
+    let stable = |name: &str, lr: &str, layout: &str, env: &[(&str, &str)]| {
         let out = d.join(name);
-        train(
+        train_with(
             &data,
             &out,
             &[
@@ -119,6 +125,7 @@ fn device_resident_data_trains_like_the_loader_and_channels_last_resumes_exactly
                 "train.channels_last",
                 layout,
             ],
+            env,
         );
         weights(&out)
     };
@@ -128,15 +135,31 @@ fn device_resident_data_trains_like_the_loader_and_channels_last_resumes_exactly
             .map(|((_, x), (_, y))| (x - y).abs().max().double_value(&[]))
             .fold(0.0, f64::max)
     };
-    let nchw = stable("stable-nchw", "0.001", "off");
-    let nhwc_stable = stable("stable-nhwc", "0.001", "on");
-    let other_rate = stable("stable-nchw-lr", "0.0012", "off");
+    let nchw = stable("stable-nchw", "0.001", "off", &[]);
+    let nhwc_stable = stable("stable-nhwc", "0.001", "on", &[]);
+    let other_rate = stable("stable-nchw-lr", "0.0012", "off", &[]);
+    // The fused CPU BatchNorm + ReLU (the default) against ATen's two ops, in both layouts.
+    let aten = [("IMGCLF_FUSED_BN_RELU", "0")];
+    let nchw_aten = stable("stable-nchw-aten", "0.001", "off", &aten);
+    let nhwc_aten = stable("stable-nhwc-aten", "0.001", "on", &aten);
     let (layout, detail) = (max_diff(&nchw, &nhwc_stable), max_diff(&nchw, &other_rate));
     const TOL: f64 = 6e-5;
     assert!(
         layout <= TOL,
         "channels_last vs NCHW: max |difference| {layout}"
     );
+    for (what, fused, aten) in [
+        ("NCHW", &nchw, &nchw_aten),
+        ("channels_last", &nhwc_stable, &nhwc_aten),
+    ] {
+        let d = max_diff(fused, aten);
+        assert!(
+            d <= TOL,
+            "{what}: fused BatchNorm + ReLU vs ATen's batch_norm and relu: max |difference| {d}"
+        );
+        // The fused op is really in use (IMGCLF_FUSED_BN_RELU=0 changes the result).
+        assert!(d > 0.0, "{what}: the fused op and ATen's end bit-identical");
+    }
     assert!(
         detail > 4.0 * TOL,
         "a 20% higher rate should land far outside the tolerance: {detail}"

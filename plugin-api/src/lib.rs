@@ -39,6 +39,7 @@ pub mod component;
 pub mod config;
 pub mod error;
 pub mod ffi;
+mod fused;
 pub mod image;
 pub mod nn;
 pub mod optim;

@@ -190,8 +190,7 @@ impl ImageNetStem {
     pub fn forward(&self, x: &Tensor, train: bool) -> crate::Result<Tensor> {
         let y = self
             .bn
-            .forward(&self.conv.f_forward_checked(x)?, train)
-            .relu_();
+            .forward_relu(&self.conv.f_forward_checked(x)?, train);
         Ok(y.f_max_pool2d([3, 3], [2, 2], [1, 1], [1, 1], false)?)
     }
 }
@@ -466,10 +465,38 @@ impl BatchNorm2d {
     /// N x C x H x W -> same
     pub fn forward(&self, x: &Tensor, train: bool) -> Tensor {
         if train {
-            tch::no_grad(|| {
-                let _ = self.num_batches_tracked.shallow_clone().g_add_scalar_(1);
-            });
+            self.count_batch();
         }
+        self.aten(x, train)
+    }
+
+    /// `F.relu(bn(x))`: [`BatchNorm2d::forward`] then ReLU, with the same result up to float
+    /// rounding. In training mode on the CPU (float32 or bfloat16, NCHW or channels_last) it
+    /// runs as one fused autograd op, two passes over the activations forward and two backward
+    /// instead of five and five (`plugin-api/cpp/bn_relu.cpp`); elsewhere, and with
+    /// `IMGCLF_FUSED_BN_RELU=0` in the environment, ATen's batch_norm and relu.
+    ///
+    /// # Shapes
+    /// N x C x H x W -> same
+    pub fn forward_relu(&self, x: &Tensor, train: bool) -> Tensor {
+        if train {
+            self.count_batch();
+            if crate::fused::bn_relu_enabled() {
+                if let Some(y) = crate::fused::bn_relu_train(x, self, 0.1, 1e-5) {
+                    return y;
+                }
+            }
+        }
+        self.aten(x, train).relu_()
+    }
+
+    fn count_batch(&self) {
+        tch::no_grad(|| {
+            let _ = self.num_batches_tracked.shallow_clone().g_add_scalar_(1);
+        });
+    }
+
+    fn aten(&self, x: &Tensor, train: bool) -> Tensor {
         x.batch_norm(
             Some(&self.weight),
             Some(&self.bias),

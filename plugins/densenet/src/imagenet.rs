@@ -98,10 +98,11 @@ impl Model for DenseNet {
         for stage in &self.stages {
             y = stage.forward(&y, train);
         }
-        let mut y = self.bn_last.forward(&y, train);
-        if self.relu_before_pool {
-            y = y.relu_();
-        }
+        let y = if self.relu_before_pool {
+            self.bn_last.forward_relu(&y, train)
+        } else {
+            self.bn_last.forward(&y, train)
+        };
         self.fc
             .f_forward(&y.adaptive_avg_pool2d([1, 1]).flatten(1, -1))
     }

@@ -129,7 +129,7 @@ impl Composite {
     fn forward(&self, x: &Tensor, train: bool) -> Tensor {
         let mut y = x.shallow_clone();
         for (bn, conv) in &self.layers {
-            y = conv.forward(&bn.forward(&y, train).relu_());
+            y = conv.forward(&bn.forward_relu(&y, train));
             if self.drop_rate > 0.0 {
                 y = y.dropout(self.drop_rate, train);
             }
@@ -237,7 +237,7 @@ impl Model for DenseNet {
         for stage in &self.stages {
             y = stage.forward(&y, train);
         }
-        let y = self.bn.forward(&y, train).relu_();
+        let y = self.bn.forward_relu(&y, train);
         Ok(self
             .fc
             .forward(&y.adaptive_avg_pool2d([1, 1]).flatten(1, -1)))

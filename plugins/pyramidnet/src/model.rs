@@ -133,11 +133,15 @@ impl Block {
     /// N x C_in x H x W -> N x C_out x H/stride x W/stride
     pub(crate) fn forward(&self, x: &Tensor, train: bool) -> Tensor {
         let mut y = self.bns[0].forward(x, train);
+        let last = self.convs.len() - 1;
         for (i, conv) in self.convs.iter().enumerate() {
-            if i > 0 {
-                y = y.relu_();
-            }
-            y = self.bns[i + 1].forward(&conv.forward(&y), train);
+            // Every BN but the block's last is followed by ReLU.
+            let bn = &self.bns[i + 1];
+            y = if i < last {
+                bn.forward_relu(&conv.forward(&y), train)
+            } else {
+                bn.forward(&conv.forward(&y), train)
+            };
         }
         let shortcut = if self.stride > 1 {
             x.avg_pool2d([2, 2], [2, 2], [0, 0], false, true, None::<i64>)
@@ -232,7 +236,7 @@ impl Model for PyramidNet {
                 y = block.forward(&y, train);
             }
         }
-        let y = self.bn2.forward(&y, train).relu_();
+        let y = self.bn2.forward_relu(&y, train);
         Ok(self
             .fc
             .forward(&y.adaptive_avg_pool2d([1, 1]).flatten(1, -1)))

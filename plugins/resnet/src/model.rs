@@ -123,10 +123,11 @@ impl Block {
         let last = self.convs.len() - 1;
         let mut y = x.shallow_clone();
         for (i, (conv, bn)) in self.convs.iter().enumerate() {
-            y = bn.forward(&conv.forward(&y), train);
-            if i < last {
-                y = y.relu_();
-            }
+            y = if i < last {
+                bn.forward_relu(&conv.forward(&y), train)
+            } else {
+                bn.forward(&conv.forward(&y), train)
+            };
         }
         let _ = match &self.shortcut {
             Some((conv, bn)) => y.g_add_(&bn.forward(&conv.forward(x), train)),
@@ -205,8 +206,7 @@ impl Model for ResNet {
     fn forward(&mut self, x: &Tensor, train: bool) -> Result<Tensor> {
         let mut y = self
             .bn
-            .forward(&self.conv.f_forward_checked(x)?, train)
-            .relu_();
+            .forward_relu(&self.conv.f_forward_checked(x)?, train);
         for stage in &self.stages {
             for block in stage {
                 y = block.forward(&y, train);

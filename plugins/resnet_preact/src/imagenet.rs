@@ -58,7 +58,7 @@ impl Model for ResNetPreact {
                 y = block.forward(&y, train);
             }
         }
-        let y = self.bn_last.forward(&y, train).relu_();
+        let y = self.bn_last.forward_relu(&y, train);
         self.fc
             .f_forward(&y.adaptive_avg_pool2d([1, 1]).flatten(1, -1))
     }

@@ -173,18 +173,19 @@ impl Block {
     pub(crate) fn forward(&self, x: &Tensor, train: bool) -> Tensor {
         let (x, mut y) = if self.preact {
             // The shortcut also sees the pre-activated input.
-            let x = self.bns[0].forward(x, train).relu_();
+            let x = self.bns[0].forward_relu(x, train);
             let y = self.convs[0].forward(&x);
             (x, y)
         } else {
-            let mut y = self.bns[0].forward(x, train);
-            if !self.remove_first_relu {
-                y = y.relu_();
-            }
+            let y = if self.remove_first_relu {
+                self.bns[0].forward(x, train)
+            } else {
+                self.bns[0].forward_relu(x, train)
+            };
             (x.shallow_clone(), self.convs[0].forward(&y))
         };
         for (bn, conv) in self.bns[1..].iter().zip(&self.convs[1..]) {
-            y = conv.forward(&bn.forward(&y, train).relu_());
+            y = conv.forward(&bn.forward_relu(&y, train));
         }
         if let Some(bn) = &self.last_bn {
             y = bn.forward(&y, train);
@@ -266,8 +267,7 @@ impl Model for ResNetPreact {
         }
         let y = self
             .bn
-            .forward(&y, train)
-            .relu_()
+            .forward_relu(&y, train)
             .adaptive_avg_pool2d([1, 1])
             .flatten(1, -1);
         Ok(self.fc.forward(&y))

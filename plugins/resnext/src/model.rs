@@ -112,10 +112,11 @@ impl Block {
     pub(crate) fn forward(&self, x: &Tensor, train: bool) -> Tensor {
         let mut y = x.shallow_clone();
         for (i, (conv, bn)) in self.convs.iter().enumerate() {
-            y = bn.forward(&conv.forward(&y), train);
-            if i + 1 < self.convs.len() {
-                y = y.relu_();
-            }
+            y = if i + 1 < self.convs.len() {
+                bn.forward_relu(&conv.forward(&y), train)
+            } else {
+                bn.forward(&conv.forward(&y), train)
+            };
         }
         let mut y = match &self.shortcut {
             Some((conv, bn)) => y + bn.forward(&conv.forward(x), train),
@@ -172,8 +173,7 @@ impl Model for ResNext {
     fn forward(&mut self, x: &Tensor, train: bool) -> Result<Tensor> {
         let mut y = self
             .bn
-            .forward(&self.conv.f_forward_checked(x)?, train)
-            .relu_();
+            .forward_relu(&self.conv.f_forward_checked(x)?, train);
         for stage in &self.stages {
             for block in stage {
                 y = block.forward(&y, train);

@@ -166,19 +166,24 @@ impl Block {
     /// # Shapes
     /// N x C_in x H x W -> N x C_out x H/stride x W/stride
     fn forward(&self, x: &Tensor, train: bool) -> Tensor {
-        let mut first = self.bns[0].forward(x, train);
         // A pre-activating block feeds the activated input to the shortcut too.
         let (x, mut y) = if self.preact {
-            let x = first.relu_();
+            let x = self.bns[0].forward_relu(x, train);
             let y = self.convs[0].forward(&x);
             (x, y)
         } else if self.remove_first_relu {
-            (x.shallow_clone(), self.convs[0].forward(&first))
+            (
+                x.shallow_clone(),
+                self.convs[0].forward(&self.bns[0].forward(x, train)),
+            )
         } else {
-            (x.shallow_clone(), self.convs[0].forward(&first.relu_()))
+            (
+                x.shallow_clone(),
+                self.convs[0].forward(&self.bns[0].forward_relu(x, train)),
+            )
         };
         for (bn, conv) in self.bns[1..].iter().zip(&self.convs[1..]) {
-            y = conv.forward(&bn.forward(&y, train).relu_());
+            y = conv.forward(&bn.forward_relu(&y, train));
         }
         if let Some(bn) = &self.last_bn {
             y = bn.forward(&y, train);
@@ -251,7 +256,7 @@ impl Model for SeResNetPreact {
                 y = block.forward(&y, train);
             }
         }
-        let y = self.bn.forward(&y, train).relu_();
+        let y = self.bn.forward_relu(&y, train);
         Ok(self
             .fc
             .forward(&y.adaptive_avg_pool2d([1, 1]).flatten(1, -1)))

@@ -134,7 +134,7 @@ impl ResidualPath {
 
     /// `x` arrives ReLU-ed (shared by both paths and the skip connection).
     fn forward(&self, x: &Tensor, train: bool) -> Tensor {
-        let y = self.bn1.forward(&self.conv1.forward(x), train).relu_();
+        let y = self.bn1.forward_relu(&self.conv1.forward(x), train);
         self.bn2.forward(&self.conv2.forward(&y), train)
     }
 }

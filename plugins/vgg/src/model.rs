@@ -71,10 +71,10 @@ impl Stage {
         let mut y = x.shallow_clone();
         for (conv, bn) in &self.layers {
             y = conv.f_forward_checked(&y)?;
-            if let Some(bn) = bn {
-                y = bn.forward(&y, train);
-            }
-            y = y.relu_();
+            y = match bn {
+                Some(bn) => bn.forward_relu(&y, train),
+                None => y.relu_(),
+            };
         }
         Ok(y.f_max_pool2d([2, 2], [2, 2], [0, 0], [1, 1], false)?)
     }

@@ -110,12 +110,12 @@ impl Block {
     /// # Shapes
     /// N x C_in x H x W -> N x C_out x H/stride x W/stride
     fn forward(&self, x: &Tensor, train: bool) -> Tensor {
-        let act = self.bn1.forward(x, train).relu_();
+        let act = self.bn1.forward_relu(x, train);
         let mut y = self.conv1.forward(&act);
         if self.drop_rate > 0.0 {
             y = y.dropout(self.drop_rate, train);
         }
-        let y = self.conv2.forward(&self.bn2.forward(&y, train).relu_());
+        let y = self.conv2.forward(&self.bn2.forward_relu(&y, train));
         match &self.shortcut {
             Some(conv) => y + conv.forward(&act),
             None => y + x,
@@ -174,7 +174,7 @@ impl Model for Wrn {
                 y = block.forward(&y, train);
             }
         }
-        let y = self.bn.forward(&y, train).relu_();
+        let y = self.bn.forward_relu(&y, train);
         Ok(self
             .fc
             .forward(&y.adaptive_avg_pool2d([1, 1]).flatten(1, -1)))
