@@ -69,6 +69,9 @@ fn main() {
         // backward) is the same both times.
         .opt_level(3)
         .flag("-ffp-contract=off")
+        // at::parallel_for is a header template over OpenMP's `parallel` pragma: without
+        // -fopenmp the fused kernels would run on one thread.
+        .flag("-fopenmp")
         .flag("-std=c++17")
         .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
         .files(sources)
@@ -77,4 +80,8 @@ fn main() {
         "cargo:rustc-link-search=native={}",
         libtorch.join("lib").display()
     );
+    // GOMP_parallel for those pragmas. The soname is libgomp.so.1, libtorch's own OpenMP
+    // runtime (torch/lib/libgomp.so.1, loaded with libtorch_cpu): one runtime, one thread team,
+    // sized by torch's set_num_threads.
+    println!("cargo:rustc-link-lib=gomp");
 }

@@ -243,7 +243,7 @@ pub fn host_schema() -> Schema {
             "train.channels_last",
             "auto",
             "Convolution weights and input batches in the channels_last (NHWC) memory format \
-             (auto: on CUDA, where it is faster)",
+             (auto: on, on CUDA and on the CPU, where it is faster)",
         )
         .with_choices(["auto", "on", "off"]),
         boolean(
