@@ -1,7 +1,8 @@
 //! The training step's device options on the CPU (the only device CI has): the device-resident
 //! dataset (`train.dataloader.on_device on`) trains exactly as the host loader does, and a
 //! channels_last run (`train.channels_last on`) trains as NCHW does, to float rounding, and
-//! resumes bit-exactly.
+//! resumes bit-exactly; the fused CPU BatchNorm + ReLU (the default) trains as ATen's two ops do
+//! (`IMGCLF_FUSED_BN_RELU=0`), to float rounding, in both layouts.
 
 use imgclf_tests::*;
 use std::path::Path;

@@ -94,7 +94,13 @@ fn train(data: &Path, init: &Path, out: &Path, config: &Map<String, Value>, extr
         "cpu",
         "train.seed",
         "0",
-    ]);
+        // The optimizers are compared, on the network PyTorch computes: NCHW and ATen's
+        // BatchNorm (NHWC and the fused BatchNorm + ReLU round otherwise, beyond the one-ulp
+        // floors this comparison uses; tests/device_step.rs compares those with ATen's).
+        "train.channels_last",
+        "off",
+    ])
+    .env("IMGCLF_FUSED_BN_RELU", "0");
     for (k, v) in config {
         cmd.args([k.clone(), literal(v)]);
     }
@@ -423,8 +429,10 @@ fn every_optimizer_resumes_exactly_from_its_checkpointed_state() {
             !state.is_empty(),
             "{name}: no optimizer state in the checkpoint"
         );
-        let (code, _, err) =
-            run(imgclf(&workspace()).args(["train", "--resume", cut.to_str().unwrap()]));
+        // The same computation as the run it resumes (`train` sets ATen's BatchNorm).
+        let (code, _, err) = run(imgclf(&workspace())
+            .args(["train", "--resume", cut.to_str().unwrap()])
+            .env("IMGCLF_FUSED_BN_RELU", "0"));
         assert_eq!(code, 0, "{name}: {err}");
         let a = tensors(&full.join("model_final.safetensors"));
         let b = tensors(&cut.join("model_final.safetensors"));

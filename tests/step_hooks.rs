@@ -55,6 +55,10 @@ fn base_args(data: &Path, out: &Path) -> Vec<String> {
         "cpu",
         "train.seed",
         "0",
+        // Compared with PyTorch's trajectory at one-ulp floors: NCHW, and ATen's BatchNorm
+        // (IMGCLF_FUSED_BN_RELU=0 in `train`), as PyTorch computes the network.
+        "train.channels_last",
+        "off",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -63,7 +67,8 @@ fn base_args(data: &Path, out: &Path) -> Vec<String> {
 
 fn train(data: &Path, out: &Path, config: &Map<String, Value>) {
     let mut cmd = imgclf(&workspace());
-    cmd.args(base_args(data, out));
+    cmd.args(base_args(data, out))
+        .env("IMGCLF_FUSED_BN_RELU", "0");
     for (k, v) in config {
         cmd.args([k.clone(), literal(v)]);
     }

@@ -21,6 +21,7 @@
 #include "bn_relu_table.h"
 
 #include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/custom_function.h>
 
 #include <algorithm>
@@ -296,8 +297,18 @@ bool is_channel_vector(const at::Tensor *t, int64_t c) {
          t->is_contiguous();
 }
 
+// An override of aten::batch_norm for autograd (imgclf's SyncBatchNorm, host/cpp/c10d.cpp,
+// registers one for a distributed run with train.dist.use_sync_bn): BatchNorm must go through
+// the dispatcher to reach it, so the fused op stands aside for the rest of the process.
+bool batch_norm_overridden() {
+  static const c10::OperatorHandle op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("aten::batch_norm", "");
+  return op.hasKernelForDispatchKey(c10::DispatchKey::AutogradCPU);
+}
+
 bool applies(const at::Tensor &x, const at::Tensor *weight, const at::Tensor *bias,
              const at::Tensor *running_mean, const at::Tensor *running_var) {
+  if (batch_norm_overridden()) return false;
   if (!x.defined() || !x.device().is_cpu() || x.dim() != 4) return false;
   if (x.scalar_type() != at::kFloat && x.scalar_type() != at::kBFloat16) return false;
   if (!x.is_contiguous() && !x.is_contiguous(at::MemoryFormat::ChannelsLast)) return false;
