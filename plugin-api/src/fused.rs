@@ -103,20 +103,16 @@ mod tests {
         let store = ParamStore::new(Device::Cpu);
         let bn = BatchNorm2d::new(&store.root(), c);
         tch::no_grad(|| {
-            let _ = bn
-                .weight
+            bn.weight
                 .shallow_clone()
                 .copy_(&(Tensor::rand([c], (Kind::Float, Device::Cpu)) + 0.5));
-            let _ = bn
-                .bias
+            bn.bias
                 .shallow_clone()
                 .copy_(&(Tensor::randn([c], (Kind::Float, Device::Cpu)) * 0.3));
-            let _ = bn
-                .running_mean
+            bn.running_mean
                 .shallow_clone()
                 .copy_(&Tensor::randn([c], (Kind::Float, Device::Cpu)));
-            let _ = bn
-                .running_var
+            bn.running_var
                 .shallow_clone()
                 .copy_(&(Tensor::rand([c], (Kind::Float, Device::Cpu)) + 0.5));
         });
@@ -133,7 +129,7 @@ mod tests {
                 (&other.running_mean, &bn.running_mean),
                 (&other.running_var, &bn.running_var),
             ] {
-                let _ = dst.shallow_clone().copy_(src);
+                dst.shallow_clone().copy_(src);
             }
         });
         other
