@@ -283,37 +283,50 @@ fn every_level_and_dtype_trains_on_real_fashion_mnist() {
     }
 }
 
+/// Mean validation accuracy over three seeds: a single run's final accuracy moves by 1-2 points
+/// with the seed or any change of float rounding (measured: seeds 0-4 of float32 and of
+/// bfloat16 O1 each differ by up to 2.0 points from one seed to the next), which a one-point
+/// check of single runs cannot tell from a real loss of accuracy.
 #[test]
 fn bfloat16_o1_ends_within_one_point_of_float32() {
     let d = scratch("precision-accuracy");
     let data = d.join("data");
     fashion_mnist_subset(&data, 4000, 4000);
-    let run_at = |level: &str| {
-        let out = d.join(level);
-        train(
-            &data,
-            &out,
-            &[
-                "train.batch_size",
-                "64",
-                "scheduler.epochs",
-                "2",
-                "train.precision",
-                level,
-                "train.precision_dtype",
-                "bfloat16",
-            ],
-        );
-        records(&out, "val").last().unwrap()["acc1"]
-            .as_f64()
-            .unwrap()
+    let mean_at = |level: &str| {
+        let seeds = ["0", "1", "2"];
+        let total: f64 = seeds
+            .iter()
+            .map(|seed| {
+                let out = d.join(format!("{level}-{seed}"));
+                train(
+                    &data,
+                    &out,
+                    &[
+                        "train.batch_size",
+                        "64",
+                        "scheduler.epochs",
+                        "2",
+                        "train.precision",
+                        level,
+                        "train.precision_dtype",
+                        "bfloat16",
+                        "train.seed",
+                        seed,
+                    ],
+                );
+                records(&out, "val").last().unwrap()["acc1"]
+                    .as_f64()
+                    .unwrap()
+            })
+            .sum();
+        total / seeds.len() as f64
     };
-    let float32 = run_at("O0");
-    let bfloat16 = run_at("O1");
+    let float32 = mean_at("O0");
+    let bfloat16 = mean_at("O1");
     assert!(float32 > 0.7, "float32 reached only {float32}");
     assert!(
         (bfloat16 - float32).abs() <= 0.01,
-        "bfloat16 O1 {bfloat16} vs float32 {float32}"
+        "bfloat16 O1 {bfloat16} vs float32 {float32} (means over 3 seeds)"
     );
 }
 

@@ -17,23 +17,16 @@ extern "C" {
     ) -> *mut c_char;
 }
 
-/// Where [`crate::nn::BatchNorm2d::forward_relu`] uses the fused op, from `IMGCLF_FUSED_BN_RELU`:
-/// unset (the default), float32 inputs; `0` (or `false`, `off`), nowhere (ATen's ops, to
-/// compare or to rule the fused op out); `all`, bfloat16 too. bfloat16 is opt-in: the op
-/// agrees with ATen's within one bfloat16 ulp (unit tests below), but with it the bfloat16 O1
-/// run of tests/precision.rs ended 2 points below float32 (0.734 vs 0.7545, limit 1) where
-/// ATen's ops stay within the point; not settled, so not the default.
-pub(crate) fn bn_relu_enabled(kind: tch::Kind) -> bool {
-    static MODE: OnceLock<Option<bool>> = OnceLock::new();
-    let mode = *MODE.get_or_init(|| match std::env::var("IMGCLF_FUSED_BN_RELU").as_deref() {
-        Ok("0") | Ok("false") | Ok("off") => None,
-        Ok("all") => Some(true),
-        _ => Some(false),
-    });
-    match mode {
-        None => false,
-        Some(all) => kind == tch::Kind::Float || all,
-    }
+/// False when `IMGCLF_FUSED_BN_RELU` is `0` (or `false`, `off`): ATen's ops everywhere, to
+/// compare or to rule the fused op out. On by default, float32 and bfloat16 alike.
+pub(crate) fn bn_relu_enabled() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| {
+        !matches!(
+            std::env::var("IMGCLF_FUSED_BN_RELU").as_deref(),
+            Ok("0") | Ok("false") | Ok("off")
+        )
+    })
 }
 
 /// `relu(batch_norm(x, training=True))` as one autograd op, updating `bn`'s running statistics

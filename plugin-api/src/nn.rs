@@ -471,18 +471,17 @@ impl BatchNorm2d {
     }
 
     /// `F.relu(bn(x))`: [`BatchNorm2d::forward`] then ReLU, with the same result up to float
-    /// rounding. In training mode on the CPU (float32, NCHW or channels_last; bfloat16 with
-    /// `IMGCLF_FUSED_BN_RELU=all`) it runs as one fused autograd op, two passes over the
-    /// activations forward and two backward instead of five and five
-    /// (`plugin-api/cpp/bn_relu.cpp`); elsewhere, and with `IMGCLF_FUSED_BN_RELU=0` in the
-    /// environment, ATen's batch_norm and relu.
+    /// rounding. In training mode on the CPU (float32 or bfloat16, NCHW or channels_last) it
+    /// runs as one fused autograd op, two passes over the activations forward and two backward
+    /// instead of five and five (`plugin-api/cpp/bn_relu.cpp`); elsewhere, and with
+    /// `IMGCLF_FUSED_BN_RELU=0` in the environment, ATen's batch_norm and relu.
     ///
     /// # Shapes
     /// N x C x H x W -> same
     pub fn forward_relu(&self, x: &Tensor, train: bool) -> Tensor {
         if train {
             self.count_batch();
-            if crate::fused::bn_relu_enabled(x.kind()) {
+            if crate::fused::bn_relu_enabled() {
                 if let Some(y) = crate::fused::bn_relu_train(x, self, 0.1, 1e-5) {
                     return y;
                 }
