@@ -38,9 +38,9 @@ pub fn collect() -> Value {
         // train.num_threads, OMP_NUM_THREADS or libtorch's default.
         "torch_threads_from": crate::threads::source(),
         // Where models' BatchNorm + ReLU run fused on the CPU (plugin-api/cpp/bn_relu.cpp):
-        // IMGCLF_FUSED_BN_RELU unset (float32), `0` (nowhere) or `all` (bfloat16 too).
+        // IMGCLF_FUSED_BN_RELU unset (on: float32 and bfloat16) or `0` (ATen's ops).
         "fused_bn_relu": std::env::var("IMGCLF_FUSED_BN_RELU")
-            .unwrap_or_else(|_| "float32 (default)".to_string()),
+            .unwrap_or_else(|_| "on (default)".to_string()),
         // c10d backends the data-parallel shim was built with.
         "distributed_backends": distributed_backends(),
         "os": std::env::consts::OS,
