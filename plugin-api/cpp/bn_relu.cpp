@@ -79,32 +79,46 @@ struct Geometry {
   }
 };
 
+// Runs `f(s)` for every slice index in parallel.
+template <typename F>
+void for_slices(const Geometry &g, F f) {
+  at::parallel_for(0, g.slices, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t s = begin; s < end; ++s) f(s);
+  });
+}
+
+template <typename F>
+void each_slice(const Geometry &g, F f) {
+  for_slices(g, [&](int64_t s) { f(g.slice(s)); });
+}
+
 // Runs `f(slice, partial_a, partial_b)` over every slice in parallel, each writing its own
 // float partial sums (zeroed): `width()` of them per slice.
 template <typename F>
 std::pair<std::vector<float>, std::vector<float>> partials(const Geometry &g, F f) {
   const int64_t w = g.width();
   std::vector<float> pa(g.slices * w, 0.f), pb(g.slices * w, 0.f);
-  at::parallel_for(0, g.slices, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t s = begin; s < end; ++s) f(g.slice(s), &pa[s * w], &pb[s * w]);
-  });
+  for_slices(g, [&](int64_t s) { f(g.slice(s), &pa[s * w], &pb[s * w]); });
   return {std::move(pa), std::move(pb)};
 }
 
-// Per-channel totals of the partial sums of `partials`, added in slice order, in double.
+// Per-channel totals of per-slice partial sums, added in slice order, in double.
+std::vector<double> per_channel(const Geometry &g, const std::vector<float> &partial) {
+  const int64_t w = g.width();
+  std::vector<double> total(g.c, 0.0);
+  for (int64_t s = 0; s < g.slices; ++s) {
+    const int64_t first = g.slice(s).channel;
+    for (int64_t j = 0; j < w; ++j) total[first + j] += partial[s * w + j];
+  }
+  return total;
+}
+
+// Per-channel totals of the partial sums of `partials`.
 template <typename F>
 void reduce(const Geometry &g, F f, std::vector<double> &a, std::vector<double> &b) {
   const auto [pa, pb] = partials(g, f);
-  const int64_t w = g.width();
-  a.assign(g.c, 0.0);
-  b.assign(g.c, 0.0);
-  for (int64_t s = 0; s < g.slices; ++s) {
-    const int64_t base = g.nhwc ? 0 : s % g.c;
-    for (int64_t j = 0; j < w; ++j) {
-      a[base + j] += pa[s * w + j];
-      b[base + j] += pb[s * w + j];
-    }
-  }
+  a = per_channel(g, pa);
+  b = per_channel(g, pb);
 }
 
 // Per-channel mean and biased variance from each slice's (sum, squared deviations from the
@@ -113,31 +127,19 @@ template <typename F>
 void moments(const Geometry &g, F f, std::vector<double> &mean, std::vector<double> &var) {
   const auto [sum, m2] = partials(g, f);
   const int64_t w = g.width();
-  mean.assign(g.c, 0.0);
-  var.assign(g.c, 0.0);
-  for (int64_t s = 0; s < g.slices; ++s) {
-    const int64_t base = g.nhwc ? 0 : s % g.c;
-    for (int64_t j = 0; j < w; ++j) mean[base + j] += sum[s * w + j];
-  }
   const double m = static_cast<double>(g.rows);
+  mean = per_channel(g, sum);
   for (double &v : mean) v /= m;
+  var.assign(g.c, 0.0);
   for (int64_t s = 0; s < g.slices; ++s) {
     const Geometry::Slice sl = g.slice(s);
     const double n = static_cast<double>(sl.r1 - sl.r0);
-    const int64_t base = g.nhwc ? 0 : s % g.c;
     for (int64_t j = 0; j < w; ++j) {
-      const double d = sum[s * w + j] / n - mean[base + j];
-      var[base + j] += m2[s * w + j] + n * d * d;
+      const double d = sum[s * w + j] / n - mean[sl.channel + j];
+      var[sl.channel + j] += m2[s * w + j] + n * d * d;
     }
   }
   for (double &v : var) v /= m;
-}
-
-template <typename F>
-void each_slice(const Geometry &g, F f) {
-  at::parallel_for(0, g.slices, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t s = begin; s < end; ++s) f(g.slice(s));
-  });
 }
 
 at::Tensor floats(const std::vector<float> &v) {
