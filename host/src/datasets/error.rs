@@ -64,7 +64,8 @@ pub enum DatasetError {
     )]
     BadLength {
         path: PathBuf,
-        expected: u64,
+        /// u128: an IDX header's three u32 dimensions multiply past u64.
+        expected: u128,
         actual: u64,
         what: String,
     },

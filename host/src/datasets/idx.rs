@@ -161,7 +161,7 @@ fn parse_header(
     if data.len() < 4 {
         return Err(DatasetError::BadLength {
             path: path.to_path_buf(),
-            expected: header as u64,
+            expected: header as u128,
             actual: data.len() as u64,
             what: format!("at least the header: {what}"),
         });
@@ -183,7 +183,7 @@ fn parse_header(
     if data.len() < header {
         return Err(DatasetError::BadLength {
             path: path.to_path_buf(),
-            expected: header as u64,
+            expected: header as u128,
             actual: data.len() as u64,
             what: format!("at least the header: {what}"),
         });
@@ -199,9 +199,10 @@ fn check_body(
     dims: &[usize],
     unit: &str,
 ) -> Result<(), DatasetError> {
-    let body = dims.iter().map(|&d| d as u64).product::<u64>();
-    let expected = header as u64 + body;
-    if len as u64 != expected {
+    // Up to three u32 dimensions: their product fits in u128 (< 2^96) but not in u64.
+    let body = dims.iter().map(|&d| d as u128).product::<u128>();
+    let expected = header as u128 + body;
+    if len as u128 != expected {
         let shape: Vec<String> = dims.iter().map(|d| d.to_string()).collect();
         return Err(DatasetError::BadLength {
             path: path.to_path_buf(),
@@ -383,6 +384,26 @@ mod tests {
             msg.contains("t10k-labels-idx1-ubyte") && msg.contains("header"),
             "{msg}"
         );
+
+        // Dimensions whose product overflows u64 (found by `cargo xtask fuzz`):
+        // a length error naming the exact expected size, not an arithmetic panic.
+        let mut huge = Vec::new();
+        for v in [IMAGES_MAGIC, 2, u32::MAX, u32::MAX] {
+            huge.extend_from_slice(&v.to_be_bytes());
+        }
+        huge.extend_from_slice(&[1, 2, 3]);
+        t.write("t10k-images-idx3-ubyte.gz", &gzip(&huge));
+        t.write("t10k-labels-idx1-ubyte", &idx_labels(2));
+        let err = find("KMNIST")
+            .unwrap()
+            .load(t.path(), Split::Test)
+            .unwrap_err();
+        let expected = 16 + 2 * (u32::MAX as u128) * (u32::MAX as u128);
+        assert!(
+            matches!(err, DatasetError::BadLength { expected: e, actual: 19, .. } if e == expected),
+            "{err}"
+        );
+        assert!(err.to_string().contains(&expected.to_string()), "{err}");
 
         // A damaged gzip stream.
         let gz = gzip(&idx_images(4, 28, 28));
