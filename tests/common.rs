@@ -303,3 +303,59 @@ pub fn split_command(s: &str) -> Vec<String> {
     }
     out
 }
+
+/// A Python literal for a `KEY VALUE` override holding a JSON value (`True`, `0.02`, `sgd`).
+pub fn literal(v: &serde_json::Value) -> String {
+    use serde_json::Value;
+    match v {
+        Value::Bool(true) => "True".into(),
+        Value::Bool(false) => "False".into(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// Makes `imgclf` compute the network as PyTorch does, for the tests that follow PyTorch's
+/// trajectory at one-ulp floors (optimizers, step hooks): ATen's BatchNorm rather than the fused
+/// BatchNorm + ReLU. Pair it with `train.channels_last off` in the config (NCHW); both round
+/// differently from PyTorch's eager network, beyond those floors. tests/device_step.rs compares
+/// the fused op and NHWC with ATen's on their own.
+pub fn as_pytorch_computes(c: &mut Command) -> &mut Command {
+    c.env("IMGCLF_FUSED_BN_RELU", "0")
+}
+
+/// `imgclf train` of a small ResNet-preact (`depth`, `channels`) on the Fashion-MNIST files in
+/// `data`, writing to `out`: CPU, seed 0, the test set as validation, no random augmentation,
+/// NCHW and ATen's BatchNorm ([`as_pytorch_computes`]). Callers add their own keys.
+pub fn pytorch_trajectory_train(data: &Path, out: &Path, depth: i64, channels: i64) -> Command {
+    let mut c = imgclf(&workspace());
+    c.args([
+        "train",
+        "--config",
+        "configs/fashion_mnist/resnet_preact.yaml",
+        "dataset.dataset_dir",
+        data.to_str().unwrap(),
+        "train.output_dir",
+        out.to_str().unwrap(),
+        "model.resnet_preact.depth",
+        &depth.to_string(),
+        "model.resnet_preact.initial_channels",
+        &channels.to_string(),
+        "train.use_test_as_val",
+        "True",
+        "train.val_first",
+        "False",
+        "augmentation.use_random_crop",
+        "False",
+        "augmentation.use_random_horizontal_flip",
+        "False",
+        "device",
+        "cpu",
+        "train.seed",
+        "0",
+        "train.channels_last",
+        "off",
+    ]);
+    as_pytorch_computes(&mut c);
+    c
+}

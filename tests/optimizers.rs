@@ -27,16 +27,6 @@ const MULTIPLE: f64 = 10.0;
 /// How far (in tolerances) a one-detail change of the semantics must land.
 const FAR: f64 = 50.0;
 
-/// A Python literal for a `KEY VALUE` override.
-fn literal(v: &Value) -> String {
-    match v {
-        Value::Bool(true) => "True".into(),
-        Value::Bool(false) => "False".into(),
-        Value::String(s) => s.clone(),
-        other => other.to_string(),
-    }
-}
-
 /// The config of one case: shared defaults, then the case's keys.
 fn config(keys: &[(&str, Value)]) -> Map<String, Value> {
     let mut c = Map::new();
@@ -63,44 +53,15 @@ fn config(keys: &[(&str, Value)]) -> Map<String, Value> {
 }
 
 fn train(data: &Path, init: &Path, out: &Path, config: &Map<String, Value>, extra: &[&str]) {
-    let mut cmd = imgclf(&workspace());
+    let mut cmd = pytorch_trajectory_train(data, out, DEPTH, CHANNELS);
     cmd.args([
-        "train",
-        "--config",
-        "configs/fashion_mnist/resnet_preact.yaml",
-        "dataset.dataset_dir",
-        data.to_str().unwrap(),
-        "train.output_dir",
-        out.to_str().unwrap(),
         "train.checkpoint",
         init.to_str().unwrap(),
-        "model.resnet_preact.depth",
-        &DEPTH.to_string(),
-        "model.resnet_preact.initial_channels",
-        &CHANNELS.to_string(),
         "train.batch_size",
         &IMAGES.to_string(),
-        "train.use_test_as_val",
-        "True",
         "train.val_period",
         "0",
-        "train.val_first",
-        "False",
-        "augmentation.use_random_crop",
-        "False",
-        "augmentation.use_random_horizontal_flip",
-        "False",
-        "device",
-        "cpu",
-        "train.seed",
-        "0",
-        // The optimizers are compared, on the network PyTorch computes: NCHW and ATen's
-        // BatchNorm (NHWC and the fused BatchNorm + ReLU round otherwise, beyond the one-ulp
-        // floors this comparison uses; tests/device_step.rs compares those with ATen's).
-        "train.channels_last",
-        "off",
-    ])
-    .env("IMGCLF_FUSED_BN_RELU", "0");
+    ]);
     for (k, v) in config {
         cmd.args([k.clone(), literal(v)]);
     }
@@ -140,25 +101,12 @@ fn initial_weights(d: &Path, data: &Path) -> PathBuf {
         return init;
     }
     let out = d.join("init-run");
-    let mut cmd = imgclf(&workspace());
+    let mut cmd = pytorch_trajectory_train(data, &out, DEPTH, CHANNELS);
     cmd.args([
-        "train",
-        "--config",
-        "configs/fashion_mnist/resnet_preact.yaml",
-        "dataset.dataset_dir",
-        data.to_str().unwrap(),
-        "train.output_dir",
-        out.to_str().unwrap(),
-        "model.resnet_preact.depth",
-        &DEPTH.to_string(),
-        "model.resnet_preact.initial_channels",
-        &CHANNELS.to_string(),
         "train.batch_size",
         &IMAGES.to_string(),
         "train.val_period",
         "0",
-        "train.val_first",
-        "False",
     ]);
     let (code, _, err) = run(&mut cmd);
     assert_eq!(code, 0, "{err}");
@@ -429,10 +377,12 @@ fn every_optimizer_resumes_exactly_from_its_checkpointed_state() {
             !state.is_empty(),
             "{name}: no optimizer state in the checkpoint"
         );
-        // The same computation as the run it resumes (`train` sets ATen's BatchNorm).
-        let (code, _, err) = run(imgclf(&workspace())
-            .args(["train", "--resume", cut.to_str().unwrap()])
-            .env("IMGCLF_FUSED_BN_RELU", "0"));
+        // The same computation as the run it resumes.
+        let (code, _, err) = run(as_pytorch_computes(imgclf(&workspace()).args([
+            "train",
+            "--resume",
+            cut.to_str().unwrap(),
+        ])));
         assert_eq!(code, 0, "{name}: {err}");
         let a = tensors(&full.join("model_final.safetensors"));
         let b = tensors(&cut.join("model_final.safetensors"));

@@ -21,54 +21,8 @@ const MULTIPLE: f64 = 10.0;
 /// How far (in tolerances) a one-detail change of the semantics must land.
 const FAR: f64 = 50.0;
 
-fn literal(v: &Value) -> String {
-    match v {
-        Value::Bool(true) => "True".into(),
-        Value::Bool(false) => "False".into(),
-        Value::String(s) => s.clone(),
-        other => other.to_string(),
-    }
-}
-
-fn base_args(data: &Path, out: &Path) -> Vec<String> {
-    [
-        "train",
-        "--config",
-        "configs/fashion_mnist/resnet_preact.yaml",
-        "dataset.dataset_dir",
-        data.to_str().unwrap(),
-        "train.output_dir",
-        out.to_str().unwrap(),
-        "model.resnet_preact.depth",
-        &DEPTH.to_string(),
-        "model.resnet_preact.initial_channels",
-        &CHANNELS.to_string(),
-        "train.use_test_as_val",
-        "True",
-        "train.val_first",
-        "False",
-        "augmentation.use_random_crop",
-        "False",
-        "augmentation.use_random_horizontal_flip",
-        "False",
-        "device",
-        "cpu",
-        "train.seed",
-        "0",
-        // Compared with PyTorch's trajectory at one-ulp floors: NCHW, and ATen's BatchNorm
-        // (IMGCLF_FUSED_BN_RELU=0 in `train`), as PyTorch computes the network.
-        "train.channels_last",
-        "off",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
-}
-
 fn train(data: &Path, out: &Path, config: &Map<String, Value>) {
-    let mut cmd = imgclf(&workspace());
-    cmd.args(base_args(data, out))
-        .env("IMGCLF_FUSED_BN_RELU", "0");
+    let mut cmd = pytorch_trajectory_train(data, out, DEPTH, CHANNELS);
     for (k, v) in config {
         cmd.args([k.clone(), literal(v)]);
     }
@@ -354,13 +308,11 @@ fn a_run_with_sam_and_ema_resumes_bit_exactly_after_kill_9() {
     .flat_map(|(k, v)| [k.to_string(), v.to_string()])
     .collect();
     let reference = d.join("reference");
-    let (code, _, err) = run(imgclf(&workspace())
-        .args(base_args(&data, &reference))
-        .args(&keys));
+    let (code, _, err) =
+        run(pytorch_trajectory_train(&data, &reference, DEPTH, CHANNELS).args(&keys));
     assert_eq!(code, 0, "{err}");
     let out = d.join("killed");
-    let mut child = imgclf(&workspace())
-        .args(base_args(&data, &out))
+    let mut child = pytorch_trajectory_train(&data, &out, DEPTH, CHANNELS)
         .args(&keys)
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -374,8 +326,11 @@ fn a_run_with_sam_and_ema_resumes_bit_exactly_after_kill_9() {
         !out.join("model_final.safetensors").exists(),
         "killed before the end"
     );
-    let (code, _, err) =
-        run(imgclf(&workspace()).args(["train", "--resume", out.to_str().unwrap()]));
+    let (code, _, err) = run(as_pytorch_computes(imgclf(&workspace()).args([
+        "train",
+        "--resume",
+        out.to_str().unwrap(),
+    ])));
     assert_eq!(code, 0, "{err}");
     assert!(err.contains("resumed from"), "{err}");
     for file in ["model_final.safetensors", "model_final_raw.safetensors"] {
