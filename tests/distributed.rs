@@ -308,67 +308,46 @@ fn launch(data: &Path, out: &Path, extra: &[&str]) -> Child {
         .unwrap()
 }
 
+/// Launches 2 ranks with `train.dist.timeout` `timeout` seconds, sends `signal` to rank 1 after
+/// two steps, and returns the launcher's stderr once it has failed, within a minute.
+fn signal_rank_1(data: &Path, out: &Path, timeout: &str, signal: i32) -> String {
+    let mut child = launch(
+        data,
+        out,
+        &["train.batch_size", "16", "train.dist.timeout", timeout],
+    );
+    wait_for_steps(
+        &mut child,
+        &out.join("metrics.jsonl"),
+        2,
+        Duration::from_secs(120),
+    );
+    let victim = rank_pid(child.id(), "1");
+    unsafe { libc_kill(victim as i32, signal) };
+    let t0 = Instant::now();
+    let output = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert!(!output.status.success(), "{err}");
+    assert!(
+        t0.elapsed() < Duration::from_secs(60),
+        "took {:?}",
+        t0.elapsed()
+    );
+    assert!(
+        err.contains("rank 0 of 2") && err.contains("rank 1 stopped responding"),
+        "{err}"
+    );
+    err
+}
+
 #[test]
 fn a_killed_or_hung_rank_stops_the_run_with_an_error_naming_it() {
     let (d, data) = data("dist-faults", 2048);
     // Rank 1 killed: rank 0's collective fails at once.
-    let out = d.join("killed");
-    let mut child = launch(
-        &data,
-        &out,
-        &["train.batch_size", "16", "train.dist.timeout", "20"],
-    );
-    wait_for_steps(
-        &mut child,
-        &out.join("metrics.jsonl"),
-        2,
-        Duration::from_secs(120),
-    );
-    let victim = rank_pid(child.id(), "1");
-    unsafe { libc_kill(victim as i32, 9) };
-    let t0 = Instant::now();
-    let output = child.wait_with_output().unwrap();
-    let err = String::from_utf8_lossy(&output.stderr);
-    assert!(!output.status.success(), "{err}");
-    assert!(
-        t0.elapsed() < Duration::from_secs(60),
-        "took {:?}",
-        t0.elapsed()
-    );
+    let err = signal_rank_1(&data, &d.join("killed"), "20", 9);
     assert!(err.contains("rank 1 failed (signal 9)"), "{err}");
-    assert!(
-        err.contains("rank 0 of 2") && err.contains("rank 1 stopped responding"),
-        "{err}"
-    );
-
     // Rank 1 stopped (SIGSTOP, a hang): rank 0 gives up after train.dist.timeout.
-    let out = d.join("hung");
-    let mut child = launch(
-        &data,
-        &out,
-        &["train.batch_size", "16", "train.dist.timeout", "4"],
-    );
-    wait_for_steps(
-        &mut child,
-        &out.join("metrics.jsonl"),
-        2,
-        Duration::from_secs(120),
-    );
-    let victim = rank_pid(child.id(), "1");
-    unsafe { libc_kill(victim as i32, 19) };
-    let t0 = Instant::now();
-    let output = child.wait_with_output().unwrap();
-    let err = String::from_utf8_lossy(&output.stderr);
-    assert!(!output.status.success(), "{err}");
-    assert!(
-        t0.elapsed() < Duration::from_secs(60),
-        "took {:?}",
-        t0.elapsed()
-    );
-    assert!(
-        err.contains("rank 0 of 2") && err.contains("rank 1 stopped responding"),
-        "{err}"
-    );
+    signal_rank_1(&data, &d.join("hung"), "4", 19);
 }
 
 extern "C" {

@@ -58,12 +58,7 @@ fn time_pipeline(
         );
     }
     let per_epoch = order.len() / batch;
-    let sync = || {
-        if let Device::Cuda(i) = device {
-            tch::Cuda::synchronize(i as i64);
-        }
-    };
-    let mut one = |k: usize| -> Result<()> {
+    let one = |k: usize| -> Result<()> {
         let at = (k % per_epoch) * batch;
         let (images, labels) = data::gather(train, &order[at..at + batch]);
         let p = pipeline.prepare(
@@ -77,6 +72,24 @@ fn time_pipeline(
         drop((p.images, p.loss_targets));
         Ok(())
     };
+    let report = time_steps(one, batch, steps, device)?;
+    println!("{report}");
+    Ok(())
+}
+
+/// Runs `one(k)` for two warm-up batches, then times `steps` more (CUDA synchronised at both
+/// ends), and returns the JSON report: images/s, batch size, steps, seconds, device.
+fn time_steps(
+    mut one: impl FnMut(usize) -> Result<()>,
+    batch: usize,
+    steps: u32,
+    device: Device,
+) -> Result<serde_json::Value> {
+    let sync = || {
+        if let Device::Cuda(i) = device {
+            tch::Cuda::synchronize(i as i64);
+        }
+    };
     for k in 0..2 {
         one(k)?;
     }
@@ -87,17 +100,13 @@ fn time_pipeline(
     }
     sync();
     let secs = t0.elapsed().as_secs_f64();
-    println!(
-        "{}",
-        json!({
-            "pipeline_images_per_sec": (steps as usize * batch) as f64 / secs.max(1e-9),
-            "batch_size": batch,
-            "steps": steps,
-            "seconds": secs,
-            "device": format!("{device:?}"),
-        })
-    );
-    Ok(())
+    Ok(json!({
+        "pipeline_images_per_sec": (steps as usize * batch) as f64 / secs.max(1e-9),
+        "batch_size": batch,
+        "steps": steps,
+        "seconds": secs,
+        "device": format!("{device:?}"),
+    }))
 }
 
 /// The batches of consecutive epochs of `loader` (per-image stages in its workers), endlessly.
@@ -151,11 +160,6 @@ fn time_loader_pipeline(
             loader.len()
         );
     }
-    let sync = || {
-        if let Device::Cuda(i) = device {
-            tch::Cuda::synchronize(i as i64);
-        }
-    };
     let mut epochs = Epochs {
         loader,
         batch,
@@ -163,34 +167,16 @@ fn time_loader_pipeline(
         epoch: 0,
         stream: None,
     };
-    let mut one = |k: usize| -> Result<()> {
+    let one = |k: usize| -> Result<()> {
         let raw = epochs.next_batch()?;
         let (images, labels) = data::to_device(&raw, loader, device)?;
         let p = pipeline.prepare(images, labels, seed, 0, k as u64)?;
         drop((p.images, p.loss_targets));
         Ok(())
     };
-    for k in 0..2 {
-        one(k)?;
-    }
-    sync();
-    let t0 = std::time::Instant::now();
-    for k in 0..steps as usize {
-        one(k + 2)?;
-    }
-    sync();
-    let secs = t0.elapsed().as_secs_f64();
-    println!(
-        "{}",
-        json!({
-            "pipeline_images_per_sec": (steps as usize * batch) as f64 / secs.max(1e-9),
-            "batch_size": batch,
-            "steps": steps,
-            "seconds": secs,
-            "device": format!("{device:?}"),
-            "num_workers": loader.num_workers,
-        })
-    );
+    let mut report = time_steps(one, batch, steps, device)?;
+    report["num_workers"] = json!(loader.num_workers);
+    println!("{report}");
     Ok(())
 }
 
