@@ -534,6 +534,14 @@ impl Linear {
     pub fn f_forward(&self, x: &Tensor) -> crate::Result<Tensor> {
         Ok(x.f_linear(&self.weight, Some(&self.bias))?)
     }
+    /// The classifier head of every architecture here: global average pooling, flatten, then
+    /// this layer (`F.adaptive_avg_pool2d(x, 1)`, `x.view(x.size(0), -1)`, `self.fc(x)`).
+    ///
+    /// # Shapes
+    /// N x C_in x H x W -> N x C_out
+    pub fn forward_pooled(&self, x: &Tensor) -> crate::Result<Tensor> {
+        self.f_forward(&x.adaptive_avg_pool2d([1, 1]).flatten(1, -1))
+    }
 }
 
 #[cfg(test)]

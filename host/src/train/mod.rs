@@ -414,54 +414,8 @@ pub fn run(registry: &Registry, request: &Request, args: &TrainArgs) -> Result<(
         train_set.len(),
         val_set.len()
     );
-    // An in-memory set that fits lives on the device (train.dataloader.on_device), unless
-    // a per-image stage needs every image to go through the loader's workers.
     let image_stages = image_stage::build_image_stages(registry, &s)?;
-    let [ch, height, width] = train_set.samples.shape();
-    let bytes = train_set.len() * ch * height * width;
-    let resident = if !image_stages.is_empty() {
-        let names: Vec<&str> = image_stages.iter().map(|st| st.name()).collect();
-        if c.str("train.dataloader.on_device") == "on" {
-            bail!(
-                "train.dataloader.on_device on keeps the training set on the device, but the per-image stage{} {} run{} on each image in the data loader; set train.dataloader.on_device auto or off",
-                if names.len() > 1 { "s" } else { "" },
-                names.join(", "),
-                if names.len() > 1 { "" } else { "s" }
-            );
-        }
-        tracing::info!(
-            "per-image stage {} in {} data-loading thread(s) (train.dataloader.num_workers)",
-            names.join(", "),
-            train_set.num_workers
-        );
-        train_set.samples = image_stage::StagedSamples::wrap(train_set.samples, image_stages);
-        None
-    } else if s.dataset.image_folder {
-        if c.str("train.dataloader.on_device") == "on" {
-            bail!("train.dataloader.on_device on needs an in-memory dataset; image folders are streamed (use auto or off)");
-        }
-        None
-    } else if resident::wanted(c, device, bytes)? {
-        let samples = train_set.samples.clone();
-        let mut rng = imgclf_plugin_api::rng::step_rng(0);
-        let set = resident::ResidentSet::gather(
-            train_set.len(),
-            [ch, height, width],
-            device,
-            |i, out| {
-                samples
-                    .fill(i, &mut rng, out)?
-                    .with_context(|| format!("training sample {i} could not be read"))
-            },
-        )?;
-        tracing::info!(
-            "training set on {device:?} as uint8 ({} MiB, train.dataloader.on_device)",
-            bytes >> 20
-        );
-        Some(set)
-    } else {
-        None
-    };
+    let resident = resident::place(&s, &mut train_set, image_stages, device)?;
 
     // Parts.
     let plan = fit::Plan {

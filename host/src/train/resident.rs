@@ -6,8 +6,12 @@
 //! pipeline as before.
 
 use crate::config::Config;
+use crate::datasets::loader::Loader;
 use crate::datasets::ImageSet;
+use crate::setup::Setup;
+use crate::train::image_stage::StagedSamples;
 use anyhow::{bail, Context, Result};
+use imgclf_plugin_api::ffi::HostImageStage;
 use tch::{Device, Kind, Tensor};
 
 /// The largest training set `auto` keeps on a CUDA device (CIFAR-10 is 150 MiB as uint8).
@@ -22,6 +26,61 @@ pub fn wanted(config: &Config, device: Device, bytes: usize) -> Result<bool> {
         "off" => false,
         other => bail!("train.dataloader.on_device must be auto, on or off, got '{other}'"),
     })
+}
+
+/// Where the training set's images come from during training. An in-memory set that fits
+/// lives on the device as uint8 (`train.dataloader.on_device`, returned as `Some`), unless a
+/// per-image stage needs every image to go through the loader's workers (the stages are then
+/// wrapped around `train_set`'s samples) or the set is an image folder (streamed).
+pub fn place(
+    s: &Setup,
+    train_set: &mut Loader,
+    image_stages: Vec<HostImageStage>,
+    device: Device,
+) -> Result<Option<ResidentSet>> {
+    let c = &s.config;
+    let on = c.str("train.dataloader.on_device") == "on";
+    if !image_stages.is_empty() {
+        let names: Vec<&str> = image_stages.iter().map(|st| st.name()).collect();
+        if on {
+            bail!(
+                "train.dataloader.on_device on keeps the training set on the device, but the per-image stage{} {} run{} on each image in the data loader; set train.dataloader.on_device auto or off",
+                if names.len() > 1 { "s" } else { "" },
+                names.join(", "),
+                if names.len() > 1 { "" } else { "s" }
+            );
+        }
+        tracing::info!(
+            "per-image stage {} in {} data-loading thread(s) (train.dataloader.num_workers)",
+            names.join(", "),
+            train_set.num_workers
+        );
+        train_set.samples = StagedSamples::wrap(train_set.samples.clone(), image_stages);
+        return Ok(None);
+    }
+    if s.dataset.image_folder {
+        if on {
+            bail!("train.dataloader.on_device on needs an in-memory dataset; image folders are streamed (use auto or off)");
+        }
+        return Ok(None);
+    }
+    let [ch, height, width] = train_set.samples.shape();
+    let bytes = train_set.len() * ch * height * width;
+    if !wanted(c, device, bytes)? {
+        return Ok(None);
+    }
+    let samples = train_set.samples.clone();
+    let mut rng = imgclf_plugin_api::rng::step_rng(0);
+    let set = ResidentSet::gather(train_set.len(), [ch, height, width], device, |i, out| {
+        samples
+            .fill(i, &mut rng, out)?
+            .with_context(|| format!("training sample {i} could not be read"))
+    })?;
+    tracing::info!(
+        "training set on {device:?} as uint8 ({} MiB, train.dataloader.on_device)",
+        bytes >> 20
+    );
+    Ok(Some(set))
 }
 
 /// A training set on the device: N x C x H x W uint8 images and N int64 labels.

@@ -4,7 +4,7 @@
 //! then `bn_last` (no ReLU in the reference), global average pooling and `fc`
 //! (`models/imagenet/densenet.py`). n_blocks [6, 12, 24, 16] with k = 32 is DenseNet-121.
 
-use crate::model::{Composite, Config, Stage, SECTION};
+use crate::model::{dense_stages, Config, Stage, SECTION};
 use imgclf_plugin_api::nn::{BatchNorm2d, ImageNetStem, Linear, ParamStore};
 use imgclf_plugin_api::{ConfigView, Model, ModelContext, NamedTensor, Result};
 use tch::Tensor;
@@ -37,29 +37,7 @@ impl DenseNet {
         let root = store.root();
         let mut c = 2 * k;
         let stem = ImageNetStem::new(&root, ctx.n_channels, c, cfg.init_mode);
-        let mut stages = Vec::new();
-        for (i, &n) in n_blocks.iter().enumerate() {
-            let s = root.sub(format!("stage{}", i + 1));
-            let layers = (0..n)
-                .map(|j| {
-                    let ci = c + j * k;
-                    let b = s.sub(format!("block{}", j + 1));
-                    if cfg.bottleneck {
-                        Composite::new(&b, &[("1", ci, 4 * k, 1), ("2", 4 * k, k, 3)], cfg)
-                    } else {
-                        Composite::new(&b, &[("", ci, k, 3)], cfg)
-                    }
-                })
-                .collect();
-            c += n * k;
-            let transition = (i < 3).then(|| {
-                let out = cfg.compress(c);
-                let t = Composite::new(&s.sub("transition"), &[("", c, out, 1)], cfg);
-                c = out;
-                t
-            });
-            stages.push(Stage { layers, transition });
-        }
+        let stages = dense_stages(&root, &mut c, &n_blocks, cfg);
         let bn_last = BatchNorm2d::new(&root.sub("bn_last"), c);
         let fc = Linear::new(&root.sub("fc"), c, ctx.n_classes, cfg.init_mode);
         let description = format!(
@@ -103,8 +81,7 @@ impl Model for DenseNet {
         } else {
             self.bn_last.forward(&y, train)
         };
-        self.fc
-            .f_forward(&y.adaptive_avg_pool2d([1, 1]).flatten(1, -1))
+        self.fc.forward_pooled(&y)
     }
 
     fn tensors(&self) -> Vec<NamedTensor> {

@@ -138,6 +138,43 @@ impl Composite {
     }
 }
 
+/// The dense stages `stage1`, `stage2`, ... with `n_layers[i]` layers each (growth rate k,
+/// bottleneck or basic composites), a transition (compression) after every stage but the last;
+/// `c` goes from the stem's channels to the last stage's.
+pub(crate) fn dense_stages(
+    root: &Scope,
+    c: &mut i64,
+    n_layers: &[i64],
+    cfg: &Config,
+) -> Vec<Stage> {
+    let k = cfg.growth_rate;
+    let last = n_layers.len() - 1;
+    let mut stages = Vec::new();
+    for (i, &n) in n_layers.iter().enumerate() {
+        let s = root.sub(format!("stage{}", i + 1));
+        let layers = (0..n)
+            .map(|j| {
+                let ci = *c + j * k;
+                let b = s.sub(format!("block{}", j + 1));
+                if cfg.bottleneck {
+                    Composite::new(&b, &[("1", ci, 4 * k, 1), ("2", 4 * k, k, 3)], cfg)
+                } else {
+                    Composite::new(&b, &[("", ci, k, 3)], cfg)
+                }
+            })
+            .collect();
+        *c += n * k;
+        let transition = (i < last).then(|| {
+            let out = cfg.compress(*c);
+            let t = Composite::new(&s.sub("transition"), &[("", *c, out, 1)], cfg);
+            *c = out;
+            t
+        });
+        stages.push(Stage { layers, transition });
+    }
+    stages
+}
+
 pub(crate) struct Stage {
     /// Each layer's output is concatenated to its input.
     pub(crate) layers: Vec<Composite>,
@@ -185,29 +222,7 @@ impl DenseNet {
         };
         let mut c = 2 * k;
         let conv = Conv2d::new(&root.sub("conv"), ctx.n_channels, c, 3, cc, cfg.init_mode);
-        let mut stages = Vec::new();
-        for i in 0..3 {
-            let s = root.sub(format!("stage{}", i + 1));
-            let layers = (0..n)
-                .map(|j| {
-                    let ci = c + j * k;
-                    let b = s.sub(format!("block{}", j + 1));
-                    if cfg.bottleneck {
-                        Composite::new(&b, &[("1", ci, 4 * k, 1), ("2", 4 * k, k, 3)], cfg)
-                    } else {
-                        Composite::new(&b, &[("", ci, k, 3)], cfg)
-                    }
-                })
-                .collect();
-            c += n * k;
-            let transition = (i < 2).then(|| {
-                let out = cfg.compress(c);
-                let t = Composite::new(&s.sub("transition"), &[("", c, out, 1)], cfg);
-                c = out;
-                t
-            });
-            stages.push(Stage { layers, transition });
-        }
+        let stages = dense_stages(&root, &mut c, &[n; 3], cfg);
         let bn = BatchNorm2d::new(&root.sub("bn"), c);
         let fc = Linear::new(&root.sub("fc"), c, ctx.n_classes, cfg.init_mode);
         let description =
@@ -238,9 +253,7 @@ impl Model for DenseNet {
             y = stage.forward(&y, train);
         }
         let y = self.bn.forward_relu(&y, train);
-        Ok(self
-            .fc
-            .forward(&y.adaptive_avg_pool2d([1, 1]).flatten(1, -1)))
+        self.fc.forward_pooled(&y)
     }
 
     fn tensors(&self) -> Vec<NamedTensor> {

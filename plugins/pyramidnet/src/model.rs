@@ -237,9 +237,7 @@ impl Model for PyramidNet {
             }
         }
         let y = self.bn2.forward_relu(&y, train);
-        Ok(self
-            .fc
-            .forward(&y.adaptive_avg_pool2d([1, 1]).flatten(1, -1)))
+        self.fc.forward_pooled(&y)
     }
 
     fn tensors(&self) -> Vec<NamedTensor> {

@@ -59,8 +59,7 @@ impl Model for ResNetPreact {
             }
         }
         let y = self.bn_last.forward_relu(&y, train);
-        self.fc
-            .f_forward(&y.adaptive_avg_pool2d([1, 1]).flatten(1, -1))
+        self.fc.forward_pooled(&y)
     }
 
     fn tensors(&self) -> Vec<NamedTensor> {

@@ -265,12 +265,7 @@ impl Model for ResNetPreact {
                 y = block.forward(&y, train);
             }
         }
-        let y = self
-            .bn
-            .forward_relu(&y, train)
-            .adaptive_avg_pool2d([1, 1])
-            .flatten(1, -1);
-        Ok(self.fc.forward(&y))
+        self.fc.forward_pooled(&self.bn.forward_relu(&y, train))
     }
 
     fn tensors(&self) -> Vec<NamedTensor> {

@@ -257,9 +257,7 @@ impl Model for SeResNetPreact {
             }
         }
         let y = self.bn.forward_relu(&y, train);
-        Ok(self
-            .fc
-            .forward(&y.adaptive_avg_pool2d([1, 1]).flatten(1, -1)))
+        self.fc.forward_pooled(&y)
     }
 
     fn tensors(&self) -> Vec<NamedTensor> {

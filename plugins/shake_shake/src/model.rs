@@ -256,9 +256,7 @@ impl Model for ShakeShake {
                 y = block.forward(&y, train);
             }
         }
-        Ok(self
-            .fc
-            .forward(&y.relu_().adaptive_avg_pool2d([1, 1]).flatten(1, -1)))
+        self.fc.forward_pooled(&y.relu_())
     }
 
     fn tensors(&self) -> Vec<NamedTensor> {
