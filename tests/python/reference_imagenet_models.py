@@ -24,7 +24,8 @@ from reference_models import (
     DenseBasicBlock, DenseBottleneckBlock, DenseTransition,
     PreactBasicBlock, PreactBottleneckBlock, PyramidBasicBlock,
     PyramidBottleneckBlock, ResNetBasicBlock, ResNetBottleneckBlock,
-    ResNeXtBlock, _kaiming_mode, init_weights, pyramid_widths)
+    ResNeXtBlock, _kaiming_mode, add_vgg_stages, init_weights,
+    pyramid_widths)
 
 __all__ = ["IMAGENET_MODELS", "build_imagenet_model"]
 
@@ -205,18 +206,7 @@ class VGG(_ImageNetNet):
     def __init__(self, n_channels_per_stage, n_layers, use_bn, n_channels,
                  image_size, n_classes, init_mode, **_):
         super().__init__()
-        c = n_channels
-        for s, (w, count) in enumerate(zip(n_channels_per_stage, n_layers)):
-            stage = nn.Sequential()
-            for j in range(count):
-                stage.add_module(f"conv{j}", nn.Conv2d(
-                    c if j == 0 else w, w, 3, stride=1, padding=1))
-                if use_bn:
-                    stage.add_module(f"bn{j}", nn.BatchNorm2d(w))
-                stage.add_module(f"relu{j}", nn.ReLU())
-            stage.add_module("pool", nn.MaxPool2d(kernel_size=2, stride=2))
-            setattr(self, f"stage{s + 1}", stage)
-            c = w
+        add_vgg_stages(self, n_channels, n_channels_per_stage, n_layers, use_bn)
         self._finish(n_channels, image_size, n_classes, init_mode)
 
     def _features(self, x):

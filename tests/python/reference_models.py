@@ -367,6 +367,24 @@ class _CifarNet(nn.Module):
         return self.fc(x.reshape(x.size(0), -1))
 
 
+def add_vgg_stages(net: nn.Module, c_in: int, widths: Sequence[int],
+                   counts: Sequence[int], use_bn: bool) -> None:
+    """VGG's stages ``stage1``, ``stage2``, ... on ``net`` (the CIFAR and ImageNet
+    forms alike): ``counts[s]`` 3x3 convs ``conv{j}`` (bias, padding 1), each
+    followed by ``bn{j}`` when ``use_bn`` and ``relu{j}``, then a 2x2 max-pool."""
+    for s, (width, count) in enumerate(zip(widths, counts)):
+        stage = nn.Sequential()
+        for j in range(count):
+            stage.add_module(f"conv{j}", nn.Conv2d(
+                c_in if j == 0 else width, width, 3, stride=1, padding=1))
+            if use_bn:
+                stage.add_module(f"bn{j}", nn.BatchNorm2d(width))
+            stage.add_module(f"relu{j}", nn.ReLU())
+        stage.add_module("pool", nn.MaxPool2d(kernel_size=2, stride=2))
+        setattr(net, f"stage{s + 1}", stage)
+        c_in = width
+
+
 class VGG(_CifarNet):
     """Five stages of [conv3x3(+bias) (-BN) -ReLU] x n, each closed by 2x2 max-pool.
 
@@ -385,18 +403,7 @@ class VGG(_CifarNet):
         super().__init__()
         if len(stage_channels) != 5 or len(n_layers) != 5:
             raise ValueError("VGG needs five stage widths and layer counts")
-        c_in = n_channels
-        for s, (width, count) in enumerate(zip(stage_channels, n_layers)):
-            stage = nn.Sequential()
-            for j in range(count):
-                stage.add_module(f"conv{j}", nn.Conv2d(
-                    c_in if j == 0 else width, width, 3, stride=1, padding=1))
-                if use_bn:
-                    stage.add_module(f"bn{j}", nn.BatchNorm2d(width))
-                stage.add_module(f"relu{j}", nn.ReLU())
-            stage.add_module("pool", nn.MaxPool2d(kernel_size=2, stride=2))
-            setattr(self, f"stage{s + 1}", stage)
-            c_in = width
+        add_vgg_stages(self, n_channels, stage_channels, n_layers, use_bn)
         self._finish(n_channels, image_size, n_classes, init_mode)
 
     def _features(self, x: torch.Tensor) -> torch.Tensor:
