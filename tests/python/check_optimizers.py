@@ -334,6 +334,14 @@ def distance(sd, base, floor, multiple):
 
 
 def check(args):
+    return check_cases(args, train, floor_of)
+
+
+def check_cases(args, train_fn, floor_fn):
+    """Runs the cases of `args.cases` (JSON): each case's imgclf result must lie
+    within the tolerance of `train_fn`'s PyTorch weights (`floor_fn` gives the
+    per-tensor rounding floors), each one-detail mutation far outside it.
+    Prints one verdict per case and mutation; returns the exit status."""
     with open(args.cases) as f:
         spec = json.load(f)
     images, labels = load_images(spec["dataset_dir"], spec["mean"], spec["std"])
@@ -343,8 +351,8 @@ def check(args):
     for case in spec["cases"]:
         c = case["config"]
         # The same intra-op threads as imgclf.
-        base = train(spec, c, init, images, labels, spec["threads"])
-        floor, why = floor_of(spec, c, init, images, labels, base)
+        base = train_fn(spec, c, init, images, labels, spec["threads"])
+        floor, why = floor_fn(spec, c, init, images, labels, base)
         got = load_safetensors(case["result"])
         missing = [k for k in base if k not in got]
         if missing:
@@ -369,7 +377,7 @@ def check(args):
             mc = dict(c)
             mc.update(m["config"])
             mrel, mat = distance(
-                train(spec, mc, init, images, labels, spec["threads"]),
+                train_fn(spec, mc, init, images, labels, spec["threads"]),
                 base, floor, multiple)
             print(f"  mutation {m['label']}: {mrel:.0f} times the tolerance "
                   f"at {mat}")

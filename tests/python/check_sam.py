@@ -33,7 +33,6 @@ otherwise; 2 on bad input.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -44,8 +43,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from check_optimizers import (  # noqa: E402
-    distance, float_keys, load_images, lr_factor_fn, make_optimizer, max_diff,
-    one_ulp)
+    check_cases, float_keys, lr_factor_fn, make_optimizer, max_diff, one_ulp)
 from reference_models import ResNetPreact, load_safetensors  # noqa: E402
 
 
@@ -161,50 +159,7 @@ def floor_of(spec, c, init, images, labels, base):
 
 
 def check(args):
-    with open(args.cases) as f:
-        spec = json.load(f)
-    images, labels = load_images(spec["dataset_dir"], spec["mean"], spec["std"])
-    init = load_safetensors(spec["init"])
-    multiple, far = spec["multiple"], spec["far"]
-    failures = 0
-    for case in spec["cases"]:
-        c = case["config"]
-        base = train(spec, c, init, images, labels, spec["threads"])
-        floor, why = floor_of(spec, c, init, images, labels, base)
-        got = load_safetensors(case["result"])
-        missing = [k for k in base if k not in got]
-        if missing:
-            failures += 1
-            print(f"{case['name']}: DISAGREES: missing in imgclf's result: "
-                  f"{', '.join(missing[:10])}")
-            continue
-        ints = [k for k in base if k not in floor and not got[k].equal(base[k])]
-        rel, at = distance(got, base, floor, multiple)
-        moved = max(max_diff(base[k], init[k]) for k in floor)
-        print(f"{case['name']}: imgclf at {rel:.3f} of tolerance at {at} "
-              f"(tolerance {multiple}x the floor {floor[at]:.2g}, from "
-              f"{why[at]}); weights moved up to {moved:.3g}")
-        if not rel <= 1.0 or ints:
-            failures += 1
-            print(f"  DISAGREES with PyTorch: {at}: max |diff| "
-                  f"{max_diff(got[at].to(base[at].dtype), base[at]):.3g}"
-                  + (f"; integer tensors differ: {', '.join(ints)}" if ints else ""))
-        for m in case.get("mutations", []):
-            mc = dict(c)
-            mc.update(m["config"])
-            mrel, mat = distance(
-                train(spec, mc, init, images, labels, spec["threads"]),
-                base, floor, multiple)
-            print(f"  mutation {m['label']}: {mrel:.0f} times the tolerance "
-                  f"at {mat}")
-            if not mrel >= far:
-                failures += 1
-                print(f"  INSENSITIVE: {m['label']} lands within {far} times "
-                      f"the tolerance")
-    if failures:
-        print(f"{failures} failure(s)")
-        return 1
-    return 0
+    return check_cases(args, train, floor_of)
 
 
 def main(argv=None):
