@@ -296,17 +296,17 @@ def max_diff(a, b):
     return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
 
 
-def floor_of(spec, c, init, images, labels, base):
+def floor_of(train_fn, spec, c, init, images, labels, base):
     """The measured floor of each tensor: the largest difference from `base`
-    when only float32 rounding changes (oneDNN off; one thread; one-ulp
-    perturbations of the initial weights and the images), at least one ulp
-    of the tensor's largest value."""
+    when `train_fn` runs with only float32 rounding changed (oneDNN off; one
+    thread; one-ulp perturbations of the initial weights and the images), at
+    least one ulp of the tensor's largest value."""
     gen = torch.Generator().manual_seed(1)
     variants = {
-        "oneDNN off": train(spec, c, init, images, labels, spec["threads"],
-                            mkldnn=False),
-        "one thread": train(spec, c, init, images, labels, 1),
-        "one-ulp inputs and weights": train(
+        "oneDNN off": train_fn(spec, c, init, images, labels, spec["threads"],
+                               mkldnn=False),
+        "one thread": train_fn(spec, c, init, images, labels, 1),
+        "one-ulp inputs and weights": train_fn(
             spec, c, {k: one_ulp(v, gen) for k, v in init.items()},
             one_ulp(images, gen), labels, spec["threads"]),
     }
@@ -334,13 +334,13 @@ def distance(sd, base, floor, multiple):
 
 
 def check(args):
-    return check_cases(args, train, floor_of)
+    return check_cases(args, train)
 
 
-def check_cases(args, train_fn, floor_fn):
+def check_cases(args, train_fn):
     """Runs the cases of `args.cases` (JSON): each case's imgclf result must lie
-    within the tolerance of `train_fn`'s PyTorch weights (`floor_fn` gives the
-    per-tensor rounding floors), each one-detail mutation far outside it.
+    within the tolerance (measured by `floor_of`) of the weights `train_fn`
+    computes in PyTorch, each one-detail mutation far outside it.
     Prints one verdict per case and mutation; returns the exit status."""
     with open(args.cases) as f:
         spec = json.load(f)
@@ -352,7 +352,7 @@ def check_cases(args, train_fn, floor_fn):
         c = case["config"]
         # The same intra-op threads as imgclf.
         base = train_fn(spec, c, init, images, labels, spec["threads"])
-        floor, why = floor_fn(spec, c, init, images, labels, base)
+        floor, why = floor_of(train_fn, spec, c, init, images, labels, base)
         got = load_safetensors(case["result"])
         missing = [k for k in base if k not in got]
         if missing:
